@@ -1,0 +1,124 @@
+"""The Backend protocol: what the daemon needs from a VM, whatever produces its dirty bits.
+
+A backend owns one VM: its memslots, its guest RAM, its vCPUs. ``get_dirty_log`` is destructive,
+like KVM_GET_DIRTY_LOG without manual protect: it returns every page dirtied since the previous
+call for that slot. The daemon fans the result out to its consumers.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from kvmshim.bitmap import DirtyBitmap
+from kvmshim.memslot import MemslotChange, MemslotTable
+
+
+class WritePath(enum.StrEnum):
+    """Who stores: the guest through its address space, or something that bypasses it."""
+
+    GUEST = "guest"  # through DAT: faults, UC (or the KVM dirty log)
+    DMA = "dma"  # device I/O into guest frames: the seed's documented gap
+    KERNEL = "kernel"  # the host kernel's own mapping of pinned guest pages: the same gap
+
+
+class ReadPath(enum.StrEnum):
+    HOST = "host"  # the migration tool's view: no MMU effect
+    GUEST = "guest"  # a guest load through DAT (s390 model only)
+
+
+class Pattern(enum.StrEnum):
+    RANDOM = "random"
+    SEQUENTIAL = "sequential"
+    HOT_SET = "hot-set"
+
+
+# Called with the guest frame numbers a reported DMA/kernel store touched, after the data landed.
+IoReporter = Callable[[np.ndarray], None]
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """A simulated guest that keeps storing generation stamps into its pages."""
+
+    pages_per_second: int
+    vcpus: int = 1
+    pattern: Pattern = Pattern.RANDOM
+    seed: int | None = None
+    hot_fraction: float = 1 / 16  # hot-set: share of pages that take HOT_SHARE of the stores
+    dma_share: float = 0.0  # share of stores that are device writes (path "dma")
+    dma_report: bool = True  # whether those device writes are reported to the I/O log
+
+
+@dataclass(frozen=True)
+class Harvest:
+    """One destructive harvest: the slot's dirty bitmap and the stamp generation it closed."""
+
+    bitmap: DirtyBitmap
+    generation: int
+
+
+@dataclass
+class RamRegion:
+    """Where a memslot's RAM lives in the VM's RAM file, for tools that map it read-only."""
+
+    path: str
+    offset: int
+    size: int
+
+
+@dataclass
+class BackendStats:
+    """Counters a backend keeps for metrics, read at scrape time."""
+
+    harvests: int = 0
+    harvested_dirty_pages: int = 0
+    writes_by_path: dict[str, int] = field(default_factory=dict)
+    faults_by_kind: dict[str, int] = field(default_factory=dict)
+    ipte_notifications: int = 0
+
+
+class Backend(Protocol):
+    """A VM whose dirty pages the daemon serves."""
+
+    kind: str
+    memslots: MemslotTable
+    generation: int
+    io_reporter: IoReporter | None
+
+    def capabilities(self) -> dict[str, object]: ...
+
+    def set_user_memory_region(
+        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int
+    ) -> MemslotChange: ...
+
+    def get_dirty_log(self, slot: int) -> Harvest: ...
+
+    def write(self, gpa: int, data: bytes, path: WritePath) -> np.ndarray: ...
+
+    def write_pages(self, gfns: np.ndarray, value: int, path: WritePath) -> None: ...
+
+    def read(self, gpa: int, length: int, path: ReadPath) -> bytes: ...
+
+    def set_storage_key(self, gpa: int, key: int) -> None: ...
+
+    def ram_region(self, slot: int) -> RamRegion | None: ...
+
+    def start_workload(self, spec: WorkloadSpec) -> None: ...
+
+    def stop_workload(self) -> None: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    @property
+    def paused(self) -> bool: ...
+
+    def stats(self) -> BackendStats: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,397 @@
+"""The vectorised s390 MMU: the primitives of :mod:`kvmshim.s390.reference` over whole arrays.
+
+State per host page: pte (u64), PGSTE (u64) and the real storage key of its frame (u8): 17 bytes.
+The kernel keeps a table's 256 ptes and 256 PGSTEs in one 4 KiB page (the PGSTE of ``ptep`` is
+``ptep[PTRS_PER_PTE]``); here they are two contiguous arrays with the same index, because numpy
+passes over contiguous memory run about three times faster than over interleaved halves.
+
+Every method takes a batch of page indices and leaves the arrays exactly as running the
+reference function once per page (in any order) would; ``tests/unit/test_s390_mmu.py`` checks
+this with hypothesis. Batches are processed per distinct page, which is what the kernel does too:
+the first access to a page faults, the rest of the batch finds it mapped.
+
+Concurrency: ``lock`` is the PGSTE lock (the PCL bit) for every table of this MMU. A store batch
+holds it from its fault-in to its data commit; the harvest takes it one chunk of tables at a time.
+So a store that finished before a harvest started is seen by it, and one that overlaps it either
+set UC before its chunk was harvested or found the pte protected afterwards and faults, setting
+UC for the next harvest. The commit of data happens under the lock, so no store can land between
+a harvest's test-and-clear of its page and the protection that makes the next store fault.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvmshim.s390 import bits as b
+
+U64 = np.uint64
+_PRESENT = U64(b._PAGE_PRESENT)
+_YOUNG = U64(b._PAGE_YOUNG)
+_DIRTY = U64(b._PAGE_DIRTY)
+_READ = U64(b._PAGE_READ)
+_WRITE = U64(b._PAGE_WRITE)
+_UNUSED = U64(b._PAGE_UNUSED)
+_PROTECT = U64(b._PAGE_PROTECT)
+_INVALID = U64(b._PAGE_INVALID)
+_PAGE_MASK = U64(b.PAGE_MASK)
+_PAGE_READ_PROT = U64(b.PAGE_READ)
+_UC = U64(b.PGSTE_UC_BIT)
+_IN = U64(b.PGSTE_IN_BIT)
+_GUEST_RC = U64(b.PGSTE_GR_BIT | b.PGSTE_GC_BIT)
+_ACC_FP = U64(b.PGSTE_ACC_BITS | b.PGSTE_FP_BIT)
+_KEY_FIELDS = U64(b.PGSTE_ACC_BITS | b.PGSTE_FP_BIT | b.PGSTE_GR_BIT | b.PGSTE_GC_BIT)
+_GPS_ZERO = U64(b._PGSTE_GPS_ZERO)
+_KEY_RC = b._PAGE_REFERENCED | b._PAGE_CHANGED
+_KEY_ACC_F = b._PAGE_ACC_BITS | b._PAGE_FP_BIT
+_GUEST_RC_SHIFT = U64(b.GUEST_RC_SHIFT)
+_HOST_RC_SHIFT = U64(b.HOST_RC_SHIFT)
+_KEY_ACC_SHIFT = U64(b.KEY_ACC_SHIFT)
+# Shifts of the branch-free dense harvest (see _protect_dense); checked against bits.py below.
+_UC_TO_PROTECT = U64(b.PGSTE_UC_BIT.bit_length() - b._PAGE_PROTECT.bit_length())
+_PRESENT_TO_PROTECT = U64(b._PAGE_PROTECT.bit_length() - b._PAGE_PRESENT.bit_length())
+_WRITE_SHIFT = U64(b._PAGE_WRITE.bit_length() - 1)
+assert b._PAGE_INVALID == b._PAGE_PROTECT << 1, "non-ESOP shift assumes INVALID = PROTECT << 1"
+assert b.PGSTE_IN_BIT < b.PGSTE_UC_BIT and (b.PGSTE_IN_BIT >> int(_UC_TO_PROTECT)) < (
+    b._PAGE_PRESENT << int(_PRESENT_TO_PROTECT)
+), "IN must land below PROTECT so that the PRESENT mask drops it"
+
+# Pages per harvest step: 256 page tables, 512 KiB of PGSTEs, so the temporaries stay in L2.
+HARVEST_CHUNK = 256 * b.PTRS_PER_PTE
+# A chunk with more than 1/DENSE_FRACTION dirty pages is updated with whole-chunk masked passes
+# instead of gather/scatter on the dirty indices.
+DENSE_FRACTION = 16
+MAX_FAULT_ROUNDS = 4
+
+IpteNotifier = Callable[[np.ndarray], None]
+
+
+# --- pte modifiers over arrays (asm/pgtable.h) --------------------------------------------------
+def pte_mkdirty(pte: np.ndarray) -> np.ndarray:
+    pte = pte | _DIRTY
+    return np.where(pte & _WRITE, pte & ~_PROTECT, pte)
+
+
+def pte_mkwrite(pte: np.ndarray) -> np.ndarray:
+    pte = pte | _WRITE
+    return np.where(pte & _DIRTY, pte & ~_PROTECT, pte)
+
+
+def pte_mkyoung(pte: np.ndarray) -> np.ndarray:
+    pte = pte | _YOUNG
+    return np.where(pte & _READ, pte & ~_INVALID, pte)
+
+
+def pte_mkold(pte: np.ndarray) -> np.ndarray:
+    return (pte & ~_YOUNG) | _INVALID
+
+
+def pgste_set_pte(
+    pgste: np.ndarray, entry: np.ndarray, esop: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The seed's rule over arrays: returns (pgste, entry to store); UC for writable valid ptes."""
+    writable = ((entry & _PRESENT) != 0) & ((entry & _WRITE) != 0) & ((entry & _INVALID) == 0)
+    if not esop:  # force the dirty bit on for all writable ptes
+        entry = np.where(writable, (entry | _DIRTY) & ~_PROTECT, entry)
+    user_dirty = writable & ((entry & _PROTECT) == 0)
+    return np.where(user_dirty, pgste | _UC, pgste), entry
+
+
+@dataclass
+class MmuStats:
+    """Event counters for metrics; plain ints bumped once per batch, read at scrape time."""
+
+    translation_faults: int = 0
+    protection_faults: int = 0
+    ipte_notifications: int = 0
+    harvested_dirty: int = 0
+    guest_stores: int = 0
+    guest_loads: int = 0
+    io_stores: int = 0
+
+
+class S390Mmu:
+    """ptes, PGSTEs and storage keys for the host pages backing one memslot."""
+
+    def __init__(
+        self,
+        npages: int,
+        esop: bool = True,
+        frame_base: int = 0,
+        guest_base: int = 0,
+        harvest_chunk: int = HARVEST_CHUNK,
+    ) -> None:
+        if harvest_chunk <= 0 or harvest_chunk % 64:
+            raise ValueError("harvest_chunk must be a positive multiple of 64")
+        # page_table_alloc_pgste: whole tables, ptes _PAGE_INVALID, PGSTEs 0 (since the seed).
+        ntables = -(-npages // b.PTRS_PER_PTE)
+        n = ntables * b.PTRS_PER_PTE
+        self.npages = npages
+        self.esop = esop
+        self.frame_base = frame_base
+        self.guest_base = guest_base
+        self.pte = np.full(n, _INVALID, dtype=U64)
+        self.pgste = np.zeros(n, dtype=U64)
+        self.skey = np.zeros(n, dtype=np.uint8)
+        self.lock = threading.Lock()
+        self.notifiers: list[IpteNotifier] = []
+        self.stats = MmuStats()
+        self.harvest_chunk = harvest_chunk
+        self._t64 = np.empty(harvest_chunk, dtype=U64)
+        self._t64b = np.empty(harvest_chunk, dtype=U64)
+        self._tbool = np.empty(harvest_chunk, dtype=bool)
+
+    # --- accesses ---------------------------------------------------------------------------
+    def guest_store(self, pages: np.ndarray, commit: Callable[[], None] | None = None) -> None:
+        """Guest stores to ``pages``: fault each in writable, run ``commit`` (the data), set R|C."""
+        pages = np.asarray(pages, dtype=np.int64)
+        with self.lock:
+            self._fault_in(pages, write=True)
+            if commit is not None:
+                commit()
+            self.skey[pages] |= np.uint8(_KEY_RC)
+            self.stats.guest_stores += pages.size
+
+    def guest_load(self, pages: np.ndarray, commit: Callable[[], None] | None = None) -> None:
+        """Guest loads: only invalid ptes fault; the key gets R."""
+        pages = np.asarray(pages, dtype=np.int64)
+        with self.lock:
+            self._fault_in(pages, write=False)
+            if commit is not None:
+                commit()
+            self.skey[pages] |= np.uint8(b._PAGE_REFERENCED)
+            self.stats.guest_loads += pages.size
+
+    def io_store(self, pages: np.ndarray, commit: Callable[[], None] | None = None) -> None:
+        """DMA or kernel-mapping stores: key R|C only. UC is not touched — the seed's gap."""
+        pages = np.asarray(pages, dtype=np.int64)
+        with self.lock:
+            if commit is not None:
+                commit()
+            self.skey[pages] |= np.uint8(_KEY_RC)
+            self.stats.io_stores += pages.size
+
+    def set_guest_storage_key(self, pages: np.ndarray, key: int, nq: bool = False) -> None:
+        """Guest SSKE on each page; a change of ACC/F/R/C sets UC ("a change of the page")."""
+        with self.lock:
+            idx = np.unique(np.asarray(pages, dtype=np.int64))
+            p = self.pte[idx]
+            protected = ((p & _INVALID) == 0) & ((p & _PROTECT) != 0)
+            if protected.any():  # fixup_user_fault(FAULT_FLAG_WRITE), then retry
+                self._handle_mm_fault(idx[protected], write=True)
+            old = self.pgste[idx]
+            new = old & ~_KEY_FIELDS
+            new |= U64((key & _KEY_RC) << b.GUEST_RC_SHIFT)
+            new |= U64((key & _KEY_ACC_F) << b.KEY_ACC_SHIFT)
+            p = self.pte[idx]
+            valid = (p & _INVALID) == 0
+            if valid.any():
+                frames = self._key_index(p[valid])
+                host_rc = (self.skey[frames] & np.uint8(_KEY_RC)).astype(U64)
+                self.skey[frames] = np.uint8(key & _KEY_ACC_F)
+                new[valid] |= host_rc << _HOST_RC_SHIFT
+            changed = ((new ^ old) & _KEY_FIELDS) != 0
+            new[changed] |= _UC
+            self.pgste[idx] = new
+
+    def gmap_ipte_notify(self, pages: np.ndarray) -> None:
+        """Arm IPTE notification: fault each page in writable, then set PGSTE_IN_BIT."""
+        with self.lock:
+            idx = np.unique(np.asarray(pages, dtype=np.int64))
+            for _ in range(MAX_FAULT_ROUNDS):
+                if idx.size == 0:
+                    return
+                self._handle_mm_fault(idx, write=True)
+                p = self.pte[idx]
+                ok = (p & (_INVALID | _PROTECT)) == 0
+                self.pgste[idx[ok]] |= _IN
+                idx = idx[~ok]
+            raise AssertionError("gmap_ipte_notify: fault did not resolve")
+
+    def ptep_test_and_clear_young(self, pages: np.ndarray) -> np.ndarray:
+        """Age present pages; returns which of the (distinct, sorted) present pages were young."""
+        with self.lock:
+            idx = np.unique(np.asarray(pages, dtype=np.int64))
+            oldpte = self.pte[idx]
+            present = (oldpte & _PRESENT) != 0
+            idx, oldpte = idx[present], oldpte[present]
+            pg = self._pgste_ipte_notify(idx, self.pgste[idx])
+            young = (oldpte & _YOUNG) != 0
+            pte = pte_mkold(oldpte)
+            pg = self._pgste_update_all(oldpte, pg)
+            pg, pte = pgste_set_pte(pg, pte, self.esop)
+            self.pte[idx] = pte
+            self.pgste[idx] = pg
+            return young
+
+    # --- the harvest ------------------------------------------------------------------------
+    def harvest(self, out: np.ndarray, npages: int | None = None) -> int:
+        """ptep_test_and_clear_user_dirty for pages [0, npages): KVM-layout bitmap into ``out``.
+
+        ``out`` is a uint8 array of at least ceil(npages/8) bytes; returns the dirty count.
+        """
+        npages = self.npages if npages is None else npages
+        total = 0
+        for start in range(0, npages, self.harvest_chunk):
+            stop = min(start + self.harvest_chunk, npages)
+            with self.lock:
+                total += self._harvest_chunk(start, stop, out)
+        self.stats.harvested_dirty += total
+        return total
+
+    def _harvest_chunk(self, start: int, stop: int, out: np.ndarray) -> int:
+        n = stop - start
+        pg = self.pgste[start:stop]
+        # One pass picks out UC and IN; since UC is the higher bit, dirty <=> flags >= UC.
+        flags = np.bitwise_and(pg, _UC | _IN, out=self._t64[:n])
+        dirty = np.greater_equal(flags, _UC, out=self._tbool[:n])
+        packed = np.packbits(dirty, bitorder="little")
+        out[start // 8 : start // 8 + packed.size] = packed
+        count = int(np.bitwise_count(packed).sum(dtype=np.int64))
+        if count == 0:
+            return 0
+        if count * DENSE_FRACTION > n:
+            self._protect_dense(start, stop, flags)
+        else:
+            self._protect_sparse(np.flatnonzero(dirty) + start)
+        return count
+
+    def _protect_sparse(self, idx: np.ndarray) -> None:
+        """Clear UC and protect/invalidate the present ptes of the dirty pages ``idx``."""
+        pg = self.pgste[idx] & ~_UC
+        pte = self.pte[idx]
+        present = (pte & _PRESENT) != 0
+        if not present.all():
+            self.pgste[idx[~present]] = pg[~present]
+            idx, pg, pte = idx[present], pg[present], pte[present]
+        pg = self._pgste_ipte_notify(idx, pg)
+        self.pte[idx] = self._harvest_protection(pte)
+        self.pgste[idx] = pg
+
+    def _protect_dense(self, start: int, stop: int, flags: np.ndarray) -> None:
+        """Same as _protect_sparse for a densely dirty chunk, in branch-free whole-chunk passes.
+
+        ``flags`` holds each entry's PGSTE & (UC|IN); it is consumed as scratch space.
+        """
+        pg = self.pgste[start:stop]
+        pte = self.pte[start:stop]
+        if np.count_nonzero(flags > _UC):  # UC and IN both set: notify those that are present
+            armed = np.flatnonzero((flags > _UC) & ((pte & _PRESENT) != 0)) + start
+            self.pgste[armed] = self._pgste_ipte_notify(armed, self.pgste[armed])
+        np.bitwise_and(pg, ~_UC, out=pg)
+        # UC (bit 47) >> 38 lands on _PAGE_PROTECT (bit 9); IN lands on bit 8, which the AND
+        # with pte << 9 (PRESENT moved to bit 9, bits 0-8 zero) drops along with absent ptes.
+        add = np.right_shift(flags, _UC_TO_PROTECT, out=flags)
+        scratch = np.left_shift(pte, _PRESENT_TO_PROTECT, out=self._t64b[: stop - start])
+        np.bitwise_and(add, scratch, out=add)
+        if not self.esop:  # writable ptes get INVALID (bit 10) instead: shift by the WRITE bit
+            np.right_shift(pte, _WRITE_SHIFT, out=scratch)
+            np.bitwise_and(scratch, U64(1), out=scratch)
+            np.left_shift(add, scratch, out=add)
+        np.bitwise_or(pte, add, out=pte)
+
+    def _harvest_protection(self, pte: np.ndarray) -> np.ndarray:
+        """The bit the harvest adds: PROTECT on ESOP or for read-only ptes, else INVALID."""
+        if self.esop:
+            return pte | _PROTECT
+        return np.where(pte & _WRITE, pte | _INVALID, pte | _PROTECT)
+
+    # --- fault handling (mm/memory.c and arch/s390/mm/fault.c) -------------------------------
+    def _fault_in(self, pages: np.ndarray, write: bool) -> None:
+        """Retry the access until no page faults: the CPU re-executes after each fault."""
+        for round_ in range(MAX_FAULT_ROUNDS):
+            pte = self.pte[pages]
+            blocked = (pte & (_INVALID | _PROTECT if write else _INVALID)) != 0
+            if not blocked.any():
+                return
+            idx = np.unique(pages[blocked])
+            if round_ == 0:
+                translation = int(np.count_nonzero(self.pte[idx] & _INVALID))
+                self.stats.translation_faults += translation
+                self.stats.protection_faults += idx.size - translation
+            self._handle_mm_fault(idx, write)
+        raise AssertionError("access did not resolve after faulting")
+
+    def _handle_mm_fault(self, idx: np.ndarray, write: bool) -> None:
+        """handle_pte_fault for distinct pages: none → do_fault, present → access flags."""
+        pte = self.pte[idx]
+        present = (pte & _PRESENT) != 0
+        none = pte == _INVALID
+        if not (present | none).all():
+            raise AssertionError("swap/file ptes are not modelled")
+        if none.any():
+            ni = idx[none]
+            entry = pte_mkyoung(self._frames(ni) + _PAGE_READ_PROT)  # mk_pte(page, PAGE_READ)
+            if write:
+                entry = pte_mkwrite(pte_mkdirty(entry))  # do_shared_fault: maybe_mkwrite
+            self._set_pte_at(ni, entry)
+        if present.any():
+            pi, entry = idx[present], pte[present]
+            if write:
+                # handle_pte_fault's pte_mkdirty for writable ptes, do_wp_page's
+                # wp_page_reuse (mkyoung, mkdirty, mkwrite) for read-only ones: same result.
+                entry = pte_mkwrite(pte_mkdirty(entry))
+            self._ptep_set_access_flags(pi, pte_mkyoung(entry))
+
+    def _set_pte_at(self, idx: np.ndarray, entry: np.ndarray) -> None:
+        entry = np.where(entry & _PRESENT, entry & ~_UNUSED, entry)
+        pg = self.pgste[idx] & ~_GPS_ZERO
+        self._pgste_set_key(pg, entry)
+        pg, entry = pgste_set_pte(pg, entry, self.esop)
+        self.pte[idx] = entry
+        self.pgste[idx] = pg
+
+    def _ptep_set_access_flags(self, idx: np.ndarray, entry: np.ndarray) -> None:
+        changed = self.pte[idx] != entry  # pte_same → nothing to do
+        idx, entry = idx[changed], entry[changed]
+        if idx.size == 0:
+            return
+        pg = self._pgste_ipte_notify(idx, self.pgste[idx])
+        # ptep_flush_direct's IPTE only sets INVALID in the old entry, which pgste_set_pte
+        # overwrites below; its one observable role is pgste_set_key's precondition.
+        self._pgste_set_key(pg, entry)
+        pg, entry = pgste_set_pte(pg, entry, self.esop)
+        self.pte[idx] = entry
+        self.pgste[idx] = pg
+
+    # --- PGSTE helpers ------------------------------------------------------------------------
+    def _pgste_set_key(self, pg: np.ndarray, entry: np.ndarray) -> None:
+        valid = (entry & _INVALID) == 0
+        if not valid.any():
+            return
+        pgv = pg[valid]
+        nkey = ((pgv & _ACC_FP) >> _KEY_ACC_SHIFT) | ((pgv & _GUEST_RC) >> _GUEST_RC_SHIFT)
+        self.skey[self._key_index(entry[valid])] = nkey.astype(np.uint8)
+
+    def _pgste_update_all(self, oldpte: np.ndarray, pg: np.ndarray) -> np.ndarray:
+        valid = (oldpte & _INVALID) == 0
+        if not valid.any():
+            return pg
+        skey = self.skey[self._key_index(oldpte[valid])].astype(U64)
+        pgv = pg[valid] | ((skey & U64(_KEY_RC)) << _GUEST_RC_SHIFT)
+        pgv = (pgv & ~_ACC_FP) | ((skey & U64(_KEY_ACC_F)) << _KEY_ACC_SHIFT)
+        pg = pg.copy()
+        pg[valid] = pgv
+        return pg
+
+    def _pgste_ipte_notify(self, idx: np.ndarray, pg: np.ndarray) -> np.ndarray:
+        armed = (pg & _IN) != 0
+        if not armed.any():
+            return pg
+        self._gmap_do_ipte_notify(idx[armed])
+        return np.where(armed, pg & ~_IN, pg)
+
+    def _gmap_do_ipte_notify(self, idx: np.ndarray) -> None:
+        self.stats.ipte_notifications += idx.size
+        gaddrs = self.guest_base + idx.astype(np.int64) * b.PAGE_SIZE
+        for notifier_call in self.notifiers:
+            notifier_call(gaddrs)
+
+    def _frames(self, idx: np.ndarray) -> np.ndarray:
+        return U64(self.frame_base) + (idx.astype(U64) << U64(b.PAGE_SHIFT))
+
+    def _key_index(self, entry: np.ndarray) -> np.ndarray:
+        return (((entry & _PAGE_MASK) - U64(self.frame_base)) >> U64(b.PAGE_SHIFT)).astype(np.int64)

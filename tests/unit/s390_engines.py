@@ -1,0 +1,120 @@
+"""One interface over the per-page reference and the vectorised MMU, so tests run on both."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvmshim.s390 import reference as ref
+from kvmshim.s390.mmu import S390Mmu
+
+
+class RefEngine:
+    """Runs each operation page by page through the kernel-named reference functions."""
+
+    name = "reference"
+
+    def __init__(self, npages: int, esop: bool, frame_base: int = 0, guest_base: int = 0):
+        self.mm = ref.Mm(npages, esop=esop, frame_base=frame_base, guest_base=guest_base)
+        self.npages = npages
+        self.notified: list[int] = []
+        self.mm.notifiers.append(self.notified.append)
+        self.faults = {"translation": 0, "protection": 0}
+
+    def _count(self, taken):
+        if taken:
+            self.faults[taken] += 1
+
+    def store(self, pages):
+        for p in pages:
+            self._count(ref.guest_store(self.mm, int(p)))
+
+    def load(self, pages):
+        for p in pages:
+            self._count(ref.guest_load(self.mm, int(p)))
+
+    def io_store(self, pages):
+        for p in pages:
+            ref.io_store(self.mm, int(p))
+
+    def set_key(self, pages, key):
+        for p in pages:
+            ref.set_guest_storage_key(self.mm, int(p), key)
+
+    def arm_notify(self, pages):
+        for p in pages:
+            ref.gmap_ipte_notify(self.mm, int(p))
+
+    def age(self, pages):
+        present = sorted({int(p) for p in pages if ref.pte_present(self.mm.pte[int(p)])})
+        return [ref.ptep_test_and_clear_young(self.mm, p) for p in present]
+
+    def harvest(self) -> list[int]:
+        return [p for p in range(self.npages) if ref.ptep_test_and_clear_user_dirty(self.mm, p)]
+
+    def arrays(self):
+        return (
+            np.array(self.mm.pte, dtype=np.uint64),
+            np.array(self.mm.pgste, dtype=np.uint64),
+            np.array(self.mm.skey, dtype=np.uint8),
+        )
+
+
+class VecEngine:
+    """Runs each operation as one batch through the vectorised MMU."""
+
+    name = "vectorised"
+
+    def __init__(
+        self,
+        npages: int,
+        esop: bool,
+        frame_base: int = 0,
+        guest_base: int = 0,
+        harvest_chunk: int = 64,
+    ):
+        self.mmu = S390Mmu(
+            npages,
+            esop=esop,
+            frame_base=frame_base,
+            guest_base=guest_base,
+            harvest_chunk=harvest_chunk,
+        )
+        self.npages = npages
+        self.notified: list[int] = []
+        self.mmu.notifiers.append(lambda gaddrs: self.notified.extend(int(g) for g in gaddrs))
+
+    @property
+    def faults(self):
+        s = self.mmu.stats
+        return {"translation": s.translation_faults, "protection": s.protection_faults}
+
+    def store(self, pages):
+        self.mmu.guest_store(np.asarray(pages, dtype=np.int64))
+
+    def load(self, pages):
+        self.mmu.guest_load(np.asarray(pages, dtype=np.int64))
+
+    def io_store(self, pages):
+        self.mmu.io_store(np.asarray(pages, dtype=np.int64))
+
+    def set_key(self, pages, key):
+        self.mmu.set_guest_storage_key(np.asarray(pages, dtype=np.int64), key)
+
+    def arm_notify(self, pages):
+        self.mmu.gmap_ipte_notify(np.asarray(pages, dtype=np.int64))
+
+    def age(self, pages):
+        return self.mmu.ptep_test_and_clear_young(np.asarray(pages, dtype=np.int64)).tolist()
+
+    def harvest(self) -> list[int]:
+        out = np.zeros(-(-self.npages // 64) * 8, dtype=np.uint8)
+        count = self.mmu.harvest(out)
+        pages = np.flatnonzero(np.unpackbits(out, bitorder="little")).tolist()
+        assert count == len(pages)
+        return pages
+
+    def arrays(self):
+        return self.mmu.pte.copy(), self.mmu.pgste.copy(), self.mmu.skey.copy()
+
+
+ENGINES = [RefEngine, VecEngine]

@@ -1,0 +1,44 @@
+"""Bit layouts: values from Linux 3.16, single bits where they should be, no overlaps."""
+
+import itertools
+
+import pytest
+
+from kvmshim.s390 import bits as b
+
+GROUPS = {"pte": b.PTE_BITS, "pgste": b.PGSTE_BITS, "storage key": b.STORAGE_KEY_BITS}
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_flags_are_single_bits_and_fields_are_not(group):
+    for name, value in GROUPS[group].items():
+        single = value != 0 and value & (value - 1) == 0
+        assert single == (name not in b.MULTI_BIT_FIELDS), name
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_bits_of_one_register_do_not_overlap(group):
+    for (n1, v1), (n2, v2) in itertools.combinations(GROUPS[group].items(), 2):
+        assert v1 & v2 == 0, (n1, n2)
+
+
+def test_seed_commit_values():
+    # The seed added UC where IN used to be and moved IN one bit down.
+    assert b.PGSTE_UC_BIT == 0x0000800000000000
+    assert b.PGSTE_IN_BIT == 0x0000400000000000
+    assert b.PGSTE_IN_BIT_PRE_SEED == b.PGSTE_UC_BIT
+
+
+def test_storage_key_fields_shift_into_the_pgste():
+    rc = b._PAGE_CHANGED | b._PAGE_REFERENCED
+    assert rc << b.GUEST_RC_SHIFT == b.PGSTE_GC_BIT | b.PGSTE_GR_BIT
+    assert rc << b.HOST_RC_SHIFT == b.PGSTE_HC_BIT | b.PGSTE_HR_BIT
+    assert (b._PAGE_ACC_BITS | b._PAGE_FP_BIT) << b.KEY_ACC_SHIFT == (
+        b.PGSTE_ACC_BITS | b.PGSTE_FP_BIT
+    )
+
+
+def test_protections_encode_the_hardware_invariant():
+    # HW INVALID unless YOUNG and READ; HW PROTECT unless DIRTY and WRITE.
+    assert b.PAGE_READ & b._PAGE_INVALID and b.PAGE_READ & b._PAGE_PROTECT
+    assert not b.PAGE_SHARED & (b._PAGE_INVALID | b._PAGE_PROTECT)

@@ -1,0 +1,199 @@
+"""The simulated s390 VM: guest RAM in a file, stores by path, harvests, workload, pause."""
+
+import errno
+import mmap
+import os
+import stat
+import time
+
+import numpy as np
+import pytest
+
+from kvmshim.abi import KVM_MEM_LOG_DIRTY_PAGES as LOG
+from kvmshim.backends.base import Pattern, ReadPath, WorkloadSpec, WritePath
+from kvmshim.backends.softmmu import SoftMmuBackend
+from kvmshim.errors import KvmError
+from kvmshim.s390 import bits as b
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def vm(tmp_path):
+    backend = SoftMmuBackend("t", str(tmp_path), esop=True)
+    backend.set_user_memory_region(
+        0,
+        LOG,
+        0,
+        4 * MiB,
+    )  # gfn [0, 1024)
+    backend.set_user_memory_region(1, LOG, 16 * MiB, 2 * MiB)  # gfn [4096, 4608)
+    yield backend
+    backend.close()
+
+
+def dirty(vm, slot):
+    return vm.get_dirty_log(slot).bitmap.pages().tolist()
+
+
+def stamps(vm, slot):
+    region = vm.ram_region(slot)
+    with open(region.path, "rb") as f:
+        m = mmap.mmap(f.fileno(), region.size, prot=mmap.PROT_READ, offset=region.offset)
+        return np.frombuffer(m, "<u8")[::512].copy()
+
+
+def test_guest_stores_are_harvested_exactly_once(vm):
+    vm.write_pages(np.array([3, 5, 5, 1023, 4096 + 7]), 42, WritePath.GUEST)
+    assert dirty(vm, 0) == [3, 5, 1023]
+    assert dirty(vm, 1) == [7]
+    assert dirty(vm, 0) == [] and dirty(vm, 1) == []
+
+
+def test_stores_land_in_the_ram_file_a_tool_maps_read_only(vm):
+    vm.write_pages(np.array([2, 4096 + 1]), 0x1122334455667788, WritePath.GUEST)
+    vm.write(3 * 4096 + 10, b"hello", WritePath.GUEST)
+    s0, s1 = stamps(vm, 0), stamps(vm, 1)
+    assert s0[2] == 0x1122334455667788 and s1[1] == 0x1122334455667788
+    assert vm.read(3 * 4096 + 10, 5, ReadPath.HOST) == b"hello"
+    region = vm.ram_region(0)
+    assert stat.S_IMODE(os.stat(region.path).st_mode) == 0o640  # not readable by others
+    assert region.offset == 0 and vm.ram_region(1).offset == 4 * MiB
+
+
+def test_dma_store_changes_ram_and_key_but_is_missing_from_the_harvest(vm):
+    vm.write_pages(np.array([9]), 1, WritePath.GUEST)
+    dirty(vm, 0)
+    vm.write_pages(np.array([9, 10]), 77, WritePath.DMA)
+    assert stamps(vm, 0)[[9, 10]].tolist() == [77, 77]
+    keys = vm._slots[0].mmu.skey  # the real storage keys of the frames
+    assert keys[9] & b._PAGE_CHANGED and keys[10] & b._PAGE_CHANGED
+    assert dirty(vm, 0) == []  # the documented gap
+
+
+def test_a_write_spanning_two_slots_is_split_and_logged_in_both(tmp_path):
+    vm = SoftMmuBackend("span", str(tmp_path))
+    vm.set_user_memory_region(0, LOG, 0, MiB)
+    vm.set_user_memory_region(1, LOG, MiB, MiB)  # adjacent
+    data = bytes(range(256)) * 40  # 10240 bytes from 1 MiB - 4096
+    gfns = vm.write(MiB - 4096, data, WritePath.GUEST)
+    assert gfns.tolist() == [255, 256, 257]
+    assert vm.read(MiB - 4096, len(data), ReadPath.HOST) == data
+    assert dirty(vm, 0) == [255] and dirty(vm, 1) == [0, 1]
+    vm.close()
+
+
+def test_access_outside_every_slot_is_efault_and_changes_nothing(vm):
+    with pytest.raises(KvmError) as info:
+        vm.write_pages(np.array([1, 2000]), 5, WritePath.GUEST)
+    assert info.value.errno == errno.EFAULT
+    assert stamps(vm, 0)[1] == 0
+    assert dirty(vm, 0) == []
+
+
+def test_get_dirty_log_errors(vm):
+    with pytest.raises(KvmError) as info:
+        vm.get_dirty_log(7)
+    assert info.value.errno == errno.ENOENT
+    vm.set_user_memory_region(1, 0, 16 * MiB, 2 * MiB)  # logging off
+    with pytest.raises(KvmError, match="not enabled") as info:
+        vm.get_dirty_log(1)
+    assert info.value.errno == errno.ENOENT
+
+
+def test_moved_slot_keeps_its_data_and_pending_dirt(vm):
+    vm.write_pages(np.array([4096 + 3]), 9, WritePath.GUEST)
+    vm.set_user_memory_region(1, LOG, 32 * MiB, 2 * MiB)
+    assert dirty(vm, 1) == [3]
+    assert vm.read(32 * MiB + 3 * 4096, 8, ReadPath.HOST) == (9).to_bytes(8, "little")
+
+
+def test_deleted_slot_is_gone_and_its_memory_released(vm):
+    vm.write_pages(np.arange(4096, 4608), 1, WritePath.GUEST)
+    vm.set_user_memory_region(1, LOG, 0, 0)
+    assert vm.ram_region(1) is None
+    with pytest.raises(KvmError):
+        vm.write_pages(np.array([4096]), 1, WritePath.GUEST)
+    st = os.stat(vm.ram.path)
+    assert st.st_blocks * 512 < 4 * MiB + 64 * 1024  # the 2 MiB region was punched out
+
+
+def test_guest_load_through_the_mmu_returns_the_data(vm):
+    vm.write(100, b"xyz", WritePath.DMA)
+    assert vm.read(100, 3, ReadPath.GUEST) == b"xyz"
+    assert dirty(vm, 0) == []  # ESOP: a load maps read-only, no UC
+
+
+def test_storage_key_change_is_reported_dirty(vm):
+    vm.set_storage_key(5 * 4096, 0x60)
+    assert dirty(vm, 0) == [5]
+
+
+def test_generation_advances_per_harvest(vm):
+    first = vm.get_dirty_log(0).generation
+    assert vm.get_dirty_log(1).generation == first + 1
+    assert vm.generation == first + 2
+
+
+@pytest.mark.parametrize("pattern", list(Pattern))
+def test_workload_stores_stamps_and_pause_stops_it(vm, pattern):
+    vm.start_workload(WorkloadSpec(pages_per_second=50_000, vcpus=2, pattern=pattern, seed=3))
+    time.sleep(0.2)
+    vm.pause()
+    written = vm.workload.pages_stored
+    assert written > 1000
+    before = (stamps(vm, 0).copy(), stamps(vm, 1).copy())
+    time.sleep(0.1)
+    assert vm.workload.pages_stored == written  # stopped: no store lands while paused
+    assert np.array_equal(before[0], stamps(vm, 0)) and np.array_equal(before[1], stamps(vm, 1))
+    assert (before[0] != 0).any() or (before[1] != 0).any()
+    vm.resume()
+    time.sleep(0.05)
+    vm.stop_workload()
+    assert vm.workload is None
+
+
+def test_sequential_workload_walks_each_vcpus_share_in_order(tmp_path):
+    vm = SoftMmuBackend("seq", str(tmp_path))
+    vm.set_user_memory_region(0, LOG, 0, MiB)
+    vm.start_workload(WorkloadSpec(pages_per_second=2_000, vcpus=1, pattern=Pattern.SEQUENTIAL))
+    time.sleep(0.1)
+    vm.pause()
+    pages = vm.get_dirty_log(0).bitmap.pages()
+    assert pages.size and pages.tolist() == list(range(pages.size))  # a prefix [0, n)
+    vm.close()
+
+
+def test_kvm_selftest_method_with_the_workload_running(tmp_path):
+    """kernel-semantics §7.1 on the s390 model (ESOP, stores only), with two vCPU threads.
+
+    Round k: snapshot stamps S_k, then harvest B_k (generation g_k).
+      * no loss: a page whose stamp changed between S_{k-1} and S_k is in B_{k-1} or B_k;
+      * no false dirt: a page in B_k carries, right after the harvest, a stamp >= g_{k-1}
+        (it was stored after harvest k-1 passed it, while the generation was g_{k-1} or g_k).
+    """
+    vm = SoftMmuBackend("selftest", str(tmp_path), esop=True)
+    vm.set_user_memory_region(1, LOG, 0x40000000, 16 * MiB)  # 4096 pages, like the test slot
+    vm.start_workload(WorkloadSpec(pages_per_second=100_000, vcpus=2, seed=11))
+    try:
+        prev_snapshot = stamps(vm, 1)
+        prev = vm.get_dirty_log(1)
+        checked_dirty = checked_changed = 0
+        for _ in range(40):
+            time.sleep(0.01)
+            snapshot = stamps(vm, 1)
+            cur = vm.get_dirty_log(1)
+            after = stamps(vm, 1)
+            changed = np.flatnonzero(snapshot != prev_snapshot)
+            reported = (prev.bitmap | cur.bitmap).pages()
+            lost = np.setdiff1d(changed, reported)
+            assert lost.size == 0, f"pages written but never reported: {lost[:10]}"
+            pages = cur.bitmap.pages()
+            stale = pages[after[pages] < prev.generation]
+            assert stale.size == 0, f"reported dirty with old stamps: {stale[:10]}"
+            checked_changed += changed.size
+            checked_dirty += pages.size
+            prev_snapshot, prev = snapshot, cur
+        assert checked_changed > 10_000 and checked_dirty > 10_000
+    finally:
+        vm.close()
