@@ -192,6 +192,34 @@ class DirtyBitmap:
 
     __hash__ = None  # type: ignore[assignment]  # mutable
 
+    # --- marking -------------------------------------------------------------------------------
+    def set_range(self, first: int, count: int) -> None:
+        """Set pages [first, first + count): whole words by slice, the two edges by mask."""
+        if first < 0 or count < 0 or first + count > self.npages:
+            raise BitmapError(f"range [{first}, {first + count}) outside {self.npages} pages")
+        if count == 0:
+            return
+        last = first + count - 1
+        w0, w1 = first // BITS_PER_LONG, last // BITS_PER_LONG
+        lo_mask = ((1 << BITS_PER_LONG) - 1) << (first % BITS_PER_LONG) & ((1 << 64) - 1)
+        hi_mask = (1 << (last % BITS_PER_LONG + 1)) - 1
+        if w0 == w1:
+            self.words[w0] |= np.uint64(lo_mask & hi_mask)
+            return
+        self.words[w0] |= np.uint64(lo_mask)
+        self.words[w0 + 1 : w1] = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+        self.words[w1] |= np.uint64(hi_mask)
+
+    def set_pages(self, pages: np.ndarray) -> None:
+        """Set the given page indices (any order, duplicates allowed)."""
+        pages = np.asarray(pages, dtype=np.int64)
+        if pages.size == 0:
+            return
+        if pages.min() < 0 or pages.max() >= self.npages:
+            raise BitmapError(f"page index out of range for {self.npages} pages")
+        raw = self.bytes_view()
+        np.bitwise_or.at(raw, pages >> 3, (1 << (pages & 7)).astype(np.uint8))
+
     # --- windows (KVM_CLEAR_DIRTY_LOG addresses 64-page aligned windows) ----------------------
     def window(self, first_page: int, num_pages: int) -> DirtyBitmap:
         """Copy of pages [first_page, first_page + num_pages); first_page must be 64-aligned."""

@@ -229,6 +229,7 @@ class SoftMmuBackend:
             lambda: self.generation,
             self._gate,
             report=lambda gfns: self.io_reporter(gfns) if self.io_reporter else None,
+            name=self.name,
         )
         self._workload.start()
 

@@ -100,6 +100,7 @@ class Workload:
         generation: Callable[[], int],
         gate: RunGate,
         report: IoReporter | None = None,
+        name: str = "vm",
     ) -> None:
         if spec.pages_per_second <= 0 or spec.vcpus <= 0:
             raise ValueError("pages-per-second and vcpus must be positive")
@@ -115,7 +116,7 @@ class Workload:
         seed = spec.seed if spec.seed is not None else int(time.monotonic_ns())
         self._seed = seed
         self._threads = [
-            threading.Thread(target=self._run, args=(i,), name=f"vcpu{i}", daemon=True)
+            threading.Thread(target=self._run, args=(i,), name=f"{name}/vcpu{i}", daemon=True)
             for i in range(spec.vcpus)
         ]
 

@@ -141,6 +141,9 @@ class S390Mmu:
         self.stats = MmuStats()
         self.harvest_chunk = harvest_chunk
         self._t64 = np.empty(harvest_chunk, dtype=U64)
+        # Per chunk: was it dirty at its last harvest? Only picks the path (a chunk that was
+        # clean is first checked with one OR-reduction); both paths scan exactly.
+        self._chunk_was_dirty = np.ones(-(-n // harvest_chunk), dtype=bool)
         self._t64b = np.empty(harvest_chunk, dtype=U64)
         self._tbool = np.empty(harvest_chunk, dtype=bool)
 
@@ -245,12 +248,17 @@ class S390Mmu:
     def _harvest_chunk(self, start: int, stop: int, out: np.ndarray) -> int:
         n = stop - start
         pg = self.pgste[start:stop]
+        chunk = start // self.harvest_chunk
+        if not self._chunk_was_dirty[chunk] and not np.bitwise_or.reduce(pg) & _UC:
+            out[start // 8 : -(-stop // 8)] = 0
+            return 0
         # One pass picks out UC and IN; since UC is the higher bit, dirty <=> flags >= UC.
         flags = np.bitwise_and(pg, _UC | _IN, out=self._t64[:n])
         dirty = np.greater_equal(flags, _UC, out=self._tbool[:n])
         packed = np.packbits(dirty, bitorder="little")
         out[start // 8 : start // 8 + packed.size] = packed
         count = int(np.bitwise_count(packed).sum(dtype=np.int64))
+        self._chunk_was_dirty[chunk] = count > 0
         if count == 0:
             return 0
         if count * DENSE_FRACTION > n:

@@ -104,3 +104,20 @@ def test_pages_round_trip_through_every_codec(case):
     # independent check of the bit order against numpy's little-endian unpacking
     bits = np.unpackbits(np.frombuffer(bm.to_bytes(), np.uint8), bitorder="little")
     assert np.flatnonzero(bits).tolist() == sorted(pages)
+
+
+@given(
+    st.integers(1, 300).flatmap(
+        lambda n: st.tuples(st.just(n), st.integers(0, n), st.integers(0, n))
+    )
+)
+def test_set_range_equals_setting_each_page(case):
+    npages, a, b = case
+    first, count = min(a, b), abs(a - b)
+    bm = DirtyBitmap.from_pages(npages, [0]) if npages else DirtyBitmap(npages)
+    bm.set_range(first, count)
+    expected = {0} | set(range(first, first + count))
+    assert bm.pages().tolist() == sorted(expected)
+    bm2 = DirtyBitmap.from_pages(npages, [0])
+    bm2.set_pages(np.array(sorted(expected), dtype=np.int64))
+    assert bm2 == bm
