@@ -1,0 +1,260 @@
+"""Command handlers: schema-checked arguments in, service calls out.
+
+Each handler is a plain async function in ``HANDLERS``; it never sees JSON, only the values
+:mod:`dirtylogd.schema` produced. A handler whose answer hands bits over to a client returns
+:class:`Deferred`, so the session can give them back if the answer cannot be delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import errno
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dirtylogd import VERSION, __version__
+from dirtylogd.errors import GenericError
+from dirtylogd.fds import FdRegistry
+from dirtylogd.introspect import qmp_schema
+from dirtylogd.schema import COMMANDS
+from dirtylogd.service import Service
+from dirtylogd.vm import Taken, VmState
+from kvmshim.abi import dirty_bitmap_bytes, make_slot_id
+
+
+@dataclass
+class Context:
+    """What a handler may touch: the service and its own connection's descriptors."""
+
+    service: Service
+    fds: FdRegistry
+    max_reply_bytes: int
+
+
+@dataclass
+class Deferred:
+    """A return value whose delivery must be confirmed; ``undo`` runs if it cannot be."""
+
+    value: Any
+    undo: Callable[[], None]
+
+
+Handler = Callable[[Context, dict[str, Any]], Awaitable[Any]]
+
+
+async def query_version(ctx: Context, a: dict[str, Any]) -> Any:
+    major, minor, micro = VERSION
+    return {
+        "dirtylogd": {"major": major, "minor": minor, "micro": micro},
+        "package": f"dirtylogd {__version__}",
+    }
+
+
+async def query_commands(ctx: Context, a: dict[str, Any]) -> Any:
+    return [{"name": c.name} for c in COMMANDS]
+
+
+async def query_qmp_schema(ctx: Context, a: dict[str, Any]) -> Any:
+    return qmp_schema()
+
+
+async def getfd(ctx: Context, a: dict[str, Any]) -> Any:
+    ctx.fds.claim(a["fdname"])
+    return {}
+
+
+async def closefd(ctx: Context, a: dict[str, Any]) -> Any:
+    ctx.fds.close(a["fdname"])
+    return {}
+
+
+async def vm_create(ctx: Context, a: dict[str, Any]) -> Any:
+    await ctx.service.create_vm(a["name"], a["memslots"], a["backend"], a["esop"])
+    return {}
+
+
+async def vm_remove(ctx: Context, a: dict[str, Any]) -> Any:
+    await ctx.service.remove_vm(a["vm"])
+    return {}
+
+
+async def query_vms(ctx: Context, a: dict[str, Any]) -> Any:
+    return ctx.service.query_vms()
+
+
+async def memslot_set(ctx: Context, a: dict[str, Any]) -> Any:
+    vm = ctx.service.vm(a.pop("vm"))
+    await ctx.service.set_memslot(vm, **a)
+    return {}
+
+
+async def consumer_add(ctx: Context, a: dict[str, Any]) -> Any:
+    ctx.service.vm(a["vm"]).add_consumer(a["name"], a["manual_protect"], a["initially_set"])
+    return {}
+
+
+async def consumer_remove(ctx: Context, a: dict[str, Any]) -> Any:
+    ctx.service.vm(a["vm"]).remove_consumer(a["name"])
+    return {}
+
+
+async def dirty_log_get(ctx: Context, a: dict[str, Any]) -> Any:
+    vm = ctx.service.vm(a["vm"])
+    encoding, fdname = a["encoding"], a["fdname"]
+    fd = -1
+    if encoding == "fd":
+        if fdname is None:
+            raise GenericError("encoding 'fd' needs fdname: pass a memfd with getfd first")
+        fd = ctx.fds.lookup(fdname)
+    elif fdname is not None:
+        raise GenericError("fdname is only used with encoding 'fd'")
+    elif encoding == "bitmap":
+        _check_inline_fits(ctx, vm, make_slot_id(a["as_id"], a["slot"]))
+    taken = await ctx.service.get_dirty_log(vm, a["slot"], a["as_id"], a["consumer"])
+    undo = _undo(vm, taken)
+    try:
+        result = await _encode_answer(ctx, taken, encoding, fd, fdname)
+    except BaseException:
+        undo()
+        raise
+    return Deferred(result, undo)
+
+
+def _undo(vm: VmState, taken: Taken) -> Callable[[], None]:
+    return lambda: vm.put_back(taken)
+
+
+def _check_inline_fits(ctx: Context, vm: VmState, slot: int) -> None:
+    memslot = vm.backend.memslots.get(slot)
+    if memslot is None:
+        return  # the harvest will say why (ENOENT / EINVAL)
+    nbytes = dirty_bitmap_bytes(memslot.npages)
+    if (nbytes + 2) // 3 * 4 + 256 > ctx.max_reply_bytes:
+        raise GenericError(
+            f"the bitmap of slot {memslot.id} ({nbytes} bytes) does not fit an inline reply of "
+            f"at most {ctx.max_reply_bytes} bytes: use encoding 'fd' (with getfd) or 'ranges'"
+        )
+
+
+async def _encode_answer(
+    ctx: Context, taken: Taken, encoding: str, fd: int, fdname: str | None
+) -> dict[str, Any]:
+    bm = taken.bitmap
+    result: dict[str, Any] = {
+        "npages": bm.npages,
+        "dirty-pages": bm.count(),
+        "generation": taken.generation,
+    }
+    if encoding == "bitmap":
+        result["bitmap"] = bm.to_base64()
+    elif encoding == "ranges":
+        ranges = bm.ranges()
+        # Each [first, count] costs at most 2 * 10 digits and 4 separators in JSON.
+        if len(ranges) * (4 + 2 * len(str(bm.npages))) + 256 > ctx.max_reply_bytes:
+            raise GenericError(
+                f"{len(ranges)} dirty ranges do not fit an inline reply of at most "
+                f"{ctx.max_reply_bytes} bytes: use encoding 'fd' (with getfd)"
+            )
+        result["ranges"] = ranges
+    else:
+        try:
+            await asyncio.to_thread(os.pwrite, fd, bm.bytes_view(), 0)
+        except OSError as exc:
+            raise GenericError(
+                f"cannot write the bitmap to descriptor '{fdname}': {exc.strerror} "
+                f"({errno.errorcode.get(errno.EFAULT)})"
+            ) from None
+    return result
+
+
+async def dirty_log_clear(ctx: Context, a: dict[str, Any]) -> Any:
+    vm = ctx.service.vm(a["vm"])
+    await ctx.service.clear_dirty_log(
+        vm, a["slot"], a["as_id"], a["consumer"], a["first_page"], a["num_pages"], a["bitmap"]
+    )
+    return {}
+
+
+async def io_dirty_mark(ctx: Context, a: dict[str, Any]) -> Any:
+    vm = ctx.service.vm(a["vm"])
+    ranges = [(r["guest_phys_addr"], r["length"]) for r in a["ranges"]]
+    return {"pages": await ctx.service.io_mark(vm, ranges)}
+
+
+async def query_dirty_rate(ctx: Context, a: dict[str, Any]) -> Any:
+    return ctx.service.vm(a["vm"]).dirty_rate()
+
+
+async def sim_write(ctx: Context, a: dict[str, Any]) -> Any:
+    vm = ctx.service.vm(a["vm"])
+    await ctx.service.write(vm, a["guest_phys_addr"], a["data"], a["path"], a["report"])
+    return {}
+
+
+async def sim_write_pages(ctx: Context, a: dict[str, Any]) -> Any:
+    vm = ctx.service.vm(a["vm"])
+    await ctx.service.write_pages(vm, a["gfns"], a["value"], a["path"], a["report"])
+    return {}
+
+
+async def sim_read(ctx: Context, a: dict[str, Any]) -> Any:
+    vm = ctx.service.vm(a["vm"])
+    data = await ctx.service.read(vm, a["guest_phys_addr"], a["length"], a["path"])
+    return {"data": base64.b64encode(data).decode("ascii")}
+
+
+async def sim_set_storage_key(ctx: Context, a: dict[str, Any]) -> Any:
+    vm = ctx.service.vm(a["vm"])
+    await ctx.service.set_storage_key(vm, a["guest_phys_addr"], a["key"])
+    return {}
+
+
+async def sim_workload_start(ctx: Context, a: dict[str, Any]) -> Any:
+    vm = ctx.service.vm(a.pop("vm"))
+    await ctx.service.start_workload(vm, **a)
+    return {}
+
+
+async def sim_workload_stop(ctx: Context, a: dict[str, Any]) -> Any:
+    await ctx.service.stop_workload(ctx.service.vm(a["vm"]))
+    return {}
+
+
+async def stop(ctx: Context, a: dict[str, Any]) -> Any:
+    await ctx.service.pause(ctx.service.vm(a["vm"]))
+    return {}
+
+
+async def cont(ctx: Context, a: dict[str, Any]) -> Any:
+    await ctx.service.resume(ctx.service.vm(a["vm"]))
+    return {}
+
+
+HANDLERS: dict[str, Handler] = {
+    "query-version": query_version,
+    "query-commands": query_commands,
+    "query-qmp-schema": query_qmp_schema,
+    "getfd": getfd,
+    "closefd": closefd,
+    "vm-create": vm_create,
+    "vm-remove": vm_remove,
+    "query-vms": query_vms,
+    "memslot-set": memslot_set,
+    "consumer-add": consumer_add,
+    "consumer-remove": consumer_remove,
+    "dirty-log-get": dirty_log_get,
+    "dirty-log-clear": dirty_log_clear,
+    "io-dirty-mark": io_dirty_mark,
+    "query-dirty-rate": query_dirty_rate,
+    "sim-write": sim_write,
+    "sim-write-pages": sim_write_pages,
+    "sim-read": sim_read,
+    "sim-set-storage-key": sim_set_storage_key,
+    "sim-workload-start": sim_workload_start,
+    "sim-workload-stop": sim_workload_stop,
+    "stop": stop,
+    "cont": cont,
+}

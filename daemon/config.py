@@ -1,0 +1,189 @@
+"""Configuration: defaults that depend on who runs the daemon, a TOML file, then flags.
+
+The TOML file takes the same keys as the long flags (``runtime-dir = "/run/x"``); a flag given
+on the command line wins over the file, the file over the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import logging
+import os
+import pwd
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from dirtylogd import __version__
+
+# Outside Prometheus' allocations (9090-9094 for its own components, 9100-9999 for exporters,
+# which is full, later exporters above 10000) and not in /etc/services.
+DEFAULT_METRICS_LISTEN = "127.0.0.1:8742"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; the text says which and why."""
+
+
+@dataclass
+class Config:
+    socket: str
+    runtime_dir: str
+    metrics_listen: tuple[str, int] | None
+    allow_uid: list[int] = field(default_factory=list)
+    allow_gid: list[int] = field(default_factory=list)
+    demo: bool = False
+    log_level: str = "info"
+    max_message_bytes: int = 1 << 20
+    max_reply_bytes: int = 8 << 20
+
+
+def default_paths(euid: int, env: dict[str, str]) -> tuple[str, str]:
+    """(socket, runtime dir): /run/dirtylogd as root, else under $XDG_RUNTIME_DIR."""
+    if euid == 0:
+        base = "/run/dirtylogd"
+    else:
+        base = os.path.join(env.get("XDG_RUNTIME_DIR") or f"/tmp/dirtylogd-{euid}", "dirtylogd")
+    return os.path.join(base, "qmp.sock"), os.path.join(base, "vms")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dirtylogd",
+        description="Serve dirty-page bitmaps of VMs to live-migration tools over QMP.",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--config", metavar="FILE", help="TOML file with the same keys as the flags")
+    p.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="QMP unix socket (default /run/dirtylogd/qmp.sock as root, else "
+        "$XDG_RUNTIME_DIR/dirtylogd/qmp.sock); ignored under socket activation",
+    )
+    p.add_argument("--runtime-dir", metavar="DIR", help="where simulated VMs keep their RAM files")
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help=f"Prometheus endpoint (default {DEFAULT_METRICS_LISTEN}; 'none' disables)",
+    )
+    p.add_argument(
+        "--allow-uid",
+        metavar="USER",
+        action="append",
+        help="also admit this user (name or uid); repeatable",
+    )
+    p.add_argument(
+        "--allow-gid",
+        metavar="GROUP",
+        action="append",
+        help="also admit members of this group (name or gid); repeatable",
+    )
+    p.add_argument(
+        "--demo", action="store_true", help="start with a simulated VM and a running workload"
+    )
+    p.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
+    p.add_argument("--max-message-bytes", type=int, metavar="N", help="largest request (1 MiB)")
+    p.add_argument(
+        "--max-reply-bytes",
+        type=int,
+        metavar="N",
+        help="largest inline reply (8 MiB; qemu.qmp refuses lines over 10 MiB)",
+    )
+    p.add_argument("--version", action="version", version=f"dirtylogd {__version__}")
+    return p
+
+
+def load(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Config:
+    env = dict(os.environ) if env is None else env
+    flags = vars(build_parser().parse_args(argv))
+    settings: dict[str, Any] = {}
+    if "config" in flags:
+        settings.update(_read_toml(flags.pop("config")))
+    settings.update({k.replace("_", "-"): v for k, v in flags.items()})
+    return _resolve(settings, env)
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    known = {a.dest.replace("_", "-") for a in build_parser()._actions} - {
+        "help",
+        "version",
+        "config",
+    }
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown keys {unknown} (known: {sorted(known)})")
+    return data
+
+
+def _resolve(s: dict[str, Any], env: dict[str, str]) -> Config:
+    sock_default, runtime_default = default_paths(os.geteuid(), env)
+    level = s.get("log-level", "info")
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"log-level must be one of {LOG_LEVELS}, not {level!r}")
+    config = Config(
+        socket=str(s.get("socket", sock_default)),
+        runtime_dir=str(s.get("runtime-dir", runtime_default)),
+        metrics_listen=parse_listen(str(s.get("metrics-listen", DEFAULT_METRICS_LISTEN))),
+        allow_uid=[_uid(v) for v in _as_list(s.get("allow-uid", []), "allow-uid")],
+        allow_gid=[_gid(v) for v in _as_list(s.get("allow-gid", []), "allow-gid")],
+        demo=bool(s.get("demo", False)),
+        log_level=level,
+        max_message_bytes=_positive(s.get("max-message-bytes", 1 << 20), "max-message-bytes"),
+        max_reply_bytes=_positive(s.get("max-reply-bytes", 8 << 20), "max-reply-bytes"),
+    )
+    return config
+
+
+def parse_listen(value: str) -> tuple[str, int] | None:
+    """'HOST:PORT' (IPv6 as '[::1]:PORT'); 'none' or '' disables."""
+    if value.lower() in ("", "none", "off"):
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"metrics-listen must be HOST:PORT or 'none', not {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _as_list(value: Any, key: str) -> list[Any]:
+    if isinstance(value, list):
+        return value
+    if isinstance(value, str | int):
+        return [value]
+    raise ConfigError(f"{key} must be a name, a number or a list of them")
+
+
+def _uid(value: Any) -> int:
+    if isinstance(value, int) or str(value).isdigit():
+        return int(value)
+    try:
+        return pwd.getpwnam(str(value)).pw_uid
+    except KeyError:
+        raise ConfigError(f"allow-uid: no user named {value!r}") from None
+
+
+def _gid(value: Any) -> int:
+    if isinstance(value, int) or str(value).isdigit():
+        return int(value)
+    try:
+        return grp.getgrnam(str(value)).gr_gid
+    except KeyError:
+        raise ConfigError(f"allow-gid: no group named {value!r}") from None
+
+
+def _positive(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{key} must be a positive integer, not {value!r}")
+    return value
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")

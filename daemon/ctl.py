@@ -1,0 +1,412 @@
+"""dirtylogctl: the command-line client, built on QEMU's own qemu.qmp library.
+
+Exit codes: 0 success, 2 usage error, 3 the daemon refused the command (QMP error),
+4 no connection to the daemon, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
+
+from dirtylogd.config import default_paths
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_QMP, EXIT_CONNECT = 0, 1, 2, 3, 4
+_SIZE = re.compile(r"(?i)^(0x[0-9a-f]+|\d+)\s*([kmgt]i?b?)?$")
+_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def size(text: str) -> int:
+    """'4096', '0x1000', '64M', '1GiB' -> bytes."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4096, 0x1000, 64M, 1G)")
+    value = int(m.group(1), 0)
+    return value * _UNITS[m.group(2)[0].lower()] if m.group(2) else value
+
+
+def slot_spec(text: str) -> dict[str, Any]:
+    """SLOT:GPA:SIZE[:nolog] for vm create."""
+    parts = text.split(":")
+    if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "nolog"):
+        raise argparse.ArgumentTypeError(f"memslot must be SLOT:GPA:SIZE[:nolog], not {text!r}")
+    return {
+        "slot": int(parts[0]),
+        "guest-phys-addr": size(parts[1]),
+        "size": size(parts[2]),
+        "log-dirty-pages": len(parts) == 3,
+    }
+
+
+def io_range(text: str) -> dict[str, int]:
+    gpa, sep, length = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"range must be GPA:LENGTH, not {text!r}")
+    return {"guest-phys-addr": size(gpa), "length": size(length)}
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [
+        max(len(c), *(len(row[i]) for row in cells)) if cells else len(c)
+        for i, c in enumerate(columns)
+    ]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+class Ctl:
+    """One connection and the commands that use it."""
+
+    def __init__(self, client: QMPClient, as_json: bool) -> None:
+        self.qmp = client
+        self.as_json = as_json
+
+    async def run(self, args: argparse.Namespace) -> None:
+        await getattr(self, "cmd_" + args.handler)(args)
+
+    def show(self, value: Any, human: str | None = None) -> None:
+        if self.as_json or human is None:
+            print(json.dumps(value, indent=2))
+        else:
+            print(human)
+
+    async def cmd_version(self, a: argparse.Namespace) -> None:
+        v = await self.qmp.execute("query-version")
+        self.show(v, v["package"])
+
+    async def cmd_vm_list(self, a: argparse.Namespace) -> None:
+        vms = await self.qmp.execute("query-vms")
+        rows = [
+            {
+                "name": v["name"],
+                "backend": v["backend"],
+                "slots": len(v["memslots"]),
+                "consumers": len(v["consumers"]),
+                "paused": v["paused"],
+                "generation": v["generation"],
+                "workload": "running" if v.get("workload", {}).get("running") else "-",
+            }
+            for v in vms
+        ]
+        self.show(
+            vms,
+            table(
+                rows, ["name", "backend", "slots", "consumers", "paused", "generation", "workload"]
+            ),
+        )
+
+    async def cmd_vm_show(self, a: argparse.Namespace) -> None:
+        vm = await self._vm(a.vm)
+        slots = table(
+            vm["memslots"],
+            ["slot", "as-id", "guest-phys-addr", "size", "npages", "log-dirty-pages", "ram-offset"],
+        )
+        consumers = table(
+            vm["consumers"], ["name", "manual-protect", "initially-set", "pending-pages"]
+        )
+        self.show(
+            vm,
+            f"{vm['name']} ({vm['backend']}, ram {vm.get('ram-path', '-')})\n\n"
+            f"{slots}\n\n{consumers}",
+        )
+
+    async def _vm(self, name: str) -> dict[str, Any]:
+        for vm in await self.qmp.execute("query-vms"):
+            if vm["name"] == name:
+                return vm
+        raise NotFoundError(f"DeviceNotFound: no VM named '{name}'")
+
+    async def cmd_vm_create(self, a: argparse.Namespace) -> None:
+        args = {"name": a.name, "memslots": a.slot or [], "backend": a.backend, "esop": a.esop}
+        self.show(await self.qmp.execute("vm-create", args), f"created vm {a.name}")
+
+    async def cmd_vm_remove(self, a: argparse.Namespace) -> None:
+        self.show(await self.qmp.execute("vm-remove", {"vm": a.vm}), f"removed vm {a.vm}")
+
+    async def cmd_memslot(self, a: argparse.Namespace) -> None:
+        args = {
+            "vm": a.vm,
+            "slot": a.slot,
+            "as-id": a.as_id,
+            "guest-phys-addr": a.gpa,
+            "size": a.size,
+            "log-dirty-pages": not a.no_log,
+        }
+        self.show(await self.qmp.execute("memslot-set", args), "ok")
+
+    async def cmd_consumer_add(self, a: argparse.Namespace) -> None:
+        args = {
+            "vm": a.vm,
+            "name": a.name,
+            "manual-protect": a.manual_protect,
+            "initially-set": not a.not_initially_set,
+        }
+        self.show(await self.qmp.execute("consumer-add", args), f"added consumer {a.name}")
+
+    async def cmd_consumer_remove(self, a: argparse.Namespace) -> None:
+        args = {"vm": a.vm, "name": a.name}
+        self.show(await self.qmp.execute("consumer-remove", args), f"removed consumer {a.name}")
+
+    async def cmd_get(self, a: argparse.Namespace) -> None:
+        base = {"vm": a.vm, "slot": a.slot, "as-id": a.as_id, "consumer": a.consumer}
+        if a.out:
+            result = await self._get_to_file(base, a.out)
+            human = (
+                f"slot {a.slot}: {result['dirty-pages']} of {result['npages']} pages dirty "
+                f"(generation {result['generation']}) -> {a.out}"
+            )
+            self.show(result, human)
+            return
+        result = await self.qmp.execute("dirty-log-get", {**base, "encoding": "ranges"})
+        spans = [f"{f}" if n == 1 else f"{f}-{f + n - 1}" for f, n in result["ranges"]]
+        shown = ", ".join(spans[:32]) + (
+            f", ... ({len(spans) - 32} more)" if len(spans) > 32 else ""
+        )
+        human = (
+            f"slot {a.slot}: {result['dirty-pages']} of {result['npages']} pages dirty "
+            f"(generation {result['generation']})" + (f"\n  {shown}" if spans else "")
+        )
+        self.show(result, human)
+
+    async def _get_to_file(self, base: dict[str, Any], path: str) -> dict[str, Any]:
+        """The bitmap travels through a memfd: no size limit, no JSON."""
+        fd = os.memfd_create("dirtylogctl-bitmap", os.MFD_CLOEXEC)
+        name = f"dirtylogctl-{os.getpid()}"
+        try:
+            self.qmp.send_fd_scm(fd)
+            await self.qmp.execute("getfd", {"fdname": name})
+            result = await self.qmp.execute(
+                "dirty-log-get", {**base, "encoding": "fd", "fdname": name}
+            )
+            await self.qmp.execute("closefd", {"fdname": name})
+            nbytes = (result["npages"] + 63) // 64 * 8
+            data = os.pread(fd, nbytes, 0)
+        finally:
+            os.close(fd)
+        with open(path, "wb") as f:
+            f.write(data)
+        return result
+
+    async def cmd_clear(self, a: argparse.Namespace) -> None:
+        nbytes = (a.num_pages + 63) // 64 * 8
+        if a.all:
+            raw = bytearray(b"\xff" * nbytes)
+            if a.num_pages % 64:
+                raw[-8:] = ((1 << (a.num_pages % 64)) - 1).to_bytes(8, "little")
+            data = bytes(raw)
+        else:
+            with open(a.bitmap_file, "rb") as f:
+                data = f.read()
+        args = {
+            "vm": a.vm,
+            "slot": a.slot,
+            "as-id": a.as_id,
+            "first-page": a.first_page,
+            "num-pages": a.num_pages,
+            "bitmap": base64.b64encode(data).decode(),
+            "consumer": a.consumer,
+        }
+        self.show(await self.qmp.execute("dirty-log-clear", args), "cleared")
+
+    async def cmd_io_mark(self, a: argparse.Namespace) -> None:
+        r = await self.qmp.execute("io-dirty-mark", {"vm": a.vm, "ranges": a.ranges})
+        self.show(r, f"marked {r['pages']} pages")
+
+    async def cmd_rate(self, a: argparse.Namespace) -> None:
+        r = await self.qmp.execute("query-dirty-rate", {"vm": a.vm})
+        human = (
+            f"{a.vm}: {r['dirty-pages-rate']:.0f} pages/s ({r['dirty-rate']} MiB/s), "
+            f"{r['status']}\n"
+            + table(r["slots"], ["slot", "as-id", "dirty-pages", "interval-ms", "pages-per-second"])
+        )
+        self.show(r, human)
+
+    async def cmd_stop(self, a: argparse.Namespace) -> None:
+        self.show(await self.qmp.execute("stop", {"vm": a.vm}), f"{a.vm} stopped")
+
+    async def cmd_cont(self, a: argparse.Namespace) -> None:
+        self.show(await self.qmp.execute("cont", {"vm": a.vm}), f"{a.vm} running")
+
+    async def cmd_workload_start(self, a: argparse.Namespace) -> None:
+        args: dict[str, Any] = {
+            "vm": a.vm,
+            "pages-per-second": a.pps,
+            "vcpus": a.vcpus,
+            "pattern": a.pattern,
+            "dma-share": a.dma_share,
+            "dma-report": not a.dma_unreported,
+        }
+        if a.seed is not None:
+            args["seed"] = a.seed
+        self.show(await self.qmp.execute("sim-workload-start", args), "workload started")
+
+    async def cmd_workload_stop(self, a: argparse.Namespace) -> None:
+        self.show(await self.qmp.execute("sim-workload-stop", {"vm": a.vm}), "workload stopped")
+
+    async def cmd_qmp(self, a: argparse.Namespace) -> None:
+        try:
+            arguments = json.loads(a.arguments) if a.arguments else {}
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"arguments are not JSON: {exc}") from None
+        print(json.dumps(await self.qmp.execute(a.command, arguments), indent=2))
+
+
+class UsageError(Exception):
+    """Bad command-line input found after parsing (exit 2)."""
+
+
+class NotFoundError(Exception):
+    """Something the daemon does not have, found out client-side (exit 3)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    default_socket = default_paths(os.geteuid(), dict(os.environ))[0]
+    p = argparse.ArgumentParser(prog="dirtylogctl", description="Talk to dirtylogd over QMP.")
+    p.add_argument(
+        "-s",
+        "--socket",
+        default=os.environ.get("DIRTYLOGD_SOCKET", default_socket),
+        help=f"daemon socket (default $DIRTYLOGD_SOCKET or {default_socket})",
+    )
+    p.add_argument("--json", action="store_true", help="print the daemon's JSON answers")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a connection")
+    sub = p.add_subparsers(dest="family", required=True, metavar="COMMAND")
+
+    def cmd(parent: Any, name: str, handler: str, help_: str) -> argparse.ArgumentParser:
+        q = parent.add_parser(name, help=help_, description=help_)
+        q.set_defaults(handler=handler)
+        return q
+
+    cmd(sub, "version", "version", "show the daemon's version")
+    vm = sub.add_parser("vm", help="list, show, create and remove VMs").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    cmd(vm, "list", "vm_list", "list VMs")
+    cmd(vm, "show", "vm_show", "memslots and consumers of a VM").add_argument("vm")
+    q = cmd(vm, "create", "vm_create", "create a VM")
+    q.add_argument("name")
+    q.add_argument(
+        "--slot",
+        action="append",
+        type=slot_spec,
+        metavar="SLOT:GPA:SIZE[:nolog]",
+        help="a memslot, e.g. 0:0:1G; repeatable",
+    )
+    q.add_argument("--backend", choices=("auto", "softmmu", "kvm"), default="auto")
+    q.add_argument(
+        "--no-esop", dest="esop", action="store_false", help="softmmu: model a machine without ESOP"
+    )
+    cmd(vm, "remove", "vm_remove", "remove a VM").add_argument("vm")
+
+    q = cmd(sub, "memslot", "memslot", "create, move, re-flag or (size 0) delete a memslot")
+    q.add_argument("vm")
+    q.add_argument("slot", type=int)
+    q.add_argument("gpa", type=size)
+    q.add_argument("size", type=size)
+    q.add_argument("--no-log", action="store_true", help="without KVM_MEM_LOG_DIRTY_PAGES")
+    q.add_argument("--as-id", type=int, default=0)
+
+    con = sub.add_parser("consumer", help="add and remove consumers").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    q = cmd(con, "add", "consumer_add", "add a consumer")
+    q.add_argument("vm")
+    q.add_argument("name")
+    q.add_argument("--manual-protect", action="store_true", help="get does not clear")
+    q.add_argument("--not-initially-set", action="store_true", help="start with no page dirty")
+    q = cmd(con, "remove", "consumer_remove", "remove a consumer")
+    q.add_argument("vm")
+    q.add_argument("name")
+
+    q = cmd(sub, "get", "get", "take a consumer's dirty pages of a memslot")
+    q.add_argument("vm")
+    q.add_argument("slot", type=int)
+    q.add_argument("--as-id", type=int, default=0)
+    q.add_argument("--consumer", default="default")
+    q.add_argument("--out", metavar="FILE", help="write the KVM-layout bitmap to FILE (via fd)")
+
+    q = cmd(sub, "clear", "clear", "clear pages of a manual-protect consumer")
+    q.add_argument("vm")
+    q.add_argument("slot", type=int)
+    q.add_argument("first_page", type=int)
+    q.add_argument("num_pages", type=int)
+    g = q.add_mutually_exclusive_group(required=True)
+    g.add_argument("--all", action="store_true", help="clear every page of the range")
+    g.add_argument("--bitmap-file", metavar="FILE", help="KVM-layout bitmap of pages to clear")
+    q.add_argument("--as-id", type=int, default=0)
+    q.add_argument("--consumer", default="default")
+
+    q = cmd(sub, "io-mark", "io_mark", "report pages written by I/O")
+    q.add_argument("vm")
+    q.add_argument("ranges", nargs="+", type=io_range, metavar="GPA:LENGTH")
+
+    cmd(sub, "rate", "rate", "dirty rate of a VM").add_argument("vm")
+    cmd(sub, "stop", "stop", "pause a VM's vCPUs").add_argument("vm")
+    cmd(sub, "cont", "cont", "resume a VM's vCPUs").add_argument("vm")
+
+    wl = sub.add_parser("workload", help="simulated vCPU workload").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    q = cmd(wl, "start", "workload_start", "start storing stamps")
+    q.add_argument("vm")
+    q.add_argument("--pps", type=int, required=True, help="pages per second, all vCPUs")
+    q.add_argument("--vcpus", type=int, default=1)
+    q.add_argument("--pattern", choices=("random", "sequential", "hot-set"), default="random")
+    q.add_argument("--seed", type=int)
+    q.add_argument("--dma-share", type=float, default=0.0, help="share of device writes")
+    q.add_argument("--dma-unreported", action="store_true", help="do not report device writes")
+    cmd(wl, "stop", "workload_stop", "stop storing").add_argument("vm")
+
+    q = cmd(sub, "qmp", "qmp", "run any QMP command")
+    q.add_argument("command")
+    q.add_argument("arguments", nargs="?", help="JSON object")
+    return p
+
+
+async def _main(args: argparse.Namespace) -> int:
+    client = QMPClient("dirtylogctl")
+    try:
+        await asyncio.wait_for(client.connect(args.socket), args.timeout)
+    except (ConnectError, OSError, TimeoutError) as exc:
+        print(f"dirtylogctl: cannot talk to dirtylogd at {args.socket}: {exc}", file=sys.stderr)
+        return EXIT_CONNECT
+    try:
+        await Ctl(client, args.json).run(args)
+        return EXIT_OK
+    except ExecuteError as exc:
+        print(f"dirtylogctl: {exc.error_class}: {exc.error.error.desc}", file=sys.stderr)
+        return EXIT_QMP
+    except NotFoundError as exc:
+        print(f"dirtylogctl: {exc}", file=sys.stderr)
+        return EXIT_QMP
+    except UsageError as exc:
+        print(f"dirtylogctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (QMPError, EOFError, ConnectionError) as exc:
+        print(f"dirtylogctl: lost the connection to dirtylogd: {exc}", file=sys.stderr)
+        return EXIT_CONNECT
+    except OSError as exc:
+        print(f"dirtylogctl: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        await client.disconnect()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return asyncio.run(_main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

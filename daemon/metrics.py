@@ -1,0 +1,158 @@
+"""Prometheus metrics: one collector that reads the service's counters at scrape time.
+
+Nothing on a hot path touches prometheus_client: the service and its backends keep plain ints,
+and :class:`DirtylogdCollector` turns them into metric families when Prometheus scrapes. The
+registry is always injected; the library's global one is never used.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from dirtylogd import __version__
+from dirtylogd.service import Service
+from dirtylogd.telemetry import ServerTelemetry
+
+P = "dirtylogd_"
+
+
+class DirtylogdCollector(Collector):
+    def __init__(self, service: Service, server: ServerTelemetry) -> None:
+        self.service = service
+        self.server = server
+        self._process = psutil.Process()
+
+    def collect(self) -> Iterator[Metric]:
+        build = GaugeMetricFamily(
+            P + "build_info", "dirtylogd version; always 1", labels=["version", "python"]
+        )
+        build.add_metric([__version__, platform.python_version()], 1)
+        yield build
+        yield from self._vm_metrics()
+        yield from self._server_metrics()
+        yield from self._thread_metrics()
+
+    def _vm_metrics(self) -> Iterator[Metric]:
+        vms = list(self.service.vms.values())
+        count = GaugeMetricFamily(P + "vms", "VMs served")
+        count.add_metric([], len(vms))
+        harvests = CounterMetricFamily(P + "harvests", "Harvests of a memslot", labels=["vm"])
+        durations = HistogramMetricFamily(
+            P + "harvest_duration_seconds",
+            "Time to harvest a memslot and merge it into every consumer",
+            labels=["vm"],
+        )
+        dirty = CounterMetricFamily(
+            P + "dirty_pages",
+            "Dirty pages harvested, by source (uc: PGSTE_UC or the KVM log; io: reported I/O)",
+            labels=["vm", "source"],
+        )
+        pending = GaugeMetricFamily(
+            P + "pending_pages", "Pages waiting for a consumer", labels=["vm", "consumer"]
+        )
+        delivered = CounterMetricFamily(
+            P + "consumer_delivered_pages",
+            "Dirty pages handed to an auto-clearing consumer",
+            labels=["vm", "consumer"],
+        )
+        faults = CounterMetricFamily(
+            P + "guest_faults", "Guest faults in the s390 model", labels=["vm", "kind"]
+        )
+        ipte = CounterMetricFamily(P + "ipte_notifications", "IPTE notifier calls", labels=["vm"])
+        writes = CounterMetricFamily(
+            P + "written_pages", "Pages stored, by path", labels=["vm", "path"]
+        )
+        io_marked = CounterMetricFamily(
+            P + "io_marked_pages", "Pages reported by I/O", labels=["vm"]
+        )
+        rate = GaugeMetricFamily(
+            P + "dirty_pages_per_second", "Dirty rate of the latest harvests", labels=["vm"]
+        )
+        for vm in vms:
+            t = vm.telemetry
+            harvests.add_metric([vm.name], t.harvests)
+            durations.add_metric([vm.name], t.harvest_seconds.cumulative(), t.harvest_seconds.total)
+            for source in ("uc", "io"):
+                dirty.add_metric([vm.name, source], t.dirty_pages[source])
+            io_marked.add_metric([vm.name], t.io_marked_pages)
+            with vm.lock:
+                consumers = [
+                    (c.name, c.pending_pages(), c.delivered_pages) for c in vm.consumers.values()
+                ]
+            for name, n, given in consumers:
+                pending.add_metric([vm.name, name], n)
+                delivered.add_metric([vm.name, name], given)
+            stats = vm.backend.stats()
+            for kind, n in stats.faults_by_kind.items():
+                faults.add_metric([vm.name, kind], n)
+            ipte.add_metric([vm.name], stats.ipte_notifications)
+            for path, n in stats.writes_by_path.items():
+                writes.add_metric([vm.name, path], n)
+            rate.add_metric([vm.name], float(vm.dirty_rate()["dirty-pages-rate"]))  # type: ignore[arg-type]
+        yield from (
+            count,
+            harvests,
+            durations,
+            dirty,
+            pending,
+            delivered,
+            faults,
+            ipte,
+            writes,
+            io_marked,
+            rate,
+        )
+
+    def _server_metrics(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            P + "qmp_requests", "QMP commands by result", labels=["command", "result"]
+        )
+        for (command, result), n in sorted(self.server.requests.items()):
+            requests.add_metric([command, result], n)
+        clients = GaugeMetricFamily(P + "qmp_clients", "Connected QMP clients")
+        clients.add_metric([], self.server.clients)
+        refused = CounterMetricFamily(
+            P + "qmp_refused_peers", "Connections refused by peer credentials"
+        )
+        refused.add_metric([], self.server.refused_peers)
+        yield from (requests, clients, refused)
+
+    def _thread_metrics(self) -> Iterator[Metric]:
+        """CPU time of each named thread (vCPUs show up as <vm>/vcpuN), via psutil."""
+        names = {t.native_id: t.name for t in threading.enumerate()}
+        cpu = CounterMetricFamily(
+            P + "thread_cpu_seconds", "CPU time of the daemon's threads", labels=["thread"]
+        )
+        by_name: dict[str, float] = {}
+        for t in self._process.threads():
+            name = names.get(t.id, "other")
+            by_name[name] = by_name.get(name, 0.0) + t.user_time + t.system_time
+        for name, seconds in sorted(by_name.items()):
+            cpu.add_metric([name], seconds)
+        yield cpu
+
+
+def make_registry(service: Service, server: ServerTelemetry) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(DirtylogdCollector(service, server))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def serve(registry: CollectorRegistry, host: str, port: int) -> Any:
+    """Start the /metrics HTTP endpoint in a thread; returns the server (call .shutdown())."""
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server

@@ -1,0 +1,281 @@
+"""The one declarative table of QMP commands and their arguments.
+
+Everything about a command's shape comes from here: argument checking (unknown, missing,
+wrong-typed or out-of-range arguments are rejected before any handler runs), ``query-commands``,
+``query-qmp-schema`` and the protocol reference in docs/protocol.md (both rendered by
+:mod:`dirtylogd.introspect`). Handlers receive plain Python values under snake_case names;
+base64 arguments arrive already decoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from dirtylogd.argtypes import (
+    U32_MAX,
+    U64_MAX,
+    Arg,
+    Base64,
+    Bool,
+    Enum,
+    Int,
+    List,
+    Num,
+    Object,
+    Str,
+    check_members,
+)
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    doc: str
+    args: tuple[Arg, ...] = ()
+    returns: str = "{}"
+    errors: tuple[str, ...] = ()
+
+    def validate(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        return check_members(self.args, arguments)
+
+
+# --- shared argument types --------------------------------------------------------------------
+NAME = Str(max_len=64, pattern=r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", hint="1-64 of A-Z a-z 0-9 _ . -")
+FDNAME = Str(
+    max_len=64, pattern=r"[A-Za-z_.-][A-Za-z0-9_.-]{0,63}", hint="a name not starting with a digit"
+)
+SLOT_ID = Int(0, 0xFFFF)
+ADDR = Int(0, U64_MAX)
+BACKEND = Enum("Backend", ("auto", "softmmu", "kvm"))
+WRITE_PATH = Enum("WritePath", ("guest", "dma", "kernel"))
+READ_PATH = Enum("ReadPath", ("host", "guest"))
+ENCODING = Enum("Encoding", ("bitmap", "ranges", "fd"))
+PATTERN = Enum("Pattern", ("random", "sequential", "hot-set"))
+
+VM = Arg("vm", NAME, "the VM's name")
+SLOT = Arg("slot", SLOT_ID, "memslot id (bits 0-15 of KVM's slot field)")
+AS_ID = Arg("as-id", SLOT_ID, "address space (bits 16-31 of KVM's slot field)", 0)
+CONSUMER = Arg("consumer", NAME, "whose pending bits to read", "default")
+
+MEMSLOT_SPEC = Object(
+    "MemslotSpec",
+    (
+        SLOT,
+        AS_ID,
+        Arg("guest-phys-addr", ADDR, "guest physical address, page aligned"),
+        Arg("size", ADDR, "bytes, a multiple of 4096"),
+        Arg("log-dirty-pages", Bool(), "KVM_MEM_LOG_DIRTY_PAGES", True),
+    ),
+)
+IO_RANGE = Object(
+    "IoRange",
+    (
+        Arg("guest-phys-addr", ADDR, "first byte written"),
+        Arg("length", Int(1, U64_MAX), "bytes written"),
+    ),
+)
+
+KVM_ERRORS = ("GenericError with the errno KVM would return (EINVAL, ENOENT, EEXIST, EFAULT)",)
+NOT_FOUND = ("DeviceNotFound for an unknown vm",)
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "qmp_capabilities",
+        "Leave capabilities negotiation. No capabilities are offered.",
+        (Arg("enable", List(Str()), "capabilities to enable (none exist)", None),),
+        errors=("CommandNotFound once negotiation is complete",),
+    ),
+    Command(
+        "query-version",
+        "The daemon's version.",
+        returns='{"dirtylogd": {"major", "minor", "micro"}, "package"}',
+    ),
+    Command("query-commands", "Every command this server accepts.", returns='[{"name"}]'),
+    Command(
+        "query-qmp-schema",
+        "The command table in QEMU's introspection format (SchemaInfo).",
+        returns="[SchemaInfo]",
+    ),
+    Command(
+        "getfd",
+        "Name the file descriptor sent with this command (SCM_RIGHTS), for "
+        "dirty-log-get with encoding 'fd'. A name in use is replaced.",
+        (Arg("fdname", FDNAME, "the name to give it"),),
+        errors=("GenericError if no descriptor came with the command",),
+    ),
+    Command(
+        "closefd",
+        "Close a descriptor named by getfd.",
+        (Arg("fdname", FDNAME, "its name"),),
+        errors=("GenericError if no descriptor has that name",),
+    ),
+    Command(
+        "vm-create",
+        "Create a VM with its memslots. 'auto' is 'kvm' on s390x hosts with /dev/kvm, "
+        "'softmmu' elsewhere. All or nothing.",
+        (
+            Arg("name", NAME, "the VM's name"),
+            Arg("memslots", List(MEMSLOT_SPEC, max_items=512), "initial memslots", []),
+            Arg("backend", BACKEND, "where dirty bits come from", "auto"),
+            Arg("esop", Bool(), "softmmu: model an ESOP machine", True),
+        ),
+        errors=("GenericError if the name is taken or a memslot is refused",),
+    ),
+    Command("vm-remove", "Stop and remove a VM; its RAM file goes too.", (VM,), errors=NOT_FOUND),
+    Command(
+        "query-vms",
+        "Every VM with its backend, capabilities, memslots and consumers.",
+        returns="[{name, backend, capabilities, paused, memslots: [...], consumers: [...], "
+        "ram-path?, workload?}]",
+    ),
+    Command(
+        "memslot-set",
+        "KVM_SET_USER_MEMORY_REGION: create, move, change flags of, or (size 0) delete a slot.",
+        (
+            VM,
+            SLOT,
+            AS_ID,
+            Arg("guest-phys-addr", ADDR, "guest physical address"),
+            Arg("size", ADDR, "bytes; 0 deletes the slot"),
+            Arg("log-dirty-pages", Bool(), "KVM_MEM_LOG_DIRTY_PAGES", True),
+        ),
+        errors=(*NOT_FOUND, *KVM_ERRORS),
+    ),
+    Command(
+        "consumer-add",
+        "Add a consumer: an independent reader of the VM's dirty pages.",
+        (
+            VM,
+            Arg("name", NAME, "the consumer's name"),
+            Arg(
+                "manual-protect",
+                Bool(),
+                "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: get does not clear, dirty-log-clear does",
+                False,
+            ),
+            Arg("initially-set", Bool(), "start with every page dirty", True),
+        ),
+        errors=(*NOT_FOUND, "GenericError if the name is taken"),
+    ),
+    Command(
+        "consumer-remove",
+        "Remove a consumer and its pending bits ('default' stays).",
+        (VM, Arg("name", NAME, "the consumer's name")),
+        errors=(*NOT_FOUND, "DeviceNotFound for an unknown consumer"),
+    ),
+    Command(
+        "dirty-log-get",
+        "KVM_GET_DIRTY_LOG for one consumer: harvest the slot into every consumer, answer this "
+        "one's pending bits, and (unless manual-protect) clear them. With encoding 'fd' the "
+        "bitmap is written at offset 0 of the descriptor named by getfd.",
+        (
+            VM,
+            SLOT,
+            AS_ID,
+            CONSUMER,
+            Arg("encoding", ENCODING, "how the bitmap travels", "bitmap"),
+            Arg("fdname", FDNAME, "with encoding 'fd': the descriptor to write to", None),
+        ),
+        returns="{npages, dirty-pages, generation, bitmap (base64) | ranges ([[first, count]])}",
+        errors=(*NOT_FOUND, *KVM_ERRORS, "GenericError if an inline answer is too large"),
+    ),
+    Command(
+        "dirty-log-clear",
+        "KVM_CLEAR_DIRTY_LOG for one consumer: clear the pages whose bits are set in bitmap "
+        "(bit 0 is first-page). first-page is a multiple of 64; num-pages too unless the range "
+        "ends at the slot's end.",
+        (
+            VM,
+            SLOT,
+            AS_ID,
+            Arg("first-page", Int(0, U64_MAX), "first page of the range"),
+            Arg("num-pages", Int(0, U32_MAX), "pages in the range"),
+            Arg("bitmap", Base64(1 << 29), "ALIGN(num-pages, 64) / 8 bytes, KVM layout"),
+            CONSUMER,
+        ),
+        errors=(*NOT_FOUND, *KVM_ERRORS),
+    ),
+    Command(
+        "io-dirty-mark",
+        "Report pages written by I/O (DMA, kernel mapping): merged into the next harvest of "
+        "their slots. All or nothing.",
+        (VM, Arg("ranges", List(IO_RANGE, max_items=1 << 16, min_items=1), "written ranges")),
+        returns="{pages}",
+        errors=(*NOT_FOUND, "GenericError (EFAULT) if a range leaves every memslot"),
+    ),
+    Command(
+        "query-dirty-rate",
+        "Dirty rate from the latest harvests of each slot (QEMU DirtyRateInfo names).",
+        (VM,),
+        returns="{status, dirty-rate (MiB/s), dirty-pages-rate, mode, calc-time-ms, slots}",
+        errors=NOT_FOUND,
+    ),
+    Command(
+        "sim-write",
+        "Simulated store of data at an address: 'guest' goes through the MMU (faults, UC); "
+        "'dma' and 'kernel' bypass it and reach the I/O log only with report.",
+        (
+            VM,
+            Arg("guest-phys-addr", ADDR, "first byte"),
+            Arg("data", Base64(1 << 19), "bytes to store"),
+            Arg("path", WRITE_PATH, "who stores", "guest"),
+            Arg("report", Bool(), "dma/kernel: report the write to the I/O log", True),
+        ),
+        errors=(*NOT_FOUND, *KVM_ERRORS),
+    ),
+    Command(
+        "sim-write-pages",
+        "Batched store of a little-endian u64 into the first 8 bytes of each page.",
+        (
+            VM,
+            Arg("gfns", List(Int(0, (1 << 52) - 1), max_items=1 << 17), "guest frame numbers"),
+            Arg("value", Int(0, U64_MAX), "the stamp"),
+            Arg("path", WRITE_PATH, "who stores", "guest"),
+            Arg("report", Bool(), "dma/kernel: report the write to the I/O log", True),
+        ),
+        errors=(*NOT_FOUND, *KVM_ERRORS),
+    ),
+    Command(
+        "sim-read",
+        "Read guest memory: 'host' as a migration tool reads (no MMU effect), 'guest' as a "
+        "guest load through the MMU (s390 model only).",
+        (
+            VM,
+            Arg("guest-phys-addr", ADDR, "first byte"),
+            Arg("length", Int(0, 1 << 20), "bytes"),
+            Arg("path", READ_PATH, "who reads", "host"),
+        ),
+        returns="{data (base64)}",
+        errors=(*NOT_FOUND, *KVM_ERRORS),
+    ),
+    Command(
+        "sim-set-storage-key",
+        "Guest SSKE on the page holding an address (s390 model only).",
+        (
+            VM,
+            Arg("guest-phys-addr", ADDR, "an address in the page"),
+            Arg("key", Int(0, 255), "key"),
+        ),
+        errors=(*NOT_FOUND, *KVM_ERRORS),
+    ),
+    Command(
+        "sim-workload-start",
+        "Start simulated vCPUs storing generation stamps (replaces a running workload).",
+        (
+            VM,
+            Arg("pages-per-second", Int(1, 100_000_000), "target store rate, all vCPUs"),
+            Arg("vcpus", Int(1, 64), "vCPU threads", 1),
+            Arg("pattern", PATTERN, "which pages", "random"),
+            Arg("seed", Int(0, U64_MAX), "random seed", None),
+            Arg("dma-share", Num(0.0, 1.0), "share of stores made by a device", 0.0),
+            Arg("dma-report", Bool(), "whether those device writes are reported", True),
+        ),
+        errors=NOT_FOUND,
+    ),
+    Command("sim-workload-stop", "Stop the simulated vCPUs.", (VM,), errors=NOT_FOUND),
+    Command("stop", "Pause the VM's vCPUs; returns once none is storing.", (VM,), errors=NOT_FOUND),
+    Command("cont", "Resume the VM's vCPUs.", (VM,), errors=NOT_FOUND),
+)
+
+BY_NAME: dict[str, Command] = {c.name: c for c in COMMANDS}

@@ -1,0 +1,260 @@
+"""The QMP unix socket: accepts peers, wires each connection to a framing decoder and a session.
+
+asyncio's streams cannot receive SCM_RIGHTS descriptors, so connections use non-blocking
+sockets with ``recvmsg`` driven by ``loop.add_reader``. Replies on one connection are written in
+request order; a reply that cannot be written runs its undo, so a client that vanishes mid-GET
+loses nothing for its consumer. Peers are checked with SO_PEERCRED before any greeting.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dirtylogd.commands import Context
+from dirtylogd.fds import MAX_HELD_FDS, FdRegistry
+from dirtylogd.framing import JsonStreamDecoder, MessageTooLarge, encode
+from dirtylogd.service import Service
+from dirtylogd.session import Phase, Session, greeting
+from dirtylogd.telemetry import ServerTelemetry
+
+log = logging.getLogger(__name__)
+RECV_BYTES = 1 << 16
+
+
+@dataclass(frozen=True)
+class PeerPolicy:
+    """Who may connect: root, the daemon's own user, and the allowed uids and gids."""
+
+    allow_uids: frozenset[int] = frozenset()
+    allow_gids: frozenset[int] = frozenset()
+
+    def refusal(self, pid: int, uid: int, gid: int) -> str | None:
+        """None if the peer may connect, else the reason it may not."""
+        if uid in (0, os.geteuid()) or uid in self.allow_uids or gid in self.allow_gids:
+            return None
+        if self.allow_gids & _supplementary_groups(pid):
+            return None
+        return f"uid {uid} (gid {gid}, pid {pid}) is not allowed (--allow-uid/--allow-gid)"
+
+
+def _supplementary_groups(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except OSError:
+        pass
+    return set()
+
+
+@dataclass
+class Limits:
+    max_message_bytes: int = 1 << 20
+    max_reply_bytes: int = 8 << 20
+    max_held_fds: int = MAX_HELD_FDS
+
+
+@dataclass(eq=False)
+class Connection:
+    sock: socket.socket
+    session: Session
+    fds: FdRegistry
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def send(self, message: dict[str, Any]) -> bool:
+        """Write one message; False if the peer is gone."""
+        loop = asyncio.get_running_loop()
+        async with self.write_lock:
+            try:
+                await loop.sock_sendall(self.sock, encode(message))
+                return True
+            except OSError:
+                return False
+
+
+class QmpServer:
+    def __init__(
+        self, service: Service, telemetry: ServerTelemetry, policy: PeerPolicy, limits: Limits
+    ) -> None:
+        self.service = service
+        self.telemetry = telemetry
+        self.policy = policy
+        self.limits = limits
+        self.path: str | None = None
+        self._listener: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._connections: set[Connection] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        service.emit_event = self.broadcast
+
+    # --- listening ------------------------------------------------------------------------------
+    async def start(self, path: str | None, inherited: socket.socket | None = None) -> None:
+        """Listen on ``inherited`` (socket activation) or bind ``path`` with mode 0660."""
+        if inherited is not None:
+            sock = inherited
+        else:
+            assert path is not None
+            os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old = os.umask(0o117)  # the socket is born 0660, never briefly wider
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(old)
+            os.chmod(path, 0o660)
+            sock.listen(64)
+            self.path = path
+        sock.setblocking(False)
+        self._listener = sock
+        self._accept_task = asyncio.create_task(self._accept_loop())
+
+    async def close(self) -> None:
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._listener is not None:
+            self._listener.close()
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._listener is not None
+        while True:
+            conn, _ = await loop.sock_accept(self._listener)
+            task = asyncio.create_task(self._serve(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    # --- one connection --------------------------------------------------------------------------
+    async def _serve(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        pid, uid, gid = struct.unpack(
+            "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        )
+        reason = self.policy.refusal(pid, uid, gid)
+        if reason is not None:
+            self.telemetry.refused_peers += 1
+            log.warning("refused a client: %s", reason)
+            with contextlib.suppress(OSError):
+                await asyncio.get_running_loop().sock_sendall(
+                    sock,
+                    encode(
+                        {"error": {"class": "GenericError", "desc": f"access denied: {reason}"}}
+                    ),
+                )
+            sock.close()
+            return
+        fds = FdRegistry(self.limits.max_held_fds)
+        session = Session(Context(self.service, fds, self.limits.max_reply_bytes), self.telemetry)
+        conn = Connection(sock, session, fds)
+        self._connections.add(conn)
+        self.telemetry.clients += 1
+        try:
+            await self._converse(conn)
+        except Exception:  # one broken connection must not go unnoticed, nor take others down
+            log.exception("connection from pid %d failed", pid)
+        finally:
+            self.telemetry.clients -= 1
+            self._connections.discard(conn)
+            fds.close_all()
+            sock.close()
+
+    async def _converse(self, conn: Connection) -> None:
+        if not await conn.send(greeting()):
+            return
+        decoder = JsonStreamDecoder(self.limits.max_message_bytes)
+        while True:
+            data, received = await _recv_with_fds(conn.sock)
+            if received and conn.fds.hold(received):
+                await conn.send(
+                    {
+                        "error": {
+                            "class": "GenericError",
+                            "desc": "too many file descriptors held; claim them with getfd",
+                        }
+                    }
+                )
+            if not data:
+                return
+            for item in decoder.feed(data):
+                if isinstance(item, MessageTooLarge):
+                    await conn.send(
+                        {
+                            "error": {
+                                "class": "GenericError",
+                                "desc": f"{item.desc}; closing the connection",
+                            }
+                        }
+                    )
+                    return
+                reply = await conn.session.handle(item)
+                if not await conn.send(reply.message):
+                    if reply.undo is not None:
+                        reply.undo()
+                    return
+
+    # --- events -------------------------------------------------------------------------------
+    def broadcast(self, name: str, data: dict[str, Any]) -> None:
+        """Send an event to every negotiated client (not while a reply is being written)."""
+        event = {"event": name, "data": data, "timestamp": _timestamp()}
+        for conn in list(self._connections):
+            if conn.session.phase is Phase.COMMAND:
+                task = asyncio.create_task(conn.send(event))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    @property
+    def connections(self) -> Iterable[Connection]:
+        return tuple(self._connections)
+
+
+def _timestamp() -> dict[str, int]:
+    now = time.time()
+    return {"seconds": int(now), "microseconds": int((now % 1) * 1_000_000)}
+
+
+async def _recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """recvmsg on a non-blocking socket; returns (data, descriptors). b'' means EOF."""
+    loop = asyncio.get_running_loop()
+    cmsg_space = socket.CMSG_SPACE(MAX_HELD_FDS * array.array("i").itemsize)
+    while True:
+        try:
+            data, ancdata, flags, _ = sock.recvmsg(RECV_BYTES, cmsg_space)
+        except BlockingIOError:
+            ready = loop.create_future()
+            loop.add_reader(sock.fileno(), ready.set_result, None)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(sock.fileno())
+            continue
+        except (ConnectionResetError, OSError):
+            return b"", []
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+                fds.extend(arr)
+        if flags & socket.MSG_CTRUNC:
+            log.warning("a client sent more descriptors than one message may carry")
+        return data, fds

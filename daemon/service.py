@@ -1,0 +1,195 @@
+"""The service: the registry of VMs and the async face of everything commands ask for.
+
+Blocking work — harvests, memslot changes, stores, vCPU control — runs in worker threads
+(``asyncio.to_thread``) so one large VM never stalls the socket of another. Kernel-contract
+failures become GenericError with the errno in the text; unknown names become DeviceNotFound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+
+from dirtylogd.errors import DeviceNotFound, GenericError, from_kvm
+from dirtylogd.vm import Taken, VmState
+from kvmshim.abi import KVM_MEM_LOG_DIRTY_PAGES, make_slot_id
+from kvmshim.backends import WorkloadSpec, create_backend
+from kvmshim.backends.base import Pattern, ReadPath, WritePath
+from kvmshim.errors import KvmError, KvmShimError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+class Service:
+    def __init__(self, runtime_dir: str) -> None:
+        self.runtime_dir = runtime_dir
+        self.vms: dict[str, VmState] = {}
+        self._creating: set[str] = set()
+        self.emit_event: EventSink = lambda name, data: None
+
+    # --- helpers ------------------------------------------------------------------------------
+    def vm(self, name: str) -> VmState:
+        found = self.vms.get(name)
+        if found is None:
+            raise DeviceNotFound(f"no VM named '{name}'")
+        return found
+
+    async def _call(self, vm: VmState, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking backend work in a thread; map kvmshim errors for the client."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except KvmError as exc:
+            raise from_kvm(exc, vm.name) from None
+        except KvmShimError as exc:
+            raise GenericError(f"vm '{vm.name}': {exc}") from None
+
+    # --- VMs ----------------------------------------------------------------------------------
+    async def create_vm(
+        self, name: str, memslots: list[dict[str, Any]], backend: str, esop: bool
+    ) -> None:
+        if name in self.vms or name in self._creating:
+            raise GenericError(f"a VM named '{name}' already exists")
+        self._creating.add(name)
+        try:
+            os.makedirs(self.runtime_dir, mode=0o750, exist_ok=True)
+            try:
+                created = await asyncio.to_thread(
+                    create_backend, backend, name, self.runtime_dir, esop
+                )
+            except (KvmShimError, OSError) as exc:
+                raise GenericError(
+                    f"cannot create vm '{name}' with backend '{backend}': {exc}"
+                ) from None
+            vm = VmState(name, created)
+            try:
+                for spec in memslots:
+                    await self.set_memslot(vm, **spec)
+            except BaseException:
+                await asyncio.to_thread(created.close)
+                raise
+            created.io_reporter = vm.io_mark_gfns
+            self.vms[name] = vm
+            log.info("vm %s created (%s backend, %d memslots)", name, created.kind, len(memslots))
+        finally:
+            self._creating.discard(name)
+
+    async def remove_vm(self, name: str) -> None:
+        vm = self.vm(name)
+        del self.vms[name]
+        await asyncio.to_thread(vm.backend.close)
+        log.info("vm %s removed", name)
+
+    def query_vms(self) -> list[dict[str, Any]]:
+        out = []
+        for vm in self.vms.values():
+            entry = vm.describe()
+            backend = vm.backend
+            entry["backend"] = backend.kind
+            entry["capabilities"] = backend.capabilities()
+            entry["paused"] = backend.paused
+            entry["generation"] = backend.generation
+            ram = getattr(backend, "ram", None)
+            if ram is not None:
+                entry["ram-path"] = ram.path
+            workload = getattr(backend, "workload", None)
+            if workload is not None:
+                entry["workload"] = {
+                    "running": workload.running,
+                    "pages-stored": workload.pages_stored,
+                    "pages-per-second": workload.spec.pages_per_second,
+                    "vcpus": workload.spec.vcpus,
+                    "failed": None if workload.failure is None else repr(workload.failure),
+                }
+            out.append(entry)
+        return out
+
+    async def set_memslot(
+        self,
+        vm: VmState,
+        slot: int,
+        as_id: int,
+        guest_phys_addr: int,
+        size: int,
+        log_dirty_pages: bool,
+    ) -> None:
+        flags = KVM_MEM_LOG_DIRTY_PAGES if log_dirty_pages else 0
+        change = await self._call(
+            vm,
+            vm.backend.set_user_memory_region,
+            make_slot_id(as_id, slot),
+            flags,
+            guest_phys_addr,
+            size,
+        )
+        vm.apply_memslot_change(change)
+
+    # --- dirty logs ---------------------------------------------------------------------------
+    async def get_dirty_log(self, vm: VmState, slot: int, as_id: int, consumer: str) -> Taken:
+        return await self._call(vm, vm.harvest, make_slot_id(as_id, slot), consumer)
+
+    async def clear_dirty_log(
+        self,
+        vm: VmState,
+        slot: int,
+        as_id: int,
+        consumer: str,
+        first_page: int,
+        num_pages: int,
+        bitmap: bytes,
+    ) -> None:
+        await self._call(
+            vm, vm.clear, make_slot_id(as_id, slot), consumer, first_page, num_pages, bitmap
+        )
+
+    async def io_mark(self, vm: VmState, ranges: list[tuple[int, int]]) -> int:
+        return await self._call(vm, vm.io_mark_ranges, ranges)
+
+    # --- simulation ----------------------------------------------------------------------------
+    async def write(self, vm: VmState, gpa: int, data: bytes, path: str, report: bool) -> None:
+        gfns = await self._call(vm, vm.backend.write, gpa, data, WritePath(path))
+        if path != WritePath.GUEST and report:
+            await self._call(vm, vm.io_mark_gfns, gfns)
+
+    async def write_pages(
+        self, vm: VmState, gfns: list[int], value: int, path: str, report: bool
+    ) -> None:
+        frames = np.asarray(gfns, dtype=np.int64)
+        await self._call(vm, vm.backend.write_pages, frames, value, WritePath(path))
+        if path != WritePath.GUEST and report:
+            await self._call(vm, vm.io_mark_gfns, frames)
+
+    async def read(self, vm: VmState, gpa: int, length: int, path: str) -> bytes:
+        return await self._call(vm, vm.backend.read, gpa, length, ReadPath(path))
+
+    async def set_storage_key(self, vm: VmState, gpa: int, key: int) -> None:
+        await self._call(vm, vm.backend.set_storage_key, gpa, key)
+
+    async def start_workload(self, vm: VmState, **spec: Any) -> None:
+        spec["pattern"] = Pattern(spec["pattern"])
+        try:
+            workload = WorkloadSpec(**spec)
+        except (TypeError, ValueError) as exc:
+            raise GenericError(str(exc)) from None
+        await self._call(vm, vm.backend.start_workload, workload)
+
+    async def stop_workload(self, vm: VmState) -> None:
+        await self._call(vm, vm.backend.stop_workload)
+
+    async def pause(self, vm: VmState) -> None:
+        await self._call(vm, vm.backend.pause)
+        self.emit_event("STOP", {"vm": vm.name})
+
+    async def resume(self, vm: VmState) -> None:
+        await self._call(vm, vm.backend.resume)
+        self.emit_event("RESUME", {"vm": vm.name})
+
+    async def shutdown(self) -> None:
+        for name in list(self.vms):
+            await self.remove_vm(name)

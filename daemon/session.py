@@ -1,0 +1,124 @@
+"""One QMP session: greeting, capabilities negotiation, id echo, dispatch through the schema.
+
+The session turns each decoded value into exactly one reply. It knows nothing of sockets: the
+server feeds it values and writes what it returns (see qmp-spec "Capabilities Negotiation",
+"Issuing Commands", "Commands Responses").
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dirtylogd import VERSION, __version__
+from dirtylogd.commands import HANDLERS, Context, Deferred
+from dirtylogd.errors import CommandNotFound, GenericError, QmpError
+from dirtylogd.framing import ParseError
+from dirtylogd.schema import BY_NAME
+from dirtylogd.telemetry import ServerTelemetry
+
+log = logging.getLogger(__name__)
+_NO_ID: Any = object()
+_MEMBERS = frozenset({"execute", "arguments", "id"})
+
+
+class Phase(enum.Enum):
+    NEGOTIATION = "negotiation"
+    COMMAND = "command"
+
+
+@dataclass
+class Reply:
+    message: dict[str, Any]
+    undo: Callable[[], None] | None = None  # run if the message cannot be delivered
+
+
+def greeting() -> dict[str, Any]:
+    """The server greeting. ``qemu`` carries dirtylogd's own version: qmp-shell reads it."""
+    major, minor, micro = VERSION
+    version = {"major": major, "minor": minor, "micro": micro}
+    return {
+        "QMP": {
+            "version": {"qemu": version, "package": f"dirtylogd {__version__}"},
+            "capabilities": [],
+        }
+    }
+
+
+class Session:
+    def __init__(self, context: Context, telemetry: ServerTelemetry) -> None:
+        self.context = context
+        self.telemetry = telemetry
+        self.phase = Phase.NEGOTIATION
+
+    async def handle(self, item: Any) -> Reply:
+        if isinstance(item, ParseError):
+            return self._error(GenericError(item.desc), _NO_ID)
+        if not isinstance(item, dict):
+            return self._error(GenericError("QMP input must be a JSON object"), _NO_ID)
+        id_ = item.get("id", _NO_ID)
+        name = item.get("execute")
+        try:
+            args = self._check_envelope(item)
+            result = await self._dispatch(name, args)
+        except QmpError as exc:
+            self._count(name, exc.error_class)
+            return self._error(exc, id_)
+        except Exception as exc:  # a bug must cost one reply, not the daemon
+            log.exception("command %r failed unexpectedly", name)
+            self._count(name, "InternalError")
+            return self._error(GenericError(f"internal error in '{name}': {exc!r}"), id_)
+        self._count(name, "ok")
+        undo = None
+        if isinstance(result, Deferred):
+            result, undo = result.value, result.undo
+        message: dict[str, Any] = {"return": result}
+        if id_ is not _NO_ID:
+            message["id"] = id_
+        return Reply(message, undo)
+
+    def _check_envelope(self, item: dict[str, Any]) -> dict[str, Any]:
+        for key in item:
+            if key == "exec-oob":
+                raise GenericError("out-of-band execution is not supported (no 'oob' capability)")
+            if key not in _MEMBERS:
+                raise GenericError(f"QMP input member '{key}' is unexpected")
+        if "execute" not in item:
+            raise GenericError("QMP input lacks member 'execute'")
+        if not isinstance(item["execute"], str):
+            raise GenericError("QMP input member 'execute' must be a string")
+        args = item.get("arguments", {})
+        if not isinstance(args, dict):
+            raise GenericError("QMP input member 'arguments' must be an object")
+        return args
+
+    async def _dispatch(self, name: str, raw_args: dict[str, Any]) -> Any:
+        if self.phase is Phase.NEGOTIATION and name != "qmp_capabilities":
+            raise CommandNotFound("Expecting capabilities negotiation with 'qmp_capabilities'")
+        command = BY_NAME.get(name)
+        if command is None:
+            raise CommandNotFound(f"The command {name} has not been found")
+        args = command.validate(raw_args)
+        if name == "qmp_capabilities":
+            if self.phase is Phase.COMMAND:
+                raise CommandNotFound(
+                    "Capabilities negotiation is already complete, command ignored"
+                )
+            for capability in args["enable"] or []:
+                raise GenericError(f"Capability '{capability}' not available")
+            self.phase = Phase.COMMAND
+            return {}
+        return await HANDLERS[name](self.context, args)
+
+    def _error(self, exc: QmpError, id_: Any) -> Reply:
+        message: dict[str, Any] = {"error": exc.to_json()}
+        if id_ is not _NO_ID:
+            message["id"] = id_
+        return Reply(message)
+
+    def _count(self, name: Any, result: str) -> None:
+        label = name if isinstance(name, str) and name in BY_NAME else "unknown"
+        self.telemetry.requests[(label, result)] += 1

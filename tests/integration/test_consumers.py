@@ -1,0 +1,119 @@
+"""Consumers, the I/O merge and delivery, through a real daemon and qemu.qmp."""
+
+import base64
+import socket
+import time
+
+import pytest
+
+from .test_qmp_protocol import Raw
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def vm(qmp, request):
+    name = request.node.name[:60]
+    qmp(
+        "vm-create",
+        name=name,
+        memslots=[{"slot": 0, "guest-phys-addr": 0, "size": MiB}],
+        backend="softmmu",
+    )
+    yield name
+    qmp("vm-remove", vm=name)
+
+
+def dirty(qmp, vm, consumer="default"):
+    r = qmp("dirty-log-get", vm=vm, slot=0, consumer=consumer, encoding="ranges")
+    return [p for first, n in r["ranges"] for p in range(first, first + n)]
+
+
+def test_default_consumer_behaves_like_kvm_get_dirty_log(qmp, vm):
+    assert dirty(qmp, vm) == []  # not initially set
+    qmp("sim-write-pages", vm=vm, gfns=[4, 9], value=1)
+    assert dirty(qmp, vm) == [4, 9]
+    assert dirty(qmp, vm) == []  # the GET cleared them
+    qmp("sim-write-pages", vm=vm, gfns=[9], value=2)
+    assert dirty(qmp, vm) == [9]
+
+
+def test_two_consumers_see_the_same_pages_independently(qmp, vm):
+    qmp("consumer-add", vm=vm, name="migration", initially_set=False)
+    qmp("consumer-add", vm=vm, name="monitor", initially_set=False)
+    qmp("sim-write-pages", vm=vm, gfns=[1, 2, 3], value=1)
+    assert dirty(qmp, vm, "migration") == [1, 2, 3]
+    qmp("sim-write-pages", vm=vm, gfns=[7], value=2)
+    assert dirty(qmp, vm, "monitor") == [1, 2, 3, 7]  # nothing was stolen by the other's GET
+    assert dirty(qmp, vm, "migration") == [7]
+    assert dirty(qmp, vm) == [1, 2, 3, 7]
+    assert dirty(qmp, vm, "monitor") == []
+
+
+def test_manual_protect_initially_set_starts_all_dirty_and_only_clear_clears(qmp, vm):
+    qmp("consumer-add", vm=vm, name="mp", manual_protect=True)  # initially-set by default
+    assert dirty(qmp, vm, "mp") == list(range(256))
+    assert dirty(qmp, vm, "mp") == list(range(256))  # GET does not clear
+    # clear pages [0, 64) except 5: bitmap of 64 bits, all ones but bit 5
+    mask = (0xFFFF_FFFF_FFFF_FFFF & ~(1 << 5)).to_bytes(8, "little")
+    qmp(
+        "dirty-log-clear",
+        vm=vm,
+        slot=0,
+        first_page=0,
+        num_pages=64,
+        consumer="mp",
+        bitmap=base64.b64encode(mask).decode(),
+    )
+    assert dirty(qmp, vm, "mp") == [5, *range(64, 256)]
+    qmp("sim-write-pages", vm=vm, gfns=[10], value=1)
+    assert dirty(qmp, vm, "mp") == [5, 10, *range(64, 256)]
+
+
+def test_consumer_names_are_unique_and_default_stays(qmp, vm):
+    qmp("consumer-add", vm=vm, name="a")
+    assert qmp.error("consumer-add", vm=vm, name="a") == (
+        "GenericError",
+        f"vm '{vm}' already has a consumer named 'a'",
+    )
+    assert qmp.error("consumer-remove", vm=vm, name="zz")[0] == "DeviceNotFound"
+    assert qmp.error("consumer-remove", vm=vm, name="default")[0] == "GenericError"
+    qmp("consumer-remove", vm=vm, name="a")
+    assert qmp.error("dirty-log-get", vm=vm, slot=0, consumer="a")[0] == "DeviceNotFound"
+
+
+def test_dma_write_is_missing_unless_reported(qmp, vm):
+    qmp("sim-write-pages", vm=vm, gfns=[20], value=1, path="dma", report=False)
+    assert dirty(qmp, vm) == []  # the seed's documented gap
+    qmp("sim-write-pages", vm=vm, gfns=[21], value=1, path="dma", report=True)
+    qmp("sim-write", vm=vm, guest_phys_addr=22 * 4096, data="AAAA", path="kernel")  # reported
+    assert dirty(qmp, vm) == [21, 22]
+    qmp("sim-write-pages", vm=vm, gfns=[30], value=1, path="dma", report=False)
+    assert qmp("io-dirty-mark", vm=vm, ranges=[{"guest-phys-addr": 30 * 4096, "length": 1}]) == {
+        "pages": 1
+    }
+    assert dirty(qmp, vm) == [30]
+
+
+def test_get_dirty_log_does_not_lose_pages_on_disconnect(daemon, qmp):
+    """A client that asks and vanishes without reading loses nothing for its consumer.
+
+    The slot is 8 GiB, so the base64 answer (~350 KB) is larger than the socket buffer: the
+    daemon is still writing it when the client closes, the write fails, and the bits go back.
+    """
+    qmp("vm-create", name="vanish", memslots=[{"slot": 0, "guest-phys-addr": 0, "size": 8 << 30}])
+    qmp("consumer-add", vm="vanish", name="mig", initially_set=False)
+    qmp("sim-write-pages", vm="vanish", gfns=[3, 1 << 20, (2 << 20) - 1], value=1)
+    raw = Raw(daemon.socket)
+    raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.recv()
+    raw.ask({"execute": "qmp_capabilities"})
+    raw.send(
+        {"execute": "dirty-log-get", "arguments": {"vm": "vanish", "slot": 0, "consumer": "mig"}}
+    )
+    time.sleep(0.5)  # the answer is written until the buffers are full
+    raw.close()
+    time.sleep(0.2)
+    r = qmp("dirty-log-get", vm="vanish", slot=0, consumer="mig", encoding="ranges")
+    assert r["ranges"] == [[3, 1], [1 << 20, 1], [(2 << 20) - 1, 1]]
+    qmp("vm-remove", vm="vanish")

@@ -1,0 +1,41 @@
+"""The shipped alert rules and dashboard: valid, tested, and about metrics the daemon exports."""
+
+import json
+import re
+import subprocess
+import urllib.request
+from pathlib import Path
+
+from tests.conftest import need_tool
+
+MON = Path(__file__).resolve().parents[2] / "monitoring"
+MiB = 1 << 20
+
+
+def test_alert_rules_check_and_pass_their_unit_tests():
+    promtool = need_tool("promtool")
+    for args in (
+        ["check", "rules", "dirtylogd-alerts.yml"],
+        ["test", "rules", "dirtylogd-alerts.test.yml"],
+    ):
+        out = subprocess.run([promtool, *args], cwd=MON, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _metric_names(text: str) -> set[str]:
+    return set(re.findall(r"\b((?:dirtylogd|process)_[a-z_]+)", text))
+
+
+def test_dashboard_and_rules_only_use_exported_metrics(daemon, qmp):
+    qmp("vm-create", name="mon", memslots=[{"slot": 0, "guest-phys-addr": 0, "size": MiB}])
+    qmp("dirty-log-get", vm="mon", slot=0)
+    exported = urllib.request.urlopen(daemon.metrics_url, timeout=10).read().decode()
+    exported_names = _metric_names(exported)
+    dashboard = json.loads((MON / "dirtylogd-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = _metric_names("\n".join(exprs)) | _metric_names(
+        (MON / "dirtylogd-alerts.yml").read_text()
+    )
+    assert used, "no metrics referenced"
+    assert used <= exported_names, sorted(used - exported_names)
+    qmp("vm-remove", vm="mon")

@@ -1,0 +1,250 @@
+"""Running the daemon for real: qmp-shell, promtool, systemd units, activation, notify, signals."""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import need, need_tool
+
+from .daemon_proc import Daemon, Qmp
+
+ROOT = Path(__file__).resolve().parents[2]
+MiB = 1 << 20
+
+
+def test_qmp_shell_runs_a_command(daemon):
+    shell = need_tool("qmp-shell")
+    out = subprocess.run(
+        [shell, daemon.socket], input="query-version\n", capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    assert '"package": "dirtylogd' in out.stdout
+
+
+def test_metrics_pass_promtool_check(daemon, qmp):
+    promtool, curl = need_tool("promtool"), need_tool("curl")
+    qmp("vm-create", name="metrics", memslots=[{"slot": 0, "guest-phys-addr": 0, "size": MiB}])
+    qmp("sim-write-pages", vm="metrics", gfns=[1, 2], value=1)
+    qmp("io-dirty-mark", vm="metrics", ranges=[{"guest-phys-addr": 0, "length": 1}])
+    qmp("dirty-log-get", vm="metrics", slot=0)
+    out = subprocess.run(
+        f"{curl} -sf {daemon.metrics_url} | {promtool} check metrics",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0 and out.stdout == "" and out.stderr == "", out
+    text = urllib.request.urlopen(daemon.metrics_url, timeout=10).read().decode()
+    assert 'dirtylogd_dirty_pages_total{source="uc",vm="metrics"} 2.0' in text
+    assert 'dirtylogd_dirty_pages_total{source="io",vm="metrics"} 1.0' in text
+    assert 'dirtylogd_qmp_requests_total{command="dirty-log-get",result="ok"}' in text
+    assert "dirtylogd_harvest_duration_seconds_bucket" in text
+    assert "process_resident_memory_bytes" in text
+    qmp("vm-remove", vm="metrics")
+
+
+def _units(tmp_path: Path) -> Path:
+    """The shipped units, with ExecStart pointing at the dirtylogd installed here."""
+    exe = shutil.which("dirtylogd")
+    need(exe is not None, "dirtylogd is not installed on PATH")
+    for unit in ("dirtylogd.service", "dirtylogd.socket"):
+        text = (ROOT / "systemd" / unit).read_text().replace("/usr/bin/dirtylogd", str(exe))
+        (tmp_path / unit).write_text(text)
+    return tmp_path
+
+
+def test_systemd_analyze_verify_is_silent(tmp_path):
+    analyze = need_tool("systemd-analyze")
+    units = _units(tmp_path)
+    out = subprocess.run(
+        [analyze, "verify", "dirtylogd.service", "dirtylogd.socket"],
+        cwd=units,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0 and out.stdout == "" and out.stderr == "", out
+
+
+def test_systemd_security_exposure_is_at_most_2_5(tmp_path):
+    analyze = need_tool("systemd-analyze")
+    units = _units(tmp_path)
+    out = subprocess.run(
+        [analyze, "security", "--offline=yes", "dirtylogd.service"],
+        cwd=units,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    m = re.search(r"Overall exposure level for dirtylogd\.service: ([\d.]+)", out.stdout)
+    assert m, out.stdout + out.stderr
+    print(f"\nsystemd-analyze security --offline=yes: exposure {m.group(1)}")
+    assert float(m.group(1)) <= 2.5
+
+
+def test_socket_activation_starts_the_daemon_on_first_connect(tmp_path):
+    activate = need_tool("systemd-socket-activate")
+    sock = str(tmp_path / "activated.sock")
+    proc = subprocess.Popen(
+        [
+            activate,
+            "-l",
+            sock,
+            sys.executable,
+            "-m",
+            "dirtylogd",
+            "--runtime-dir",
+            str(tmp_path / "vms"),
+            "--metrics-listen",
+            "none",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        q = Qmp(sock)  # the first connection starts dirtylogd with LISTEN_FDS=1
+        assert q("query-version")["package"].startswith("dirtylogd")
+        q.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, output
+    assert "listening on the socket systemd passed" in output
+
+
+def test_ready_status_watchdog_and_stopping_reach_the_notify_socket(tmp_path):
+    notify_path = str(tmp_path / "notify")
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind(notify_path)
+    sink.settimeout(10)
+    d = Daemon(
+        tmp_path, metrics=False, env={"NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "200000"}
+    )
+    seen: list[str] = []
+    try:
+        while seen.count("WATCHDOG=1") < 3:
+            seen += sink.recv(4096).decode().split("\n")
+        assert "READY=1" in seen
+        assert any(s.startswith("STATUS=serving QMP on") for s in seen)
+    finally:
+        assert d.stop() == 0
+    while "STOPPING=1" not in seen:
+        seen += sink.recv(4096).decode().split("\n")
+    sink.close()
+
+
+def test_sigterm_removes_the_socket_and_the_ram_files(fresh_daemon):
+    d = fresh_daemon(metrics=False)
+    q = d.client()
+    q("vm-create", name="gone", memslots=[{"slot": 0, "guest-phys-addr": 0, "size": MiB}])
+    ram = next(v for v in q("query-vms") if v["name"] == "gone")["ram-path"]
+    assert os.path.exists(ram)
+    q.close()
+    assert d.stop() == 0
+    assert not os.path.exists(d.socket) and not os.path.exists(ram)
+
+
+def test_config_file_takes_the_same_keys_as_the_flags(tmp_path):
+    sock = tmp_path / "from-toml.sock"
+    cfg = tmp_path / "d.toml"
+    cfg.write_text(
+        f'socket = "{sock}"\nruntime-dir = "{tmp_path / "ram"}"\n'
+        f'metrics-listen = "none"\nlog-level = "warning"\n'
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "dirtylogd", "--config", str(cfg)])
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sock.exists()
+        assert sock.stat().st_mode & 0o777 == 0o660
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    cfg.write_text('sockett = "/x"\n')
+    bad = subprocess.run(
+        [sys.executable, "-m", "dirtylogd", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert bad.returncode == 2 and "unknown keys ['sockett']" in bad.stderr
+
+
+def test_demo_shows_live_numbers(fresh_daemon):
+    d = fresh_daemon("--demo")
+    q = d.client()
+    deadline = time.monotonic() + 15
+    while q("query-dirty-rate", vm="demo")["status"] != "measured":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert q("query-dirty-rate", vm="demo")["dirty-pages-rate"] > 0
+    text = urllib.request.urlopen(d.metrics_url, timeout=10).read().decode()
+    m = re.search(r'dirtylogd_dirty_pages_total\{source="uc",vm="demo"\} (\S+)', text)
+    assert m and float(m.group(1)) > 0
+    q.close()
+
+
+def test_peer_credentials_refuse_other_users_with_a_reason():
+    need(os.geteuid() == 0, "needs root to run a client as another user")
+
+    def connect_as_nobody(path: str) -> str:
+        """Fork, become uid/gid 65534, connect, and report the first thing the daemon says."""
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: no pytest machinery from here on
+            try:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(10)
+                    s.connect(path)
+                    os.write(w, s.recv(4096))
+            except OSError as exc:
+                os.write(w, f"client error: {exc}".encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            said = f.read().decode()
+        os.waitpid(pid, 0)
+        return said
+
+    # pytest's own temp directories are 0700; the other user must be able to reach the socket.
+    base = Path(tempfile.mkdtemp(prefix="dirtylogd-peer-"))
+    base.chmod(0o755)
+    try:
+        refused = Daemon(base / "refused", metrics=False)
+        os.chmod(refused.socket, 0o666)  # let the file mode through; SO_PEERCRED must refuse
+        assert "access denied: uid 65534" in connect_as_nobody(refused.socket)
+        refused.stop()
+        assert "refused a client: uid 65534" in refused.output_after_stop()
+        allowed = Daemon(base / "allowed", "--allow-uid", "65534", metrics=False)
+        os.chmod(allowed.socket, 0o666)
+        assert '"QMP"' in connect_as_nobody(allowed.socket)
+        allowed.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_both_signals_stop_cleanly(fresh_daemon, signum):
+    d = fresh_daemon(metrics=False)
+    d.proc.send_signal(signum)
+    assert d.proc.wait(20) == 0
