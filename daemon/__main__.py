@@ -28,17 +28,17 @@ async def run(config: Config) -> None:
         PeerPolicy(frozenset(config.allow_uid), frozenset(config.allow_gid)),
         Limits(config.max_message_bytes, config.max_reply_bytes),
     )
-    inherited = systemd.listen_socket()
-    await server.start(config.socket, inherited)
-    where = "the socket systemd passed" if inherited else config.socket
+    background: list[asyncio.Task[None]] = []
+    if config.demo:  # before listening: a client that can connect finds the demo VM
+        background.append(await start_demo(service))
     metrics_server = None
     if config.metrics_listen is not None:
         host, port = config.metrics_listen
         metrics_server = serve(make_registry(service, telemetry), host, port)
         log.info("metrics on http://%s:%d/metrics", host, port)
-    background: list[asyncio.Task[None]] = []
-    if config.demo:
-        background.append(await start_demo(service))
+    inherited = systemd.listen_socket()
+    await server.start(config.socket, inherited)
+    where = "the socket systemd passed" if inherited else config.socket
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

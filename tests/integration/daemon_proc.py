@@ -135,6 +135,12 @@ class Qmp:
         self.loop.run_until_complete(pull())
         return self.events
 
+    def __enter__(self) -> Qmp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Disconnect and finish every task of the client's loop before closing it."""
         loop = self.loop

@@ -160,13 +160,12 @@ def test_failed_get_for_an_unknown_consumer_harvests_nothing(qmp, vm):
 
 def test_inline_answer_too_large_says_to_use_fd(fresh_daemon):
     d = fresh_daemon("--max-reply-bytes", "4096", metrics=False)
-    q = d.client()
-    q("vm-create", name="big", memslots=[{"slot": 0, "guest-phys-addr": 0, "size": 256 * MiB}])
-    q("sim-write-pages", vm="big", gfns=[1], value=1)
-    cls, desc = q.error("dirty-log-get", vm="big", slot=0)
-    assert cls == "GenericError" and "use encoding 'fd'" in desc
-    assert q("dirty-log-get", vm="big", slot=0, encoding="ranges")["ranges"] == [[1, 1]]
-    q.close()
+    with d.client() as q:
+        q("vm-create", name="big", memslots=[{"slot": 0, "guest-phys-addr": 0, "size": 256 * MiB}])
+        q("sim-write-pages", vm="big", gfns=[1], value=1)
+        cls, desc = q.error("dirty-log-get", vm="big", slot=0)
+        assert cls == "GenericError" and "use encoding 'fd'" in desc
+        assert q("dirty-log-get", vm="big", slot=0, encoding="ranges")["ranges"] == [[1, 1]]
 
 
 def test_dirty_log_clear_rules(qmp, vm):

@@ -117,9 +117,8 @@ def test_socket_activation_starts_the_daemon_on_first_connect(tmp_path):
         deadline = time.monotonic() + 10
         while not os.path.exists(sock) and time.monotonic() < deadline:
             time.sleep(0.05)
-        q = Qmp(sock)  # the first connection starts dirtylogd with LISTEN_FDS=1
-        assert q("query-version")["package"].startswith("dirtylogd")
-        q.close()
+        with Qmp(sock) as q:  # the first connection starts dirtylogd with LISTEN_FDS=1
+            assert q("query-version")["package"].startswith("dirtylogd")
     finally:
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=20)
@@ -150,11 +149,10 @@ def test_ready_status_watchdog_and_stopping_reach_the_notify_socket(tmp_path):
 
 def test_sigterm_removes_the_socket_and_the_ram_files(fresh_daemon):
     d = fresh_daemon(metrics=False)
-    q = d.client()
-    q("vm-create", name="gone", memslots=[{"slot": 0, "guest-phys-addr": 0, "size": MiB}])
-    ram = next(v for v in q("query-vms") if v["name"] == "gone")["ram-path"]
+    with d.client() as q:
+        q("vm-create", name="gone", memslots=[{"slot": 0, "guest-phys-addr": 0, "size": MiB}])
+        ram = next(v for v in q("query-vms") if v["name"] == "gone")["ram-path"]
     assert os.path.exists(ram)
-    q.close()
     assert d.stop() == 0
     assert not os.path.exists(d.socket) and not os.path.exists(ram)
 
@@ -188,16 +186,15 @@ def test_config_file_takes_the_same_keys_as_the_flags(tmp_path):
 
 def test_demo_shows_live_numbers(fresh_daemon):
     d = fresh_daemon("--demo")
-    q = d.client()
-    deadline = time.monotonic() + 15
-    while q("query-dirty-rate", vm="demo")["status"] != "measured":
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    assert q("query-dirty-rate", vm="demo")["dirty-pages-rate"] > 0
+    with d.client() as q:
+        deadline = time.monotonic() + 15
+        while q("query-dirty-rate", vm="demo")["status"] != "measured":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert q("query-dirty-rate", vm="demo")["dirty-pages-rate"] > 0
     text = urllib.request.urlopen(d.metrics_url, timeout=10).read().decode()
     m = re.search(r'dirtylogd_dirty_pages_total\{source="uc",vm="demo"\} (\S+)', text)
     assert m and float(m.group(1)) > 0
-    q.close()
 
 
 def test_peer_credentials_refuse_other_users_with_a_reason():

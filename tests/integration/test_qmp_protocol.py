@@ -145,9 +145,8 @@ def test_oversized_message_gets_an_error_then_the_connection_closes(fresh_daemon
     with pytest.raises(EOFError):
         r.recv()
     r.close()
-    q = d.client()  # the daemon keeps serving others
-    assert q("query-vms") == []
-    q.close()
+    with d.client() as q:  # the daemon keeps serving others
+        assert q("query-vms") == []
 
 
 def test_getfd_takes_a_descriptor_passed_with_scm_rights(qmp):
@@ -179,6 +178,5 @@ def test_query_commands_and_schema_come_from_the_same_table(qmp):
 
 
 def test_qemu_qmp_client_without_negotiation_gets_command_not_found(daemon):
-    q = Qmp(daemon.socket, negotiate=False)
-    assert q.error("query-vms")[0] == "CommandNotFound"
-    q.close()
+    with Qmp(daemon.socket, negotiate=False) as q:
+        assert q.error("query-vms")[0] == "CommandNotFound"
