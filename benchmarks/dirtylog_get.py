@@ -15,13 +15,11 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
 import numpy as np
-from qemu.qmp import QMPClient
+from daemon_client import connected_daemon
 
 from kvmshim.s390.mmu import S390Mmu
 
@@ -46,29 +44,7 @@ def baseline_ms(npages: int, dirty: np.ndarray, calls: int) -> list[float]:
 
 
 async def run(calls: int, tmp: str) -> None:
-    sock = os.path.join(tmp, "qmp.sock")
-    daemon = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dirtylogd",
-            "--socket",
-            sock,
-            "--runtime-dir",
-            os.path.join(tmp, "vms"),
-            "--metrics-listen",
-            "none",
-            "--log-level",
-            "warning",
-        ]
-    )
-    try:
-        for _ in range(200):
-            if os.path.exists(sock):
-                break
-            await asyncio.sleep(0.05)
-        qmp = QMPClient("bench")
-        await qmp.connect(sock)
+    async with connected_daemon(tmp) as qmp:
         rng = np.random.default_rng(7)
         results = []
         for gib, encoding in ((1, "bitmap"), (16, "fd")):
@@ -109,10 +85,6 @@ async def run(calls: int, tmp: str) -> None:
             base = baseline_ms(npages, dirty, calls)
             results.append((gib, encoding, e2e, empty, base))
             await qmp.execute("vm-remove", {"vm": name})
-        await qmp.disconnect()
-    finally:
-        daemon.terminate()
-        daemon.wait(30)
 
     print(f"dirty-log-get end to end, {calls} calls per case, 1 % dirty (ms)")
     print(

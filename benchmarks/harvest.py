@@ -92,7 +92,7 @@ def bench_stores(gib: int, batch: int, total: int, rng: np.random.Generator) -> 
         vm.set_user_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, gib * GiB)
         npages = gib * PAGES_PER_GIB
         batches = [rng.integers(0, npages, batch) for _ in range(total // batch)]
-        words = vm._slots[0].region.words
+        words = vm._regions[0].words
         words[::512] = 0  # populate the RAM file: time the model, not tmpfs page allocation
         for gfns in batches[:50]:  # warm up: map pages the way a running guest has them
             vm.write_pages(gfns, 1, WritePath.GUEST)

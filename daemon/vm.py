@@ -172,7 +172,7 @@ class VmState:
         """CLEAR_DIRTY_LOG for one consumer, with the kernel's argument rules."""
         with self.lock:
             who = self.consumer(consumer)
-            self.backend.memslots.for_clear_dirty_log(slot, first_page, num_pages)
+            self.backend.check_clear_dirty_log(slot, first_page, num_pages)
             try:
                 mask = DirtyBitmap.from_bytes(num_pages, data)
             except BitmapError as exc:

@@ -4,7 +4,7 @@ Synchronous and self-contained: no asyncio, no sockets, no metrics. The daemon b
 """
 
 from kvmshim.bitmap import DirtyBitmap
-from kvmshim.errors import BitmapError, KvmError, KvmShimError
+from kvmshim.errors import BitmapError, KvmError, KvmShimError, NotSupportedError
 from kvmshim.memslot import Change, Memslot, MemslotTable
 
 __all__ = [
@@ -15,4 +15,5 @@ __all__ = [
     "KvmShimError",
     "Memslot",
     "MemslotTable",
+    "NotSupportedError",
 ]

@@ -2,7 +2,8 @@
 
     KvmShimError
      ├── KvmError          a kernel-contract failure; carries the errno KVM would return
-     └── BitmapError       a dirty bitmap of the wrong length, or with bits past the last page
+     ├── BitmapError       a dirty bitmap of the wrong length, or with bits past the last page
+     └── NotSupportedError something this backend cannot model (storage keys on real KVM)
 
 KvmError's text always ends in the errno name, e.g.
 ``slot 3 of vm 'a': dirty logging is not enabled (ENOENT)``, so that a person reading a QMP
@@ -50,3 +51,7 @@ class KvmError(KvmShimError):
 
 class BitmapError(KvmShimError, ValueError):
     """A bitmap that does not fit the memslot it is meant for."""
+
+
+class NotSupportedError(KvmShimError):
+    """The operation exists, but not on this backend; the text names the one that has it."""

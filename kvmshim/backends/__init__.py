@@ -35,7 +35,9 @@ def create_backend(kind: str, name: str, runtime_dir: str, esop: bool = True) ->
         from kvmshim.backends.softmmu import SoftMmuBackend
 
         return SoftMmuBackend(name, runtime_dir, esop=esop)
-    raise KvmShimError("the kvm backend is not available in this build")
+    from kvmshim.backends.kvm import KvmBackend
+
+    return KvmBackend(name, runtime_dir)
 
 
 __all__ = [

@@ -66,7 +66,7 @@ def test_dma_store_changes_ram_and_key_but_is_missing_from_the_harvest(vm):
     dirty(vm, 0)
     vm.write_pages(np.array([9, 10]), 77, WritePath.DMA)
     assert stamps(vm, 0)[[9, 10]].tolist() == [77, 77]
-    keys = vm._slots[0].mmu.skey  # the real storage keys of the frames
+    keys = vm._mmus[0].skey  # the real storage keys of the frames
     assert keys[9] & b._PAGE_CHANGED and keys[10] & b._PAGE_CHANGED
     assert dirty(vm, 0) == []  # the documented gap
 

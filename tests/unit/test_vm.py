@@ -74,7 +74,7 @@ def test_concurrent_consumers_io_and_workload_lose_nothing(vm):
     """
     vm.add_consumer("a", manual_protect=False, initially_set=False)
     vm.add_consumer("b", manual_protect=False, initially_set=False)
-    words = vm.backend._slots[0].region.words
+    words = vm.backend._regions[0].words
     before = words[::512].copy()
     vm.backend.start_workload(
         WorkloadSpec(pages_per_second=50_000, vcpus=2, seed=5, dma_share=0.2, dma_report=True)

@@ -1,0 +1,47 @@
+"""A dirtylogd process for benchmarks, and a qemu.qmp client connected to it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from qemu.qmp import QMPClient
+
+
+@asynccontextmanager
+async def connected_daemon(tmp: str) -> AsyncIterator[QMPClient]:
+    """Start ``python -m dirtylogd`` with its socket and RAM under ``tmp``; yield a client."""
+    sock = os.path.join(tmp, "qmp.sock")
+    daemon = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dirtylogd",
+            "--socket",
+            sock,
+            "--runtime-dir",
+            os.path.join(tmp, "vms"),
+            "--metrics-listen",
+            "none",
+            "--log-level",
+            "warning",
+        ]
+    )
+    try:
+        for _ in range(400):
+            if os.path.exists(sock):
+                break
+            await asyncio.sleep(0.05)
+        client = QMPClient("bench")
+        await client.connect(sock)
+        try:
+            yield client
+        finally:
+            await client.disconnect()
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
