@@ -180,6 +180,7 @@ class SoftMmuBackend(GuestVm):
             setattr(self._retired, k, getattr(self._retired, k) + v)
 
     def close(self) -> None:
+        self.stop_workload()  # first: vCPU threads must not store into regions being dropped
         with self._lock:
             self._mmus.clear()
             self._regions.clear()

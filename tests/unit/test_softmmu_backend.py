@@ -197,3 +197,14 @@ def test_kvm_selftest_method_with_the_workload_running(tmp_path):
         assert checked_changed > 10_000 and checked_dirty > 10_000
     finally:
         vm.close()
+
+
+def test_close_with_a_running_workload_stops_the_vcpus_first(tmp_path, caplog):
+    vm = SoftMmuBackend("closing", str(tmp_path))
+    vm.set_user_memory_region(0, LOG, 0, 4 * MiB)
+    vm.start_workload(WorkloadSpec(pages_per_second=200_000, vcpus=2, seed=1, dma_share=0.5))
+    time.sleep(0.1)
+    workload = vm.workload
+    vm.close()
+    assert workload.failure is None and not workload.running
+    assert "died" not in caplog.text
