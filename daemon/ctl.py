@@ -18,6 +18,7 @@ from typing import Any
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 
+from dirtylogd import migrate_cli
 from dirtylogd.config import default_paths
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_QMP, EXIT_CONNECT = 0, 1, 2, 3, 4
@@ -72,8 +73,9 @@ class Ctl:
         self.qmp = client
         self.as_json = as_json
 
-    async def run(self, args: argparse.Namespace) -> None:
-        await getattr(self, "cmd_" + args.handler)(args)
+    async def run(self, args: argparse.Namespace) -> int:
+        code = await getattr(self, "cmd_" + args.handler)(args)
+        return code if isinstance(code, int) else EXIT_OK
 
     def show(self, value: Any, human: str | None = None) -> None:
         if self.as_json or human is None:
@@ -254,6 +256,9 @@ class Ctl:
     async def cmd_workload_stop(self, a: argparse.Namespace) -> None:
         self.show(await self.qmp.execute("sim-workload-stop", {"vm": a.vm}), "workload stopped")
 
+    async def cmd_migrate(self, a: argparse.Namespace) -> int:
+        return await migrate_cli.run_migrate(self.qmp, a)
+
     async def cmd_qmp(self, a: argparse.Namespace) -> None:
         try:
             arguments = json.loads(a.arguments) if a.arguments else {}
@@ -368,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dma-unreported", action="store_true", help="do not report device writes")
     cmd(wl, "stop", "workload_stop", "stop storing").add_argument("vm")
 
+    migrate_cli.add_parsers(sub, cmd, size)
+
     q = cmd(sub, "qmp", "qmp", "run any QMP command")
     q.add_argument("command")
     q.add_argument("arguments", nargs="?", help="JSON object")
@@ -382,8 +389,7 @@ async def _main(args: argparse.Namespace) -> int:
         print(f"dirtylogctl: cannot talk to dirtylogd at {args.socket}: {exc}", file=sys.stderr)
         return EXIT_CONNECT
     try:
-        await Ctl(client, args.json).run(args)
-        return EXIT_OK
+        return await Ctl(client, args.json).run(args)
     except ExecuteError as exc:
         print(f"dirtylogctl: {exc.error_class}: {exc.error.error.desc}", file=sys.stderr)
         return EXIT_QMP
@@ -405,6 +411,8 @@ async def _main(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.handler == "migrate_receive":  # needs no daemon
+        return migrate_cli.run_receive(args)
     return asyncio.run(_main(args))
 
 

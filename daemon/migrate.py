@@ -1,0 +1,361 @@
+"""A reference pre-copy migration driver: what a migration tool does with the daemon.
+
+1. Register a consumer of its own (manual protect, initially set), so no other consumer loses
+   a bit; map the VM's RAM file read-only.
+2. Round 0 sends every page (the initially-set bitmap says all are dirty). Each later round:
+   GET the dirty pages; if they fit ``bandwidth x downtime-limit`` (QEMU's rule), switch over;
+   else CLEAR them, then read and send them — clear *before* reading, so a store during the
+   copy sets the bit again and is sent next round.
+3. Switch-over (converged, or after ``max_rounds``): ``stop`` the VM, a final GET/CLEAR/copy,
+   slots without dirty logging in full, and wait for the destination's acknowledgement. The
+   downtime reported is the time actually spent between ``stop`` and that acknowledgement.
+4. ``verify``: compare the destination with the paused source, page by page.
+
+On any failure the source is resumed if we stopped it; on success it stays stopped (as QEMU's
+source does) unless asked to resume.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from qemu.qmp import QMPClient
+
+from dirtylogd.stream import PAGE, FileSink, Sink, TcpSink
+
+FRAME_PAGES = 256  # 1 MiB per frame
+VERIFY_PAGES = 16384  # 64 MiB of pages per verification step
+
+
+@dataclass
+class Options:
+    vm: str
+    destination: str  # a file path, or tcp:HOST:PORT
+    downtime_limit: float = 0.3  # seconds
+    max_bandwidth: float | None = None  # bytes/s
+    max_rounds: int = 30
+    verify: bool = False
+    resume: bool = False  # cont the source after a successful migration
+
+
+@dataclass
+class Round:
+    number: int
+    dirty_pages: int
+    harvest_seconds: float  # GET + CLEAR of every slot
+    copy_seconds: float
+    bytes: int
+
+    @property
+    def bandwidth(self) -> float:
+        return self.bytes / self.copy_seconds if self.copy_seconds > 0 else 0.0
+
+
+@dataclass
+class Stats:
+    """QEMU/libvirt migration vocabulary where it applies (query-migrate's ram section)."""
+
+    status: str = "setup"
+    total_bytes: int = 0
+    transferred: int = 0
+    remaining: int = 0
+    setup_time: float = 0.0
+    total_time: float = 0.0
+    downtime: float = 0.0
+    expected_downtime: float = 0.0
+    converged: bool = False
+    pages_sent: int = 0
+    unique_pages_sent: int = 0
+    rounds: list[Round] = field(default_factory=list)
+    differing_pages: list[int] | None = None
+
+    @property
+    def dirty_sync_count(self) -> int:
+        return len(self.rounds)
+
+    def to_json(self) -> dict[str, Any]:
+        elapsed = self.total_time or 1e-9
+        rates = [r.dirty_pages / r.copy_seconds for r in self.rounds[1:] if r.copy_seconds > 0]
+        out: dict[str, Any] = {
+            "status": self.status,
+            "total-time": round(self.total_time * 1e3, 1),
+            "setup-time": round(self.setup_time * 1e3, 1),
+            "downtime": round(self.downtime * 1e3, 1),
+            "expected-downtime": round(self.expected_downtime * 1e3, 1),
+            "ram": {
+                "total": self.total_bytes,
+                "transferred": self.transferred,
+                "remaining": self.remaining,
+                "normal": self.pages_sent,
+                "pages-resent": self.pages_sent - self.unique_pages_sent,
+                "dirty-sync-count": self.dirty_sync_count,
+                "dirty-pages-rate": round(rates[-1], 1) if rates else 0.0,
+                "pages-per-second": round(self.pages_sent / elapsed, 1),
+                "mbps": round(self.transferred * 8 / elapsed / 1e6, 3),
+            },
+            "converged": self.converged,
+            "rounds": [
+                {
+                    "round": r.number,
+                    "dirty-pages": r.dirty_pages,
+                    "harvest-ms": round(r.harvest_seconds * 1e3, 3),
+                    "copy-ms": round(r.copy_seconds * 1e3, 3),
+                    "mbps": round(r.bandwidth * 8 / 1e6, 3),
+                }
+                for r in self.rounds
+            ],
+        }
+        if self.differing_pages is not None:
+            out["verify"] = {
+                "differing-pages": len(self.differing_pages),
+                "first": [hex(g) for g in self.differing_pages[:8]],
+            }
+        return out
+
+
+class Progress(Protocol):
+    def round_done(self, stats: Stats, last: Round) -> None: ...
+
+    def note(self, text: str) -> None: ...
+
+
+class MigrationError(Exception):
+    """The migration did not complete; the text says why and what happened to the source."""
+
+
+@dataclass
+class _Slot:
+    slot: int
+    as_id: int
+    gpa: int
+    npages: int
+    logged: bool
+    region: np.ndarray  # the slot's RAM, (npages, PAGE) uint8, read-only
+    sent: np.ndarray  # bool per page: sent at least once
+
+
+def open_sink(destination: str) -> Sink:
+    if destination.startswith("tcp:"):
+        host, _, port = destination[4:].rpartition(":")
+        return TcpSink(host.strip("[]"), int(port))
+    return FileSink(destination)
+
+
+class Migration:
+    def __init__(self, qmp: QMPClient, options: Options, progress: Progress) -> None:
+        self.qmp = qmp
+        self.o = options
+        self.progress = progress
+        self.stats = Stats()
+        self.consumer = f"migrate-{os.getpid()}"
+        self._stopped_by_us = False
+        self._fd = -1
+
+    async def run(self) -> Stats:
+        started = time.monotonic()
+        sink = open_sink(self.o.destination)
+        ram_map = None
+        try:
+            slots, ram_map = await self._setup(sink)
+            self.stats.setup_time = time.monotonic() - started
+            await self._precopy(slots, sink)
+            await self._switch_over(slots, sink)
+            if self.o.verify:
+                self.stats.differing_pages = self._verify(slots, sink)
+            self.stats.status = "completed"
+            if self.o.resume:
+                await self._cont()
+        except BaseException:
+            self.stats.status = "failed"
+            if self._stopped_by_us:
+                await self._cont()
+            raise
+        finally:
+            self.stats.total_time = time.monotonic() - started
+            await self._cleanup(sink, ram_map)
+        return self.stats
+
+    # --- setup ----------------------------------------------------------------------------------
+    async def _setup(self, sink: Sink) -> tuple[list[_Slot], np.memmap]:
+        vms = {v["name"]: v for v in await self.qmp.execute("query-vms")}
+        vm = vms.get(self.o.vm)
+        if vm is None:
+            raise MigrationError(f"no VM named '{self.o.vm}'")
+        if "ram-path" not in vm:
+            raise MigrationError(f"vm '{self.o.vm}' has no RAM file a migration could read")
+        ram = np.memmap(vm["ram-path"], dtype=np.uint8, mode="r")
+        slots = [
+            _Slot(
+                m["slot"],
+                m["as-id"],
+                m["guest-phys-addr"],
+                m["npages"],
+                m["log-dirty-pages"],
+                ram[m["ram-offset"] : m["ram-offset"] + m["size"]].reshape(-1, PAGE),
+                np.zeros(m["npages"], dtype=bool),
+            )
+            for m in vm["memslots"]
+        ]
+        self.stats.total_bytes = sum(s.npages for s in slots) * PAGE
+        await self.qmp.execute(
+            "consumer-add",
+            {"vm": self.o.vm, "name": self.consumer, "manual-protect": True, "initially-set": True},
+        )
+        self._fd = os.memfd_create("dirtylogctl-migrate", os.MFD_CLOEXEC)
+        self.qmp.send_fd_scm(self._fd)
+        await self.qmp.execute("getfd", {"fdname": self.consumer})
+        sink.start(
+            {
+                "vm": self.o.vm,
+                "page-size": PAGE,
+                "slots": [
+                    {"slot": s.slot, "guest-phys-addr": s.gpa, "npages": s.npages} for s in slots
+                ],
+            }
+        )
+        return slots, ram
+
+    # --- rounds ---------------------------------------------------------------------------------
+    async def _precopy(self, slots: list[_Slot], sink: Sink) -> None:
+        bandwidth = 0.0
+        for number in range(self.o.max_rounds + 1):
+            t0 = time.monotonic()
+            dirty = await self._get(slots)
+            pending = sum(p.size for p in dirty.values())
+            self.stats.remaining = pending * PAGE
+            if number > 0 and bandwidth > 0:
+                self.stats.expected_downtime = pending * PAGE / bandwidth
+                if pending * PAGE <= bandwidth * self.o.downtime_limit:
+                    self.stats.converged = True
+                    return
+            await self._clear(slots, dirty)
+            harvested = time.monotonic() - t0
+            last = self._copy(number, slots, dirty, sink, harvested)
+            bandwidth = last.bandwidth
+            self.progress.round_done(self.stats, last)
+        self.progress.note(
+            f"did not converge within {self.o.max_rounds} rounds: "
+            f"{self.stats.remaining // PAGE} pages still dirty"
+        )
+
+    async def _switch_over(self, slots: list[_Slot], sink: Sink) -> None:
+        stopped = time.monotonic()
+        await self.qmp.execute("stop", {"vm": self.o.vm})
+        self._stopped_by_us = True
+        dirty = await self._get(slots)
+        await self._clear(slots, dirty)
+        for s in slots:  # no dirty log: the whole slot goes now, with the vCPUs stopped
+            if not s.logged:
+                dirty[s.slot] = np.arange(s.npages)
+        last = self._copy(len(self.stats.rounds), slots, dirty, sink, time.monotonic() - stopped)
+        sink.finish(self.stats.pages_sent)
+        self.stats.downtime = time.monotonic() - stopped
+        self.stats.remaining = 0
+        self.progress.round_done(self.stats, last)
+
+    async def _get(self, slots: list[_Slot]) -> dict[int, np.ndarray]:
+        """The consumer's dirty pages per logged slot (the bitmap travels through a memfd)."""
+        out = {}
+        for s in slots:
+            if not s.logged:
+                continue
+            reply = await self.qmp.execute(
+                "dirty-log-get",
+                {
+                    "vm": self.o.vm,
+                    "slot": s.slot,
+                    "as-id": s.as_id,
+                    "consumer": self.consumer,
+                    "encoding": "fd",
+                    "fdname": self.consumer,
+                },
+            )
+            raw = os.pread(self._fd, (reply["npages"] + 63) // 64 * 8, 0)
+            bits = np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little")
+            out[s.slot] = np.flatnonzero(bits[: reply["npages"]])
+        return out
+
+    async def _clear(self, slots: list[_Slot], dirty: dict[int, np.ndarray]) -> None:
+        for s in slots:
+            pages = dirty.get(s.slot)
+            if pages is None or pages.size == 0:
+                continue
+            bits = np.zeros((s.npages + 63) // 64 * 64, dtype=bool)
+            bits[pages] = True
+            bitmap = base64.b64encode(np.packbits(bits, bitorder="little").tobytes()).decode()
+            await self.qmp.execute(
+                "dirty-log-clear",
+                {
+                    "vm": self.o.vm,
+                    "slot": s.slot,
+                    "as-id": s.as_id,
+                    "consumer": self.consumer,
+                    "first-page": 0,
+                    "num-pages": s.npages,
+                    "bitmap": bitmap,
+                },
+            )
+
+    def _copy(
+        self,
+        number: int,
+        slots: list[_Slot],
+        dirty: dict[int, np.ndarray],
+        sink: Sink,
+        harvested: float,
+    ) -> Round:
+        t0 = time.monotonic()
+        sent = 0
+        for s in slots:
+            pages = dirty.get(s.slot)
+            if pages is None:
+                continue
+            for start in range(0, pages.size, FRAME_PAGES):
+                chunk = pages[start : start + FRAME_PAGES]
+                sink.send_pages(s.gpa + chunk * PAGE, s.region[chunk])
+                sent += chunk.size
+                self._throttle(sent * PAGE, t0)
+            s.sent[pages] = True
+        elapsed = time.monotonic() - t0
+        self.stats.pages_sent += sent
+        self.stats.transferred += sent * PAGE
+        self.stats.unique_pages_sent = int(sum(np.count_nonzero(s.sent) for s in slots))
+        last = Round(number, sent, harvested, elapsed, sent * PAGE)
+        self.stats.rounds.append(last)
+        return last
+
+    def _throttle(self, sent_bytes: int, since: float) -> None:
+        if self.o.max_bandwidth:
+            ahead = sent_bytes / self.o.max_bandwidth - (time.monotonic() - since)
+            if ahead > 0:
+                time.sleep(ahead)
+
+    # --- the end --------------------------------------------------------------------------------
+    def _verify(self, slots: list[_Slot], sink: Sink) -> list[int]:
+        differing: list[int] = []
+        for s in slots:
+            for start in range(0, s.npages, VERIFY_PAGES):
+                idx = np.arange(start, min(start + VERIFY_PAGES, s.npages))
+                differing += sink.verify(s.gpa + idx * PAGE, np.ascontiguousarray(s.region[idx]))
+        return sorted(differing)
+
+    async def _cont(self) -> None:
+        await self.qmp.execute("cont", {"vm": self.o.vm})
+        self._stopped_by_us = False
+
+    async def _cleanup(self, sink: Sink, ram_map: np.memmap | None) -> None:
+        try:
+            await self.qmp.execute("consumer-remove", {"vm": self.o.vm, "name": self.consumer})
+            if self._fd >= 0:
+                await self.qmp.execute("closefd", {"fdname": self.consumer})
+        except Exception:  # the migration's own outcome matters more than tidying up
+            pass
+        if self._fd >= 0:
+            os.close(self._fd)
+        sink.close()
+        del ram_map

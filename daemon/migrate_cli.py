@@ -1,0 +1,213 @@
+"""dirtylogctl migrate / migrate-receive: progress display, summary, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, TextIO
+
+from qemu.qmp import QMPClient
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from dirtylogd.migrate import Migration, MigrationError, Options, Round, Stats
+from dirtylogd.stream import PAGE, StreamError, serve_once
+
+EXIT_OK, EXIT_FAILED, EXIT_DIFFERENT = 0, 1, 5
+MiB = 1 << 20
+
+
+class PlainProgress:
+    """One line per round, for logs and pipes."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    def round_done(self, stats: Stats, last: Round) -> None:
+        print(
+            f"round {last.number}: {last.dirty_pages} pages ({last.bytes / MiB:.1f} MiB) in "
+            f"{last.copy_seconds * 1e3:.0f} ms, {last.bandwidth * 8 / 1e6:.0f} Mbit/s; "
+            f"harvest {last.harvest_seconds * 1e3:.1f} ms; remaining "
+            f"{stats.remaining // PAGE} pages",
+            file=self.out,
+            flush=True,
+        )
+
+    def note(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+
+class LiveProgress:
+    """A table that grows round by round, redrawn in place on a terminal."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.rows: list[tuple[str, ...]] = []
+        self.live = Live(self._table(), console=console, refresh_per_second=8, transient=False)
+        self.live.start()
+
+    def _table(self) -> Table:
+        table = Table(title="pre-copy", expand=False)
+        for column in ("round", "pages", "MiB", "copy ms", "Mbit/s", "harvest ms", "remaining"):
+            table.add_column(column, justify="right")
+        for row in self.rows:
+            table.add_row(*row)
+        return table
+
+    def round_done(self, stats: Stats, last: Round) -> None:
+        self.rows.append(
+            (
+                str(last.number),
+                str(last.dirty_pages),
+                f"{last.bytes / MiB:.1f}",
+                f"{last.copy_seconds * 1e3:.0f}",
+                f"{last.bandwidth * 8 / 1e6:.0f}",
+                f"{last.harvest_seconds * 1e3:.1f}",
+                str(stats.remaining // PAGE),
+            )
+        )
+        self.live.update(self._table())
+
+    def note(self, text: str) -> None:
+        self.console.print(text)
+
+    def stop(self) -> None:
+        self.live.stop()
+
+
+class SilentProgress:
+    """--json: notes go into the final document instead of the terminal."""
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def round_done(self, stats: Stats, last: Round) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+def summary(vm: str, stats: Stats, limit: float) -> str:
+    ram = stats.to_json()["ram"]
+    lines = [
+        f"migration of {vm} {stats.status} in {stats.total_time * 1e3:.0f} ms "
+        f"(setup {stats.setup_time * 1e3:.0f} ms): {stats.dirty_sync_count} rounds, "
+        f"{stats.pages_sent} pages sent ({stats.transferred / MiB:.1f} MiB, "
+        f"{ram['pages-resent']} resent), {ram['mbps']:.0f} Mbit/s",
+        f"downtime {stats.downtime * 1e3:.0f} ms (expected {stats.expected_downtime * 1e3:.0f} ms, "
+        f"limit {limit * 1e3:.0f} ms), "
+        + ("converged" if stats.converged else "did not converge: switched over at --max-rounds"),
+    ]
+    if stats.differing_pages is not None:
+        if stats.differing_pages:
+            first = ", ".join(hex(g) for g in stats.differing_pages[:8])
+            lines.append(
+                f"verify: {len(stats.differing_pages)} pages differ from the paused "
+                f"source, first at {first}"
+            )
+        else:
+            lines.append(
+                f"verify: the destination equals the paused source "
+                f"({stats.total_bytes // PAGE} pages)"
+            )
+    return "\n".join(lines)
+
+
+async def run_migrate(client: QMPClient, args: argparse.Namespace) -> int:
+    options = Options(
+        vm=args.vm,
+        destination=args.destination,
+        downtime_limit=args.downtime_limit / 1e3,
+        max_bandwidth=args.max_bandwidth,
+        max_rounds=args.max_rounds,
+        verify=args.verify,
+        resume=args.resume,
+    )
+    progress: Any
+    if args.json:
+        progress = SilentProgress()
+    elif sys.stdout.isatty():
+        progress = LiveProgress(Console())
+    else:
+        progress = PlainProgress(sys.stdout)
+    migration = Migration(client, options, progress)
+    try:
+        stats = await migration.run()
+    except (MigrationError, StreamError) as exc:
+        resumed = "the source VM is running" if not migration._stopped_by_us else "check the VM"
+        print(f"dirtylogctl: migration failed: {exc}; {resumed}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        if isinstance(progress, LiveProgress):
+            progress.stop()
+    if args.json:
+        doc = stats.to_json()
+        doc["notes"] = progress.notes
+        print(json.dumps(doc, indent=2))
+    else:
+        print(summary(args.vm, stats, options.downtime_limit))
+    return EXIT_DIFFERENT if stats.differing_pages else EXIT_OK
+
+
+def run_receive(args: argparse.Namespace) -> int:
+    host, _, port = args.listen.rpartition(":")
+
+    def ready(bound: int) -> None:
+        print(f"listening on {host or '0.0.0.0'}:{bound}", flush=True)
+
+    try:
+        got = serve_once(host.strip("[]") or "0.0.0.0", int(port), args.output, ready)
+    except (StreamError, OSError) as exc:
+        print(f"dirtylogctl: receive failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(
+        f"received {got.pages} pages into {args.output}"
+        + (
+            f"; verified {got.verified_pages} ({got.differing} differ)"
+            if got.verified_pages
+            else ""
+        ),
+        flush=True,
+    )
+    return EXIT_OK
+
+
+def add_parsers(sub: Any, cmd: Any, size: Any) -> None:
+    q = cmd(sub, "migrate", "migrate", "pre-copy a VM's memory to a file or a migrate-receive")
+    q.add_argument("vm")
+    q.add_argument("destination", help="a file, or tcp:HOST:PORT of a migrate-receive")
+    q.add_argument(
+        "--downtime-limit",
+        type=float,
+        default=300.0,
+        metavar="MS",
+        help="switch over once the rest fits this much time (default 300 ms)",
+    )
+    q.add_argument(
+        "--max-bandwidth",
+        type=size,
+        metavar="BYTES/S",
+        help="throttle the copy, e.g. 100M (default unlimited)",
+    )
+    q.add_argument(
+        "--max-rounds",
+        type=int,
+        default=30,
+        help="switch over after this many rounds even without converging",
+    )
+    q.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare the destination with the paused source; exit 5 if they differ",
+    )
+    q.add_argument(
+        "--resume",
+        action="store_true",
+        help="resume the source after a successful migration (default: stay stopped)",
+    )
+    q = cmd(sub, "migrate-receive", "migrate_receive", "receive one migration over TCP")
+    q.add_argument("--listen", required=True, metavar="HOST:PORT")
+    q.add_argument("--output", required=True, metavar="FILE", help="the image to write")
