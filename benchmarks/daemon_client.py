@@ -25,6 +25,8 @@ async def connected_daemon(tmp: str) -> AsyncIterator[QMPClient]:
             sock,
             "--runtime-dir",
             os.path.join(tmp, "vms"),
+            "--state-dir",
+            "none",
             "--metrics-listen",
             "none",
             "--log-level",

@@ -14,13 +14,15 @@ from dirtylogd.demo import start_demo
 from dirtylogd.metrics import make_registry, serve
 from dirtylogd.server import Limits, PeerPolicy, QmpServer
 from dirtylogd.service import Service
+from dirtylogd.state import StateStore
 from dirtylogd.telemetry import ServerTelemetry
 
 log = logging.getLogger("dirtylogd")
 
 
 async def run(config: Config) -> None:
-    service = Service(config.runtime_dir)
+    state = StateStore(config.state_dir) if config.state_dir else None
+    service = Service(config.runtime_dir, state)
     telemetry = ServerTelemetry()
     server = QmpServer(
         service,
@@ -28,8 +30,9 @@ async def run(config: Config) -> None:
         PeerPolicy(frozenset(config.allow_uid), frozenset(config.allow_gid)),
         Limits(config.max_message_bytes, config.max_reply_bytes),
     )
+    await service.restore()  # before listening: a client that can connect finds every VM
     background: list[asyncio.Task[None]] = []
-    if config.demo:  # before listening: a client that can connect finds the demo VM
+    if config.demo:
         background.append(await start_demo(service))
     metrics_server = None
     if config.metrics_listen is not None:

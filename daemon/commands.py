@@ -92,12 +92,14 @@ async def memslot_set(ctx: Context, a: dict[str, Any]) -> Any:
 
 
 async def consumer_add(ctx: Context, a: dict[str, Any]) -> Any:
-    ctx.service.vm(a["vm"]).add_consumer(a["name"], a["manual_protect"], a["initially_set"])
+    ctx.service.add_consumer(
+        ctx.service.vm(a["vm"]), a["name"], a["manual_protect"], a["initially_set"]
+    )
     return {}
 
 
 async def consumer_remove(ctx: Context, a: dict[str, Any]) -> Any:
-    ctx.service.vm(a["vm"]).remove_consumer(a["name"])
+    ctx.service.remove_consumer(ctx.service.vm(a["vm"]), a["name"])
     return {}
 
 

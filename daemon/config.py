@@ -31,6 +31,7 @@ class ConfigError(Exception):
 class Config:
     socket: str
     runtime_dir: str
+    state_dir: str | None
     metrics_listen: tuple[str, int] | None
     allow_uid: list[int] = field(default_factory=list)
     allow_gid: list[int] = field(default_factory=list)
@@ -49,6 +50,16 @@ def default_paths(euid: int, env: dict[str, str]) -> tuple[str, str]:
     return os.path.join(base, "qmp.sock"), os.path.join(base, "vms")
 
 
+def default_state_dir(euid: int, env: dict[str, str]) -> str:
+    """/var/lib/dirtylogd as root (StateDirectory=), else $XDG_STATE_HOME/dirtylogd."""
+    if euid == 0:
+        return "/var/lib/dirtylogd"
+    home = env.get("HOME") or os.path.expanduser("~")
+    return os.path.join(
+        env.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state"), "dirtylogd"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dirtylogd",
@@ -63,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
         "$XDG_RUNTIME_DIR/dirtylogd/qmp.sock); ignored under socket activation",
     )
     p.add_argument("--runtime-dir", metavar="DIR", help="where simulated VMs keep their RAM files")
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="VM definitions and, after a graceful stop, pending bits (default "
+        "/var/lib/dirtylogd as root, else $XDG_STATE_HOME/dirtylogd; 'none': "
+        "nothing survives a stop)",
+    )
     p.add_argument(
         "--metrics-listen",
         metavar="HOST:PORT",
@@ -132,6 +150,7 @@ def _resolve(s: dict[str, Any], env: dict[str, str]) -> Config:
     config = Config(
         socket=str(s.get("socket", sock_default)),
         runtime_dir=str(s.get("runtime-dir", runtime_default)),
+        state_dir=_optional_dir(s.get("state-dir", default_state_dir(os.geteuid(), env))),
         metrics_listen=parse_listen(str(s.get("metrics-listen", DEFAULT_METRICS_LISTEN))),
         allow_uid=[_uid(v) for v in _as_list(s.get("allow-uid", []), "allow-uid")],
         allow_gid=[_gid(v) for v in _as_list(s.get("allow-gid", []), "allow-gid")],
@@ -141,6 +160,11 @@ def _resolve(s: dict[str, Any], env: dict[str, str]) -> Config:
         max_reply_bytes=_positive(s.get("max-reply-bytes", 8 << 20), "max-reply-bytes"),
     )
     return config
+
+
+def _optional_dir(value: Any) -> str | None:
+    text = str(value)
+    return None if text.lower() in ("", "none", "off") else text
 
 
 def parse_listen(value: str) -> tuple[str, int] | None:

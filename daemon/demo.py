@@ -30,18 +30,19 @@ async def start_demo(service: Service) -> asyncio.Task[None]:
             "log_dirty_pages": True,
         },
     ]
-    await service.create_vm(DEMO_VM, slots, "softmmu", True)
-    vm = service.vm(DEMO_VM)
-    vm.add_consumer(MONITOR, manual_protect=False, initially_set=False)
-    await service.start_workload(
-        vm,
-        pages_per_second=20_000,
-        vcpus=2,
-        pattern="hot-set",
-        seed=None,
-        dma_share=0.05,
-        dma_report=True,
-    )
+    if DEMO_VM not in service.vms:  # a restored demo keeps its memory, consumers and workload
+        await service.create_vm(DEMO_VM, slots, "softmmu", True)
+        vm = service.vm(DEMO_VM)
+        service.add_consumer(vm, MONITOR, manual_protect=False, initially_set=False)
+        await service.start_workload(
+            vm,
+            pages_per_second=20_000,
+            vcpus=2,
+            pattern="hot-set",
+            seed=None,
+            dma_share=0.05,
+            dma_report=True,
+        )
     log.info("demo: vm '%s' running; try: dirtylogctl rate %s", DEMO_VM, DEMO_VM)
     return asyncio.create_task(_monitor(service))
 

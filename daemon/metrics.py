@@ -78,6 +78,7 @@ class DirtylogdCollector(Collector):
         io_marked = CounterMetricFamily(
             P + "io_marked_pages", "Pages reported by I/O", labels=["vm"]
         )
+        failed = CounterMetricFamily(P + "vcpu_failures", "vCPU threads that died", labels=["vm"])
         rate = GaugeMetricFamily(
             P + "dirty_pages_per_second", "Dirty rate of the latest harvests", labels=["vm"]
         )
@@ -99,6 +100,7 @@ class DirtylogdCollector(Collector):
             for kind, n in stats.faults_by_kind.items():
                 faults.add_metric([vm.name, kind], n)
             ipte.add_metric([vm.name], stats.ipte_notifications)
+            failed.add_metric([vm.name], getattr(vm.backend, "vcpu_failures", 0))
             for path, n in stats.writes_by_path.items():
                 writes.add_metric([vm.name, path], n)
             rate.add_metric([vm.name], float(vm.dirty_rate()["dirty-pages-rate"]))  # type: ignore[arg-type]
@@ -111,6 +113,7 @@ class DirtylogdCollector(Collector):
             delivered,
             faults,
             ipte,
+            failed,
             writes,
             io_marked,
             rate,

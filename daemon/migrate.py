@@ -17,14 +17,17 @@ source does) unless asked to resume.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-from qemu.qmp import QMPClient
+from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from dirtylogd.stream import PAGE, FileSink, Sink, TcpSink
 
@@ -41,6 +44,7 @@ class Options:
     max_rounds: int = 30
     verify: bool = False
     resume: bool = False  # cont the source after a successful migration
+    reconnect_timeout: float = 30.0  # seconds to wait for a restarted daemon
 
 
 @dataclass
@@ -146,9 +150,15 @@ def open_sink(destination: str) -> Sink:
     return FileSink(destination)
 
 
+Connect = Callable[[], Awaitable[QMPClient]]
+
+
 class Migration:
-    def __init__(self, qmp: QMPClient, options: Options, progress: Progress) -> None:
+    def __init__(
+        self, qmp: QMPClient, options: Options, progress: Progress, connect: Connect | None = None
+    ) -> None:
         self.qmp = qmp
+        self._connect = connect
         self.o = options
         self.progress = progress
         self.stats = Stats()
@@ -180,9 +190,47 @@ class Migration:
             await self._cleanup(sink, ram_map)
         return self.stats
 
+    # --- talking to the daemon, across its restarts -----------------------------------------------
+    async def _execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """One QMP command; if the daemon goes away, reconnect and send it again.
+
+        Every command the driver sends may be repeated: GET does not clear for a manual-protect
+        consumer, CLEAR of the same bitmap twice is CLEAR once, stop and cont are idempotent.
+        A daemon that was killed comes back with this consumer all dirty, so nothing is lost —
+        pages are sent again.
+        """
+        deadline = time.monotonic() + self.o.reconnect_timeout
+        while True:
+            try:
+                return await self.qmp.execute(command, arguments or {})
+            except ExecuteError:
+                raise
+            except (QMPError, OSError, EOFError) as exc:
+                if self._connect is None or time.monotonic() > deadline:
+                    raise MigrationError(f"lost the daemon during '{command}': {exc}") from None
+                self.progress.note(f"lost the daemon during '{command}' ({exc}); reconnecting")
+                await self._reconnect(deadline)
+
+    async def _reconnect(self, deadline: float) -> None:
+        assert self._connect is not None
+        with contextlib.suppress(Exception):
+            await self.qmp.disconnect()
+        while True:
+            try:
+                self.qmp = await self._connect()
+                break
+            except (QMPError, OSError) as exc:
+                if time.monotonic() > deadline:
+                    raise MigrationError(f"the daemon did not come back: {exc}") from None
+                await asyncio.sleep(0.2)
+        if self._fd >= 0:  # our bitmap memfd is named per connection
+            self.qmp.send_fd_scm(self._fd)
+            await self.qmp.execute("getfd", {"fdname": self.consumer})
+        self.progress.note("reconnected to the daemon")
+
     # --- setup ----------------------------------------------------------------------------------
     async def _setup(self, sink: Sink) -> tuple[list[_Slot], np.memmap]:
-        vms = {v["name"]: v for v in await self.qmp.execute("query-vms")}
+        vms = {v["name"]: v for v in await self._execute("query-vms")}
         vm = vms.get(self.o.vm)
         if vm is None:
             raise MigrationError(f"no VM named '{self.o.vm}'")
@@ -202,7 +250,7 @@ class Migration:
             for m in vm["memslots"]
         ]
         self.stats.total_bytes = sum(s.npages for s in slots) * PAGE
-        await self.qmp.execute(
+        await self._execute(
             "consumer-add",
             {"vm": self.o.vm, "name": self.consumer, "manual-protect": True, "initially-set": True},
         )
@@ -245,7 +293,7 @@ class Migration:
 
     async def _switch_over(self, slots: list[_Slot], sink: Sink) -> None:
         stopped = time.monotonic()
-        await self.qmp.execute("stop", {"vm": self.o.vm})
+        await self._execute("stop", {"vm": self.o.vm})
         self._stopped_by_us = True
         dirty = await self._get(slots)
         await self._clear(slots, dirty)
@@ -264,7 +312,7 @@ class Migration:
         for s in slots:
             if not s.logged:
                 continue
-            reply = await self.qmp.execute(
+            reply = await self._execute(
                 "dirty-log-get",
                 {
                     "vm": self.o.vm,
@@ -288,7 +336,7 @@ class Migration:
             bits = np.zeros((s.npages + 63) // 64 * 64, dtype=bool)
             bits[pages] = True
             bitmap = base64.b64encode(np.packbits(bits, bitorder="little").tobytes()).decode()
-            await self.qmp.execute(
+            await self._execute(
                 "dirty-log-clear",
                 {
                     "vm": self.o.vm,
@@ -345,14 +393,14 @@ class Migration:
         return sorted(differing)
 
     async def _cont(self) -> None:
-        await self.qmp.execute("cont", {"vm": self.o.vm})
+        await self._execute("cont", {"vm": self.o.vm})
         self._stopped_by_us = False
 
     async def _cleanup(self, sink: Sink, ram_map: np.memmap | None) -> None:
         try:
-            await self.qmp.execute("consumer-remove", {"vm": self.o.vm, "name": self.consumer})
+            await self._execute("consumer-remove", {"vm": self.o.vm, "name": self.consumer})
             if self._fd >= 0:
-                await self.qmp.execute("closefd", {"fdname": self.consumer})
+                await self._execute("closefd", {"fdname": self.consumer})
         except Exception:  # the migration's own outcome matters more than tidying up
             pass
         if self._fd >= 0:

@@ -125,7 +125,14 @@ async def run_migrate(client: QMPClient, args: argparse.Namespace) -> int:
         max_rounds=args.max_rounds,
         verify=args.verify,
         resume=args.resume,
+        reconnect_timeout=args.reconnect_timeout,
     )
+
+    async def connect() -> QMPClient:
+        fresh = QMPClient("dirtylogctl")
+        await fresh.connect(args.socket)
+        return fresh
+
     progress: Any
     if args.json:
         progress = SilentProgress()
@@ -133,7 +140,7 @@ async def run_migrate(client: QMPClient, args: argparse.Namespace) -> int:
         progress = LiveProgress(Console())
     else:
         progress = PlainProgress(sys.stdout)
-    migration = Migration(client, options, progress)
+    migration = Migration(client, options, progress, connect)
     try:
         stats = await migration.run()
     except (MigrationError, StreamError) as exc:
@@ -143,6 +150,8 @@ async def run_migrate(client: QMPClient, args: argparse.Namespace) -> int:
     finally:
         if isinstance(progress, LiveProgress):
             progress.stop()
+        if migration.qmp is not client:  # reconnected after a daemon restart
+            await migration.qmp.disconnect()
     if args.json:
         doc = stats.to_json()
         doc["notes"] = progress.notes
@@ -207,6 +216,13 @@ def add_parsers(sub: Any, cmd: Any, size: Any) -> None:
         "--resume",
         action="store_true",
         help="resume the source after a successful migration (default: stay stopped)",
+    )
+    q.add_argument(
+        "--reconnect-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for a restarted daemon (default 30)",
     )
     q = cmd(sub, "migrate-receive", "migrate_receive", "receive one migration over TCP")
     q.add_argument("--listen", required=True, metavar="HOST:PORT")

@@ -156,10 +156,7 @@ class QmpServer:
             log.warning("refused a client: %s", reason)
             with contextlib.suppress(OSError):
                 await asyncio.get_running_loop().sock_sendall(
-                    sock,
-                    encode(
-                        {"error": {"class": "GenericError", "desc": f"access denied: {reason}"}}
-                    ),
+                    sock, encode(_error(f"access denied: {reason}"))
                 )
             sock.close()
             return
@@ -184,27 +181,20 @@ class QmpServer:
         decoder = JsonStreamDecoder(self.limits.max_message_bytes)
         while True:
             data, received = await _recv_with_fds(conn.sock)
-            if received and conn.fds.hold(received):
+            truncated = -1 in received
+            received = [fd for fd in received if fd >= 0]
+            if truncated or (received and conn.fds.hold(received)):
                 await conn.send(
-                    {
-                        "error": {
-                            "class": "GenericError",
-                            "desc": "too many file descriptors held; claim them with getfd",
-                        }
-                    }
+                    _error(
+                        f"too many file descriptors: at most {MAX_HELD_FDS} may be "
+                        "held at once; claim them with getfd (extras were closed)"
+                    )
                 )
             if not data:
                 return
             for item in decoder.feed(data):
                 if isinstance(item, MessageTooLarge):
-                    await conn.send(
-                        {
-                            "error": {
-                                "class": "GenericError",
-                                "desc": f"{item.desc}; closing the connection",
-                            }
-                        }
-                    )
+                    await conn.send(_error(f"{item.desc}; closing the connection"))
                     return
                 reply = await conn.session.handle(item)
                 if not await conn.send(reply.message):
@@ -225,6 +215,10 @@ class QmpServer:
     @property
     def connections(self) -> Iterable[Connection]:
         return tuple(self._connections)
+
+
+def _error(desc: str) -> dict[str, Any]:
+    return {"error": {"class": "GenericError", "desc": desc}}
 
 
 def _timestamp() -> dict[str, int]:
@@ -255,6 +249,7 @@ async def _recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
                 arr = array.array("i")
                 arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
                 fds.extend(arr)
-        if flags & socket.MSG_CTRUNC:
+        if flags & socket.MSG_CTRUNC:  # the kernel dropped the descriptors that did not fit
             log.warning("a client sent more descriptors than one message may carry")
+            fds.append(-1)
         return data, fds

@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from dirtylogd.errors import DeviceNotFound, GenericError, from_kvm
+from dirtylogd.persistence import restore_all, save_all, vm_record
+from dirtylogd.state import StateStore
 from dirtylogd.vm import Taken, VmState
 from kvmshim.abi import KVM_MEM_LOG_DIRTY_PAGES, make_slot_id
 from kvmshim.backends import WorkloadSpec, create_backend
@@ -28,11 +30,27 @@ EventSink = Callable[[str, dict[str, Any]], None]
 
 
 class Service:
-    def __init__(self, runtime_dir: str) -> None:
+    def __init__(self, runtime_dir: str, state: StateStore | None = None) -> None:
         self.runtime_dir = runtime_dir
+        self.state = state
         self.vms: dict[str, VmState] = {}
         self._creating: set[str] = set()
         self.emit_event: EventSink = lambda name, data: None
+
+    # --- persistence ----------------------------------------------------------------------------
+    def register(self, vm: VmState) -> None:
+        vm.backend.io_reporter = vm.io_mark_gfns
+        vm.backend.on_vcpu_failure = self._vcpu_failure_reporter(vm.name)
+        self.vms[vm.name] = vm
+
+    def persist(self, vm: VmState) -> None:
+        """Record a registered VM's definition (not clean: a crash from here on is unclean)."""
+        if self.state is not None and self.vms.get(vm.name) is vm:
+            self.state.save_vm(vm_record(vm))
+
+    async def restore(self) -> None:
+        if self.state is not None:
+            await restore_all(self, self.state)
 
     # --- helpers ------------------------------------------------------------------------------
     def vm(self, name: str) -> VmState:
@@ -74,15 +92,27 @@ class Service:
             except BaseException:
                 await asyncio.to_thread(created.close)
                 raise
-            created.io_reporter = vm.io_mark_gfns
-            self.vms[name] = vm
+            self.register(vm)
+            self.persist(vm)
             log.info("vm %s created (%s backend, %d memslots)", name, created.kind, len(memslots))
         finally:
             self._creating.discard(name)
 
+    def _vcpu_failure_reporter(self, name: str) -> Callable[[int, BaseException], None]:
+        """A dead vCPU thread is announced as an event (from its thread, via the loop)."""
+        loop = asyncio.get_running_loop()
+
+        def report(vcpu: int, exc: BaseException) -> None:
+            data = {"vm": name, "vcpu": vcpu, "error": str(exc) or type(exc).__name__}
+            loop.call_soon_threadsafe(self.emit_event, "VCPU_FAILED", data)
+
+        return report
+
     async def remove_vm(self, name: str) -> None:
         vm = self.vm(name)
         del self.vms[name]
+        if self.state is not None:
+            self.state.delete_vm(name)
         await asyncio.to_thread(vm.backend.close)
         log.info("vm %s removed", name)
 
@@ -129,6 +159,17 @@ class Service:
             size,
         )
         vm.apply_memslot_change(change)
+        self.persist(vm)
+
+    def add_consumer(
+        self, vm: VmState, name: str, manual_protect: bool, initially_set: bool
+    ) -> None:
+        vm.add_consumer(name, manual_protect, initially_set)
+        self.persist(vm)
+
+    def remove_consumer(self, vm: VmState, name: str) -> None:
+        vm.remove_consumer(name)
+        self.persist(vm)
 
     # --- dirty logs ---------------------------------------------------------------------------
     async def get_dirty_log(self, vm: VmState, slot: int, as_id: int, consumer: str) -> Taken:
@@ -178,18 +219,28 @@ class Service:
         except (TypeError, ValueError) as exc:
             raise GenericError(str(exc)) from None
         await self._call(vm, vm.backend.start_workload, workload)
+        self.persist(vm)
 
     async def stop_workload(self, vm: VmState) -> None:
         await self._call(vm, vm.backend.stop_workload)
+        self.persist(vm)
 
     async def pause(self, vm: VmState) -> None:
         await self._call(vm, vm.backend.pause)
+        vm.user_paused = True
+        self.persist(vm)
         self.emit_event("STOP", {"vm": vm.name})
 
     async def resume(self, vm: VmState) -> None:
         await self._call(vm, vm.backend.resume)
+        vm.user_paused = False
+        self.persist(vm)
         self.emit_event("RESUME", {"vm": vm.name})
 
     async def shutdown(self) -> None:
+        """Graceful stop: with a state directory the VMs are saved, else removed."""
+        if self.state is not None:
+            await save_all(self, self.state)
+            return
         for name in list(self.vms):
             await self.remove_vm(name)

@@ -63,6 +63,7 @@ class VmState:
         }
         self.slots: dict[int, SlotState] = {}
         self.telemetry = VmTelemetry()
+        self.user_paused = False  # stop/cont as the user asked (not quiescing for a save)
         self._incarnations = itertools.count(1)
 
     # --- memslots and consumers --------------------------------------------------------------
@@ -159,6 +160,35 @@ class VmState:
         state.last_dirty = merged.count()
         self.telemetry.dirty_pages["uc"] += uc_bits.count()
         self.telemetry.dirty_pages["io"] += io_count
+
+    def flush(self) -> None:
+        """Harvest every logged slot into every consumer, taking nothing (before a stop)."""
+        for slot in [s.memslot.slot for s in self.slots.values() if s.io_log is not None]:
+            harvest = self.backend.get_dirty_log(slot)
+            with self.lock:
+                state = self.slots.get(slot)
+                if state is not None and state.io_log is not None:
+                    self._merge(state, harvest.bitmap)
+
+    def pending_snapshot(self) -> dict[tuple[str, int], bytes]:
+        """Every consumer's pending bits per logged slot, in KVM's layout."""
+        with self.lock:
+            return {
+                (c.name, slot): bm.to_bytes()
+                for c in self.consumers.values()
+                for slot, bm in c.pending.items()
+            }
+
+    def restore_pending(self, saved: dict[tuple[str, int], bytes] | None) -> None:
+        """After a restart: the saved bits where a graceful stop left them, else all dirty."""
+        with self.lock:
+            for c in self.consumers.values():
+                for slot, bm in c.pending.items():
+                    raw = None if saved is None else saved.get((c.name, slot))
+                    if raw is not None and len(raw) == len(bm.to_bytes()):
+                        c.pending[slot] = DirtyBitmap.from_bytes(bm.npages, raw)
+                    else:  # when in doubt, dirty
+                        c.pending[slot] = DirtyBitmap.ones(bm.npages)
 
     def put_back(self, taken: Taken) -> None:
         """The answer to a GET never reached its client: return the bits to that consumer."""

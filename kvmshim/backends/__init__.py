@@ -28,16 +28,19 @@ def resolve_kind(kind: str) -> str:
     return kind
 
 
-def create_backend(kind: str, name: str, runtime_dir: str, esop: bool = True) -> Backend:
-    """A new VM of the given kind, its RAM file under ``runtime_dir``."""
+def create_backend(
+    kind: str, name: str, runtime_dir: str, esop: bool = True, adopt: bool = False
+) -> Backend:
+    """A new VM of the given kind, its RAM file under ``runtime_dir`` (or, with ``adopt``, the
+    RAM file a previous daemon left there)."""
     kind = resolve_kind(kind)
     if kind == "softmmu":
         from kvmshim.backends.softmmu import SoftMmuBackend
 
-        return SoftMmuBackend(name, runtime_dir, esop=esop)
+        return SoftMmuBackend(name, runtime_dir, esop=esop, adopt=adopt)
     from kvmshim.backends.kvm import KvmBackend
 
-    return KvmBackend(name, runtime_dir)
+    return KvmBackend(name, runtime_dir, adopt=adopt)
 
 
 __all__ = [

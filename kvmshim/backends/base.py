@@ -39,6 +39,8 @@ class Pattern(enum.StrEnum):
 
 # Called with the guest frame numbers a reported DMA/kernel store touched, after the data landed.
 IoReporter = Callable[[np.ndarray], None]
+# Called from a dying vCPU thread with its index and what killed it.
+VcpuFailureHook = Callable[[int, BaseException], None]
 
 
 @dataclass(frozen=True)
@@ -89,11 +91,16 @@ class Backend(Protocol):
     memslots: MemslotTable
     generation: int
     io_reporter: IoReporter | None
+    on_vcpu_failure: VcpuFailureHook | None
 
     def capabilities(self) -> dict[str, object]: ...
 
     def set_user_memory_region(
         self, slot: int, flags: int, guest_phys_addr: int, memory_size: int
+    ) -> MemslotChange: ...
+
+    def restore_memslot(
+        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, ram_offset: int
     ) -> MemslotChange: ...
 
     def get_dirty_log(self, slot: int) -> Harvest: ...
@@ -123,4 +130,4 @@ class Backend(Protocol):
 
     def stats(self) -> BackendStats: ...
 
-    def close(self) -> None: ...
+    def close(self, keep_ram: bool = False) -> None: ...

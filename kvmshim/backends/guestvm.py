@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvmshim import abi
-from kvmshim.backends.base import IoReporter, RamRegion, WorkloadSpec, WritePath
+from kvmshim.backends.base import IoReporter, RamRegion, VcpuFailureHook, WorkloadSpec, WritePath
 from kvmshim.backends.ram import GuestRamFile, Region
 from kvmshim.backends.workload import GfnLayout, RunGate, Workload
 from kvmshim.errors import KvmError
@@ -47,12 +47,16 @@ class GuestVm:
     kind = "guest"
     max_gfn: int | None = None  # highest frame a guest store may reach, if limited
 
-    def __init__(self, name: str, runtime_dir: str, memslots: MemslotTable) -> None:
+    def __init__(
+        self, name: str, runtime_dir: str, memslots: MemslotTable, adopt: bool = False
+    ) -> None:
         self.name = name
         self.memslots = memslots
-        self.ram = GuestRamFile(os.path.join(runtime_dir, f"{name}.ram"))
+        self.ram = GuestRamFile(os.path.join(runtime_dir, f"{name}.ram"), adopt=adopt)
         self.generation = 1  # stamps start at 1 so that a never-written (zero) page stands out
         self.io_reporter: IoReporter | None = None
+        self.on_vcpu_failure: VcpuFailureHook | None = None
+        self.vcpu_failures = 0
         self._regions: dict[int, Region] = {}
         self._lock = threading.Lock()  # the memslot table and the regions
         self._gen_lock = threading.Lock()
@@ -128,8 +132,14 @@ class GuestVm:
             self._gate,
             report=lambda gfns: self.io_reporter(gfns) if self.io_reporter else None,
             name=self.name,
+            on_failure=self._vcpu_failed,
         )
         self._workload.start()
+
+    def _vcpu_failed(self, vcpu: int, exc: BaseException) -> None:
+        self.vcpu_failures += 1
+        if self.on_vcpu_failure is not None:
+            self.on_vcpu_failure(vcpu, exc)
 
     def stop_workload(self) -> None:
         if self._workload is not None:
@@ -169,7 +179,7 @@ class GuestVm:
                 raise
             # A memslot went away under the batch; the next batch uses the new layout.
 
-    def _close_common(self) -> None:
+    def _close_common(self, keep_ram: bool) -> None:
         self.stop_workload()
         self._gate.resume()
-        self.ram.close()
+        self.ram.close(unlink=not keep_ram)

@@ -61,7 +61,9 @@ class KvmBackend(GuestVm):
     kind = "kvm"
     max_gfn = (guest.IDENTITY_MAP_BYTES >> PAGE_SHIFT) - 1
 
-    def __init__(self, name: str, runtime_dir: str, device: str | None = None) -> None:
+    def __init__(
+        self, name: str, runtime_dir: str, device: str | None = None, adopt: bool = False
+    ) -> None:
         self.device = KvmDevice(device)
         self.arch = platform.machine()
         self.x86 = self.arch == "x86_64"
@@ -90,6 +92,7 @@ class KvmBackend(GuestVm):
                 max_slots=self.system_slot if self.x86 else nr_slots,
                 address_spaces=max(1, self._caps["multi-address-space"]),
             ),
+            adopt,
         )
         self._vcpus: list[Vcpu] = []
         self._idle: queue.LifoQueue[Vcpu] = queue.LifoQueue()
@@ -120,7 +123,7 @@ class KvmBackend(GuestVm):
         }
 
     def _install_guest_program(self) -> None:
-        system = self.ram.allocate(guest.SYSTEM_SIZE)
+        system = self.ram.allocate_at(0, guest.SYSTEM_SIZE)  # always first in the RAM file
         system.bytes[: len(guest.PROGRAM)] = np.frombuffer(guest.PROGRAM, dtype=np.uint8)
         guest.write_page_tables(system.words)
         self.vm.set_user_memory_region(
@@ -134,9 +137,26 @@ class KvmBackend(GuestVm):
         self, slot: int, flags: int, guest_phys_addr: int, memory_size: int
     ) -> MemslotChange:
         """The kernel decides; on success the mirror, the RAM and the write protection follow."""
+        return self._set_region(slot, flags, guest_phys_addr, memory_size, None)
+
+    def restore_memslot(
+        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, ram_offset: int
+    ) -> MemslotChange:
+        """Recreate a slot over the RAM a previous daemon left at ``ram_offset``."""
+        return self._set_region(slot, flags, guest_phys_addr, memory_size, ram_offset)
+
+    def _set_region(
+        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, at: int | None
+    ) -> MemslotChange:
         with self._lock:
             old = self.memslots.get(slot)
-            fresh = self.ram.allocate(memory_size) if old is None and memory_size else None
+            fresh = None
+            if old is None and memory_size:
+                fresh = (
+                    self.ram.allocate(memory_size)
+                    if at is None
+                    else self.ram.allocate_at(at, memory_size)
+                )
             if old is not None:
                 uaddr = old.userspace_addr
             else:
@@ -144,7 +164,7 @@ class KvmBackend(GuestVm):
             try:
                 self.vm.set_user_memory_region(slot, flags, guest_phys_addr, memory_size, uaddr)
             except KvmError:
-                if fresh is not None:
+                if fresh is not None and at is None:  # never punch RAM we were asked to adopt
                     self.ram.release(fresh)
                 raise
             change = _classify(old, slot, flags, guest_phys_addr, memory_size, uaddr)
@@ -329,14 +349,14 @@ class KvmBackend(GuestVm):
             writes_by_path=dict(self._writes),
         )
 
-    def close(self) -> None:
+    def close(self, keep_ram: bool = False) -> None:
         self.stop_workload()
         for vcpu in self._vcpus:
             vcpu.close()
         self._vcpus.clear()
         self.vm.close()
         self.device.close()
-        self._close_common()
+        self._close_common(keep_ram)
 
 
 def _classify(

@@ -45,11 +45,17 @@ class Region:
 class GuestRamFile:
     """The RAM file of one VM."""
 
-    def __init__(self, path: str, mode: int = 0o640) -> None:
+    def __init__(self, path: str, mode: int = 0o640, adopt: bool = False) -> None:
+        """Create the file, or with ``adopt`` reopen the file a previous daemon left behind."""
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        if adopt:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            size = os.fstat(self.fd).st_size
+            self._next_offset = -(-size // SEGMENT) * SEGMENT
+        else:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+            self._next_offset = 0
         os.fchmod(self.fd, mode)  # the umask must not widen or narrow what we promised
-        self._next_offset = 0
 
     @property
     def next_offset(self) -> int:
@@ -58,10 +64,14 @@ class GuestRamFile:
 
     def allocate(self, size: int) -> Region:
         """Map a fresh zero-filled region of ``size`` bytes (a multiple of the page size)."""
-        offset = self._next_offset
-        self._next_offset = offset + -(-size // SEGMENT) * SEGMENT
-        if os.fstat(self.fd).st_size < self._next_offset:
-            os.ftruncate(self.fd, self._next_offset)
+        return self.allocate_at(self._next_offset, size)
+
+    def allocate_at(self, offset: int, size: int) -> Region:
+        """Map the region at ``offset`` (an adopted file's existing contents are kept)."""
+        end = offset + -(-size // SEGMENT) * SEGMENT
+        self._next_offset = max(self._next_offset, end)
+        if os.fstat(self.fd).st_size < end:
+            os.ftruncate(self.fd, end)
         m = mmap.mmap(
             self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset
         )

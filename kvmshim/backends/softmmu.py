@@ -31,9 +31,16 @@ class SoftMmuBackend(GuestVm):
     kind = "softmmu"
 
     def __init__(
-        self, name: str, runtime_dir: str, esop: bool = True, max_slots: int = S390_USER_MEM_SLOTS
+        self,
+        name: str,
+        runtime_dir: str,
+        esop: bool = True,
+        max_slots: int = S390_USER_MEM_SLOTS,
+        adopt: bool = False,
     ) -> None:
-        super().__init__(name, runtime_dir, MemslotTable(max_slots=max_slots, address_spaces=1))
+        super().__init__(
+            name, runtime_dir, MemslotTable(max_slots=max_slots, address_spaces=1), adopt
+        )
         self.esop = esop
         self._mmus: dict[int, S390Mmu] = {}
         self._retired = MmuStats()  # counters of deleted slots' MMUs
@@ -52,13 +59,27 @@ class SoftMmuBackend(GuestVm):
     def set_user_memory_region(
         self, slot: int, flags: int, guest_phys_addr: int, memory_size: int
     ) -> MemslotChange:
+        return self._set_region(slot, flags, guest_phys_addr, memory_size, None)
+
+    def restore_memslot(
+        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, ram_offset: int
+    ) -> MemslotChange:
+        """Recreate a slot over the RAM a previous daemon left at ``ram_offset``."""
+        return self._set_region(slot, flags, guest_phys_addr, memory_size, ram_offset)
+
+    def _set_region(
+        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, at: int | None
+    ) -> MemslotChange:
         with self._lock:
             old = self.memslots.get(slot)
-            uaddr = old.userspace_addr if old else self.ram.next_offset
+            if old is not None:
+                uaddr = old.userspace_addr
+            else:
+                uaddr = self.ram.next_offset if at is None else at
             change = self.memslots.prepare(slot, flags, guest_phys_addr, memory_size, uaddr)
             if change.kind is Change.CREATE:
                 assert change.new is not None
-                region = self.ram.allocate(memory_size)
+                region = self.ram.allocate_at(uaddr, memory_size)
                 self._regions[slot] = region
                 self._mmus[slot] = S390Mmu(
                     change.new.npages, self.esop, region.offset, guest_phys_addr
@@ -179,9 +200,9 @@ class SoftMmuBackend(GuestVm):
         for k, v in vars(stats).items():
             setattr(self._retired, k, getattr(self._retired, k) + v)
 
-    def close(self) -> None:
+    def close(self, keep_ram: bool = False) -> None:
         self.stop_workload()  # first: vCPU threads must not store into regions being dropped
         with self._lock:
             self._mmus.clear()
             self._regions.clear()
-        self._close_common()
+        self._close_common(keep_ram)

@@ -101,6 +101,7 @@ class Workload:
         gate: RunGate,
         report: IoReporter | None = None,
         name: str = "vm",
+        on_failure: Callable[[int, BaseException], None] | None = None,
     ) -> None:
         if spec.pages_per_second <= 0 or spec.vcpus <= 0:
             raise ValueError("pages-per-second and vcpus must be positive")
@@ -110,6 +111,7 @@ class Workload:
         self._generation = generation
         self._gate = gate
         self._report = report
+        self._on_failure = on_failure
         self._stopping = threading.Event()
         self.pages_stored = 0
         self.failure: BaseException | None = None
@@ -139,6 +141,8 @@ class Workload:
         except BaseException as exc:  # a dead vCPU must be visible, not a silent freeze
             self.failure = exc
             log.exception("vcpu%d of the workload died", vcpu)
+            if self._on_failure is not None:
+                self._on_failure(vcpu, exc)
 
     def _loop(self, vcpu: int) -> None:
         spec = self.spec

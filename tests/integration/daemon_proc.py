@@ -30,6 +30,7 @@ class Daemon:
         self.socket = str(tmp / "qmp.sock")
         self.runtime_dir = str(tmp / "vms")
         self.port = free_port() if metrics else None
+        self.state_dir = str(tmp / "state")
         args = [
             sys.executable,
             "-m",
@@ -38,6 +39,8 @@ class Daemon:
             self.socket,
             "--runtime-dir",
             self.runtime_dir,
+            "--state-dir",
+            self.state_dir,
             "--log-level",
             "info",
             "--metrics-listen",

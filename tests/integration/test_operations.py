@@ -106,6 +106,8 @@ def test_socket_activation_starts_the_daemon_on_first_connect(tmp_path):
             "dirtylogd",
             "--runtime-dir",
             str(tmp_path / "vms"),
+            "--state-dir",
+            str(tmp_path / "state"),
             "--metrics-listen",
             "none",
         ],
@@ -147,8 +149,8 @@ def test_ready_status_watchdog_and_stopping_reach_the_notify_socket(tmp_path):
     sink.close()
 
 
-def test_sigterm_removes_the_socket_and_the_ram_files(fresh_daemon):
-    d = fresh_daemon(metrics=False)
+def test_without_a_state_dir_sigterm_removes_the_socket_and_the_ram_files(fresh_daemon):
+    d = fresh_daemon("--state-dir", "none", metrics=False)
     with d.client() as q:
         q("vm-create", name="gone", memslots=[{"slot": 0, "guest-phys-addr": 0, "size": MiB}])
         ram = next(v for v in q("query-vms") if v["name"] == "gone")["ram-path"]
@@ -162,7 +164,7 @@ def test_config_file_takes_the_same_keys_as_the_flags(tmp_path):
     cfg = tmp_path / "d.toml"
     cfg.write_text(
         f'socket = "{sock}"\nruntime-dir = "{tmp_path / "ram"}"\n'
-        f'metrics-listen = "none"\nlog-level = "warning"\n'
+        f'metrics-listen = "none"\nlog-level = "warning"\nstate-dir = "{tmp_path / "st"}"\n'
     )
     proc = subprocess.Popen([sys.executable, "-m", "dirtylogd", "--config", str(cfg)])
     try:

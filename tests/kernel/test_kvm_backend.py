@@ -174,3 +174,30 @@ def test_kvm_selftest_method_with_the_workload_running(kqmp, kvm_daemon):
         del stamps
         mapped.close()
         f.close()
+
+
+def test_a_dead_vcpu_is_reported_not_silently_frozen(kqmp, kvm_daemon):
+    """Crash the guest for real: its code becomes ud2, and the #UD has nowhere to go."""
+    kqmp(
+        "vm-create",
+        name="crash",
+        backend="kvm",
+        memslots=[{"slot": 0, "guest-phys-addr": 4 * GiB, "size": 4 * MiB}],
+    )
+    try:
+        kqmp("sim-workload-start", vm="crash", pages_per_second=5000, vcpus=1, seed=1)
+        time.sleep(0.2)
+        ram = next(v for v in kqmp("query-vms") if v["name"] == "crash")["ram-path"]
+        with open(ram, "r+b") as f:  # the guest program sits at the start of the RAM file
+            f.write(b"\x0f\x0b" * 64)
+        events = []
+        deadline = time.monotonic() + 10
+        while not events and time.monotonic() < deadline:
+            events = [e for e in kqmp.pull_events(0.5) if e["event"] == "VCPU_FAILED"]
+        assert events and events[0]["data"]["vm"] == "crash"
+        assert "vcpu 0 stopped: KVM_EXIT_" in events[0]["data"]["error"]
+        vm = next(v for v in kqmp("query-vms") if v["name"] == "crash")
+        assert "vcpu 0 stopped" in vm["workload"]["failed"]
+        assert not vm["workload"]["running"]
+    finally:
+        kqmp("vm-remove", vm="crash")

@@ -1,0 +1,137 @@
+"""Restarts: a graceful stop keeps every consumer's pending bits; a kill makes them all dirty."""
+
+import base64
+import json
+import signal
+import time
+
+from .daemon_proc import Daemon
+
+MiB = 1 << 20
+
+
+def dirty(q, vm, consumer="default", slot=0):
+    r = q("dirty-log-get", vm=vm, slot=slot, consumer=consumer, encoding="ranges")
+    return [p for first, n in r["ranges"] for p in range(first, first + n)], r["npages"]
+
+
+def setup_vm(q):
+    q(
+        "vm-create",
+        name="keep",
+        memslots=[
+            {"slot": 0, "guest-phys-addr": 0, "size": MiB},
+            {"slot": 1, "guest-phys-addr": 16 * MiB, "size": MiB, "log-dirty-pages": False},
+        ],
+    )
+    q("consumer-add", vm="keep", name="slow", initially_set=False)
+    q("consumer-add", vm="keep", name="mp", manual_protect=True)
+    q("sim-write-pages", vm="keep", gfns=[1, 2, 3], value=11)
+    assert dirty(q, "keep")[0] == [1, 2, 3]  # default takes them; slow and mp keep them
+    q("sim-write-pages", vm="keep", gfns=[7], value=12)  # not harvested before the stop
+
+
+def test_sigterm_keeps_every_consumers_pending_bits_across_a_restart(tmp_path):
+    d = Daemon(tmp_path, metrics=False)
+    with d.client() as q:
+        setup_vm(q)
+    assert d.stop() == 0
+    record = json.loads((tmp_path / "state" / "vms" / "keep.json").read_text())
+    assert record["clean"] is True
+    d = Daemon(tmp_path, metrics=False)
+    try:
+        with d.client() as q:
+            vm = next(v for v in q("query-vms") if v["name"] == "keep")
+            assert [m["log-dirty-pages"] for m in vm["memslots"]] == [True, False]
+            assert {c["name"] for c in vm["consumers"]} == {"default", "slow", "mp"}
+            assert dirty(q, "keep")[0] == [7]  # the stop harvested page 7 into every consumer
+            assert dirty(q, "keep", "slow")[0] == [1, 2, 3, 7]
+            pages, npages = dirty(q, "keep", "mp")
+            assert pages == list(range(npages))  # initially set, never cleared: still all
+            data = base64.b64decode(
+                q("sim-read", vm="keep", guest_phys_addr=4096, length=8)["data"]
+            )
+            assert int.from_bytes(data, "little") == 11  # the RAM came back
+            q("sim-write-pages", vm="keep", gfns=[9], value=13)
+            assert dirty(q, "keep")[0] == [9]  # and tracking goes on
+    finally:
+        d.stop()
+    record = json.loads((tmp_path / "state" / "vms" / "keep.json").read_text())
+    assert not (tmp_path / "state" / "vms" / "keep.pending").exists() or record["clean"]
+
+
+def test_after_sigkill_every_consumer_starts_all_dirty(tmp_path):
+    d = Daemon(tmp_path, metrics=False)
+    with d.client() as q:
+        setup_vm(q)
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    d.log.close()
+    d = Daemon(tmp_path, metrics=False)
+    try:
+        with d.client() as q:
+            for consumer in ("default", "slow", "mp"):
+                pages, npages = dirty(q, "keep", consumer)
+                assert pages == list(range(npages)), consumer  # when in doubt, dirty
+            data = base64.b64decode(
+                q("sim-read", vm="keep", guest_phys_addr=7 * 4096, length=8)["data"]
+            )
+            assert int.from_bytes(data, "little") == 12
+        assert "every page dirty: the daemon was not stopped cleanly" in d.output()
+    finally:
+        d.stop()
+
+
+def test_pause_and_workload_come_back(tmp_path):
+    d = Daemon(tmp_path, metrics=False)
+    with d.client() as q:
+        q("vm-create", name="busy", memslots=[{"slot": 0, "guest-phys-addr": 0, "size": MiB}])
+        q("sim-workload-start", vm="busy", pages_per_second=5000, seed=2)
+        q("vm-create", name="held", memslots=[{"slot": 0, "guest-phys-addr": 0, "size": MiB}])
+        q("stop", vm="held")
+    assert d.stop() == 0
+    d = Daemon(tmp_path, metrics=False)
+    try:
+        with d.client() as q:
+            vms = {v["name"]: v for v in q("query-vms")}
+            assert vms["held"]["paused"] is True and vms["busy"]["paused"] is False
+            assert vms["busy"]["workload"]["pages-per-second"] == 5000
+            time.sleep(0.3)
+            busy = next(v for v in q("query-vms") if v["name"] == "busy")
+            assert busy["workload"]["pages-stored"] > 0
+            q("vm-remove", vm="held")
+        assert not (tmp_path / "state" / "vms" / "held.json").exists()
+    finally:
+        d.stop()
+
+
+def test_a_migration_that_spans_a_daemon_kill_still_ends_byte_identical(tmp_path):
+    """SIGKILL the daemon mid-migration and start it again: the driver reconnects, its
+    consumer comes back all dirty, everything is sent again, and the image verifies."""
+    import subprocess
+    import sys
+
+    d = Daemon(tmp_path, metrics=False)
+    with d.client() as q:
+        q("vm-create", name="span", memslots=[{"slot": 0, "guest-phys-addr": 4 << 30,
+                                               "size": 64 * MiB}])
+        # slow enough that 20 MB/s converges: the point is the restart, not the race
+        q("sim-workload-start", vm="span", pages_per_second=1_000, vcpus=2, seed=5)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "dirtylogd.ctl", "-s", d.socket, "--json", "migrate", "span",
+         str(tmp_path / "image"), "--verify", "--max-bandwidth", "20M", "--max-rounds", "8"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)  # round 0 (64 MiB at 20 MB/s) is under way
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    d.log.close()
+    d = Daemon(tmp_path, metrics=False)
+    try:
+        out, err = driver.communicate(timeout=120)
+        assert driver.returncode == 0, err
+        doc = json.loads(out)
+        assert doc["verify"]["differing-pages"] == 0
+        assert any("reconnected to the daemon" in n for n in doc["notes"])
+        assert doc["ram"]["normal"] > 16384  # pages were sent again after the restart
+    finally:
+        d.stop()
