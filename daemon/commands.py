@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import errno
+import fcntl
 import os
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -111,6 +113,7 @@ async def dirty_log_get(ctx: Context, a: dict[str, Any]) -> Any:
         if fdname is None:
             raise GenericError("encoding 'fd' needs fdname: pass a memfd with getfd first")
         fd = ctx.fds.lookup(fdname)
+        _check_writable(fd, fdname)  # before the harvest: a failed command changes nothing
     elif fdname is not None:
         raise GenericError("fdname is only used with encoding 'fd'")
     elif encoding == "bitmap":
@@ -123,6 +126,22 @@ async def dirty_log_get(ctx: Context, a: dict[str, Any]) -> Any:
         undo()
         raise
     return Deferred(result, undo)
+
+
+def _check_writable(fd: int, name: str) -> None:
+    """The bitmap goes to offset 0 of a regular file or memfd opened for writing."""
+    try:
+        mode = os.fstat(fd).st_mode
+        access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    except OSError as exc:
+        raise GenericError(f"descriptor '{name}' is unusable: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise GenericError(
+            f"descriptor '{name}' is not a file or memfd: the bitmap is written "
+            "at offset 0, as KVM writes into the caller's buffer (EINVAL)"
+        )
+    if access not in (os.O_WRONLY, os.O_RDWR):
+        raise GenericError(f"descriptor '{name}' is not open for writing (EBADF)")
 
 
 def _undo(vm: VmState, taken: Taken) -> Callable[[], None]:

@@ -113,14 +113,34 @@ def test_a_migration_that_spans_a_daemon_kill_still_ends_byte_identical(tmp_path
 
     d = Daemon(tmp_path, metrics=False)
     with d.client() as q:
-        q("vm-create", name="span", memslots=[{"slot": 0, "guest-phys-addr": 4 << 30,
-                                               "size": 64 * MiB}])
+        q(
+            "vm-create",
+            name="span",
+            memslots=[{"slot": 0, "guest-phys-addr": 4 << 30, "size": 64 * MiB}],
+        )
         # slow enough that 20 MB/s converges: the point is the restart, not the race
         q("sim-workload-start", vm="span", pages_per_second=1_000, vcpus=2, seed=5)
     driver = subprocess.Popen(
-        [sys.executable, "-m", "dirtylogd.ctl", "-s", d.socket, "--json", "migrate", "span",
-         str(tmp_path / "image"), "--verify", "--max-bandwidth", "20M", "--max-rounds", "8"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "dirtylogd.ctl",
+            "-s",
+            d.socket,
+            "--json",
+            "migrate",
+            "span",
+            str(tmp_path / "image"),
+            "--verify",
+            "--max-bandwidth",
+            "20M",
+            "--max-rounds",
+            "8",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(1.5)  # round 0 (64 MiB at 20 MB/s) is under way
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait(10)
