@@ -121,10 +121,12 @@ class JsonStreamDecoder:
             if c in _RESET_BYTES:
                 return self._reset(i)
             if self._in_string:
-                if c == 0x5C:  # backslash: the next byte is escaped, whatever it is
+                if c == 0x5C:  # backslash: the next byte is escaped ...
                     if i + 1 >= len(buf):
                         self._pos = i  # rescan the escape when more arrives
                         return None
+                    if buf[i + 1] in _RESET_BYTES:  # ... unless it is a reset byte
+                        return self._reset(i + 1)
                     self._pos = i + 2
                     continue
                 self._in_string = False  # closing quote

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from .test_qmp_protocol import Raw
+from .raw import Raw
 
 MiB = 1 << 20
 

@@ -1,41 +1,11 @@
 """QMP as qmp-spec.rst defines it, over a raw unix socket to a real daemon."""
 
-import json
 import os
-import socket
 
 import pytest
 
 from .daemon_proc import Qmp
-
-
-class Raw:
-    """Byte-level client: sends what it is given, reads CRLF-terminated replies."""
-
-    def __init__(self, path):
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(10)
-        self.sock.connect(path)
-        self.buf = b""
-
-    def recv(self):
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(self.buf)
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return json.loads(line)
-
-    def send(self, raw):
-        self.sock.sendall(raw if isinstance(raw, bytes) else json.dumps(raw).encode())
-
-    def ask(self, raw):
-        self.send(raw)
-        return self.recv()
-
-    def close(self):
-        self.sock.close()
+from .raw import Raw
 
 
 @pytest.fixture

@@ -106,3 +106,10 @@ def test_output_is_ascii_json_with_crlf():
     assert raw.endswith(b"\r\n")
     raw.decode("ascii")
     assert json.loads(raw) == {"return": {"name": "vm\u00e9"}, "id": [1, "x"]}
+
+
+def test_a_reset_byte_right_after_a_backslash_still_resets():
+    # Found by the fuzzer: '"yq\x81\xfd\\' then \x01 — the escape must not swallow the reset.
+    out, _ = feed_all([b'"yq\x81\xfd\\', b'\x01{"execute": "query-version", "id": 1}'])
+    assert isinstance(out[0], ParseError) and "reset" in out[0].desc
+    assert out[1] == {"execute": "query-version", "id": 1}
