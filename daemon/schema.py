@@ -168,7 +168,9 @@ COMMANDS: tuple[Command, ...] = (
         "dirty-log-get",
         "KVM_GET_DIRTY_LOG for one consumer: harvest the slot into every consumer, answer this "
         "one's pending bits, and (unless manual-protect) clear them. With encoding 'fd' the "
-        "bitmap is written at offset 0 of the descriptor named by getfd.",
+        "bitmap is written at offset 0 of the descriptor named by getfd. Harvests of a VM are "
+        "serialised (KVM's slots_lock), so 'generation' orders answers: a simulated store "
+        "stamped g is reported in an answer whose generation is g or later.",
         (
             VM,
             SLOT,

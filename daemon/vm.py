@@ -5,8 +5,11 @@ and the log of pages written by I/O that the s390 UC bit cannot see (the seed's 
 are synchronous and run in worker threads; ``lock`` guards consumers, slot states and I/O logs.
 
 A harvest of a slot: backend bits | the slot's I/O log, ORed into every consumer's pending
-bitmap, then the asking consumer takes its own. All of that happens under ``lock``, so an I/O
-mark or another consumer's harvest sees either all of it or none.
+bitmap, then the asking consumer takes its own. Harvests of one VM are serialised by
+``harvest_lock``, as KVM_GET_DIRTY_LOG is by ``kvm->slots_lock``: each answer's generation is
+then higher than that of every harvest whose bits it carries. The merge and take happen under
+``lock``, so an I/O mark or a query sees either all of a harvest or none of it; the backend's
+harvest itself runs outside ``lock``, so queries are not held up by it.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class VmState:
         self.name = name
         self.backend = backend
         self.lock = threading.Lock()
+        self.harvest_lock = threading.Lock()  # the slots_lock of GET_DIRTY_LOG
         self.consumers: dict[str, Consumer] = {
             DEFAULT_CONSUMER: Consumer(DEFAULT_CONSUMER, manual_protect=False, initially_set=False)
         }
@@ -129,17 +133,20 @@ class VmState:
         """GET_DIRTY_LOG for ``consumer`` (worker thread). Raises KvmError or DeviceNotFound."""
         self.consumer(consumer)  # an unknown consumer fails before anything is harvested
         started = time.monotonic()
-        harvest = self.backend.get_dirty_log(slot)
-        with self.lock:
-            state = self.slots.get(slot)
-            who = self.consumers.get(consumer)
-            if state is None or state.io_log is None:
-                raise KvmError(errno.ENOENT, "the slot stopped logging during the harvest", slot)
-            if who is None:  # removed meanwhile; the bits still go to everyone else
+        with self.harvest_lock:
+            harvest = self.backend.get_dirty_log(slot)
+            with self.lock:
+                state = self.slots.get(slot)
+                who = self.consumers.get(consumer)
+                if state is None or state.io_log is None:
+                    raise KvmError(
+                        errno.ENOENT, "the slot stopped logging during the harvest", slot
+                    )
+                if who is None:  # removed meanwhile; the bits still go to everyone else
+                    self._merge(state, harvest.bitmap)
+                    raise self._no_consumer(consumer)
                 self._merge(state, harvest.bitmap)
-                raise self._no_consumer(consumer)
-            self._merge(state, harvest.bitmap)
-            taken = who.take(slot)
+                taken = who.take(slot)
         self.telemetry.harvests += 1
         self.telemetry.harvest_seconds.observe(time.monotonic() - started)
         return Taken(taken, harvest.generation, slot, state.incarnation, consumer)
@@ -164,11 +171,12 @@ class VmState:
     def flush(self) -> None:
         """Harvest every logged slot into every consumer, taking nothing (before a stop)."""
         for slot in [s.memslot.slot for s in self.slots.values() if s.io_log is not None]:
-            harvest = self.backend.get_dirty_log(slot)
-            with self.lock:
-                state = self.slots.get(slot)
-                if state is not None and state.io_log is not None:
-                    self._merge(state, harvest.bitmap)
+            with self.harvest_lock:
+                harvest = self.backend.get_dirty_log(slot)
+                with self.lock:
+                    state = self.slots.get(slot)
+                    if state is not None and state.io_log is not None:
+                        self._merge(state, harvest.bitmap)
 
     def pending_snapshot(self) -> dict[tuple[str, int], bytes]:
         """Every consumer's pending bits per logged slot, in KVM's layout."""
