@@ -12,7 +12,8 @@ from dirtylogd import __version__, systemd
 from dirtylogd.config import Config, ConfigError, configure_logging, load
 from dirtylogd.demo import start_demo
 from dirtylogd.metrics import make_registry, serve
-from dirtylogd.server import Limits, PeerPolicy, QmpServer
+from dirtylogd.peers import PeerPolicy
+from dirtylogd.server import Limits, QmpServer
 from dirtylogd.service import Service
 from dirtylogd.state import StateStore
 from dirtylogd.telemetry import ServerTelemetry
@@ -28,7 +29,7 @@ async def run(config: Config) -> None:
         service,
         telemetry,
         PeerPolicy(frozenset(config.allow_uid), frozenset(config.allow_gid)),
-        Limits(config.max_message_bytes, config.max_reply_bytes),
+        Limits(config.max_message_bytes, config.max_reply_bytes, max_clients=config.max_clients),
     )
     await service.restore()  # before listening: a client that can connect finds every VM
     background: list[asyncio.Task[None]] = []

@@ -39,6 +39,7 @@ class Config:
     log_level: str = "info"
     max_message_bytes: int = 1 << 20
     max_reply_bytes: int = 8 << 20
+    max_clients: int = 256
 
 
 def default_paths(euid: int, env: dict[str, str]) -> tuple[str, str]:
@@ -109,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="largest inline reply (8 MiB; qemu.qmp refuses lines over 10 MiB)",
     )
+    p.add_argument(
+        "--max-clients", type=int, metavar="N", help="connected QMP clients at once (256)"
+    )
     p.add_argument("--version", action="version", version=f"dirtylogd {__version__}")
     return p
 
@@ -158,6 +162,7 @@ def _resolve(s: dict[str, Any], env: dict[str, str]) -> Config:
         log_level=level,
         max_message_bytes=_positive(s.get("max-message-bytes", 1 << 20), "max-message-bytes"),
         max_reply_bytes=_positive(s.get("max-reply-bytes", 8 << 20), "max-reply-bytes"),
+        max_clients=_positive(s.get("max-clients", 256), "max-clients"),
     )
     return config
 

@@ -2,7 +2,7 @@
 
 They are held in arrival order until ``getfd`` names one (qemu.qmp sends the descriptor with a
 single space, then the getfd command), and closed with the connection if never claimed. A
-connection may hold only a few unclaimed ones, so a client cannot pin the daemon's fd table.
+connection may hold only a few, named or not, so a client cannot pin the daemon's fd table.
 """
 
 from __future__ import annotations
@@ -25,16 +25,12 @@ class FdRegistry:
         """Keep received descriptors for getfd; returns how many were refused (and closed)."""
         refused = 0
         for fd in fds:
-            if len(self._held) >= self.max_held:
+            if len(self._held) + len(self._named) >= self.max_held:
                 os.close(fd)
                 refused += 1
             else:
                 self._held.append(fd)
         return refused
-
-    @property
-    def held(self) -> int:
-        return len(self._held)
 
     def claim(self, name: str) -> None:
         if not self._held:

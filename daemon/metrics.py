@@ -131,7 +131,14 @@ class DirtylogdCollector(Collector):
             P + "qmp_refused_peers", "Connections refused by peer credentials"
         )
         refused.add_metric([], self.server.refused_peers)
-        yield from (requests, clients, refused)
+        dropped = CounterMetricFamily(
+            P + "qmp_dropped_clients",
+            "Clients disconnected or turned away by the server's limits",
+            labels=["reason"],
+        )
+        for reason in ("too-many-clients", "not-reading"):
+            dropped.add_metric([reason], self.server.dropped_clients[reason])
+        yield from (requests, clients, refused, dropped)
 
     def _thread_metrics(self) -> Iterator[Metric]:
         """CPU time of each named thread (vCPUs show up as <vm>/vcpuN), via psutil."""

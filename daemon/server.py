@@ -2,8 +2,10 @@
 
 asyncio's streams cannot receive SCM_RIGHTS descriptors, so connections use non-blocking
 sockets with ``recvmsg`` driven by ``loop.add_reader``. Replies on one connection are written in
-request order; a reply that cannot be written runs its undo, so a client that vanishes mid-GET
-loses nothing for its consumer. Peers are checked with SO_PEERCRED before any greeting.
+request order, one command at a time: a client that stops reading stops being read (the kernel's
+socket buffers are its only queue). A reply that is not fully written — the peer vanished, was
+dropped, or the daemon is stopping — runs its undo, so its consumer loses nothing. Peers are
+checked (dirtylogd.peers) before any greeting.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import contextlib
 import logging
 import os
 import socket
-import struct
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,39 +24,17 @@ from typing import Any
 from dirtylogd.commands import Context
 from dirtylogd.fds import MAX_HELD_FDS, FdRegistry
 from dirtylogd.framing import JsonStreamDecoder, MessageTooLarge, encode
+from dirtylogd.peers import PeerPolicy, peer_of
 from dirtylogd.service import Service
 from dirtylogd.session import Phase, Session, greeting
 from dirtylogd.telemetry import ServerTelemetry
 
 log = logging.getLogger(__name__)
 RECV_BYTES = 1 << 16
-
-
-@dataclass(frozen=True)
-class PeerPolicy:
-    """Who may connect: root, the daemon's own user, and the allowed uids and gids."""
-
-    allow_uids: frozenset[int] = frozenset()
-    allow_gids: frozenset[int] = frozenset()
-
-    def refusal(self, pid: int, uid: int, gid: int) -> str | None:
-        """None if the peer may connect, else the reason it may not."""
-        if uid in (0, os.geteuid()) or uid in self.allow_uids or gid in self.allow_gids:
-            return None
-        if self.allow_gids & _supplementary_groups(pid):
-            return None
-        return f"uid {uid} (gid {gid}, pid {pid}) is not allowed (--allow-uid/--allow-gid)"
-
-
-def _supplementary_groups(pid: int) -> set[int]:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Groups:"):
-                    return {int(g) for g in line.split()[1:]}
-    except OSError:
-        pass
-    return set()
+# Events queued for one client that is not reading; past this it is disconnected (its
+# in-flight reply is undone) rather than letting the queue grow without bound.
+MAX_EVENT_BACKLOG = 256
+ACCEPT_RETRY_SECONDS = 0.1
 
 
 @dataclass
@@ -63,6 +42,7 @@ class Limits:
     max_message_bytes: int = 1 << 20
     max_reply_bytes: int = 8 << 20
     max_held_fds: int = MAX_HELD_FDS
+    max_clients: int = 256
 
 
 @dataclass(eq=False)
@@ -71,6 +51,8 @@ class Connection:
     session: Session
     fds: FdRegistry
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    task: asyncio.Task[None] | None = None
+    events: set[asyncio.Task[Any]] = field(default_factory=set)  # queued event writes
 
     async def send(self, message: dict[str, Any]) -> bool:
         """Write one message; False if the peer is gone."""
@@ -138,8 +120,19 @@ class QmpServer:
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
         assert self._listener is not None
+        failing = False
         while True:
-            conn, _ = await loop.sock_accept(self._listener)
+            try:
+                conn, _ = await loop.sock_accept(self._listener)
+            except OSError as exc:  # EMFILE and friends: keep serving, retry shortly
+                if not failing:
+                    log.warning("accept failed: %s; retrying until it works", exc.strerror)
+                failing = True
+                await asyncio.sleep(ACCEPT_RETRY_SECONDS)
+                continue
+            if failing:
+                log.warning("accepting clients again")
+                failing = False
             task = asyncio.create_task(self._serve(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -147,10 +140,8 @@ class QmpServer:
     # --- one connection --------------------------------------------------------------------------
     async def _serve(self, sock: socket.socket) -> None:
         sock.setblocking(False)
-        pid, uid, gid = struct.unpack(
-            "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        )
-        reason = self.policy.refusal(pid, uid, gid)
+        peer = peer_of(sock)
+        reason = self.policy.refusal(peer)
         if reason is not None:
             self.telemetry.refused_peers += 1
             log.warning("refused a client: %s", reason)
@@ -160,19 +151,33 @@ class QmpServer:
                 )
             sock.close()
             return
+        if len(self._connections) >= self.limits.max_clients:
+            self.telemetry.dropped_clients["too-many-clients"] += 1
+            log.warning("refused %s: %d clients connected", peer, len(self._connections))
+            with contextlib.suppress(OSError):
+                await asyncio.get_running_loop().sock_sendall(
+                    sock,
+                    encode(_error(f"too many clients: at most {self.limits.max_clients}")),
+                )
+            sock.close()
+            return
         fds = FdRegistry(self.limits.max_held_fds)
         session = Session(Context(self.service, fds, self.limits.max_reply_bytes), self.telemetry)
-        conn = Connection(sock, session, fds)
+        conn = Connection(sock, session, fds, task=asyncio.current_task())
         self._connections.add(conn)
         self.telemetry.clients += 1
         try:
             await self._converse(conn)
         except Exception:  # one broken connection must not go unnoticed, nor take others down
-            log.exception("connection from pid %d failed", pid)
+            log.exception("connection from %s failed", peer)
         finally:
             self.telemetry.clients -= 1
             self._connections.discard(conn)
             fds.close_all()
+            for task in conn.events:
+                task.cancel()
+            # Let cancelled writes unregister from the loop before their socket closes.
+            await asyncio.gather(*conn.events, asyncio.sleep(0), return_exceptions=True)
             sock.close()
 
     async def _converse(self, conn: Connection) -> None:
@@ -186,8 +191,8 @@ class QmpServer:
             if truncated or (received and conn.fds.hold(received)):
                 await conn.send(
                     _error(
-                        f"too many file descriptors: at most {MAX_HELD_FDS} may be "
-                        "held at once; claim them with getfd (extras were closed)"
+                        f"too many file descriptors: at most {self.limits.max_held_fds} may be "
+                        "held at once, named or not (extras were closed; closefd frees names)"
                     )
                 )
             if not data:
@@ -197,9 +202,13 @@ class QmpServer:
                     await conn.send(_error(f"{item.desc}; closing the connection"))
                     return
                 reply = await conn.session.handle(item)
-                if not await conn.send(reply.message):
-                    if reply.undo is not None:
+                sent = False
+                try:
+                    sent = await conn.send(reply.message)
+                finally:  # also on cancellation: a half-written reply was never received
+                    if not sent and reply.undo is not None:
                         reply.undo()
+                if not sent:
                     return
 
     # --- events -------------------------------------------------------------------------------
@@ -207,10 +216,24 @@ class QmpServer:
         """Send an event to every negotiated client (not while a reply is being written)."""
         event = {"event": name, "data": data, "timestamp": _timestamp()}
         for conn in list(self._connections):
-            if conn.session.phase is Phase.COMMAND:
-                task = asyncio.create_task(conn.send(event))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+            if conn.session.phase is not Phase.COMMAND:
+                continue
+            if len(conn.events) >= MAX_EVENT_BACKLOG:
+                self._drop_slow(conn)
+                continue
+            task = asyncio.create_task(conn.send(event))
+            conn.events.add(task)
+            task.add_done_callback(conn.events.discard)
+
+    def _drop_slow(self, conn: Connection) -> None:
+        """Disconnect a client that has not read its last MAX_EVENT_BACKLOG events."""
+        if conn.task is None or conn.task.done() or conn.task.cancelling():
+            return
+        self.telemetry.dropped_clients["not-reading"] += 1
+        log.warning(
+            "disconnecting a client that stopped reading (%d events queued)", len(conn.events)
+        )
+        conn.task.cancel()
 
     @property
     def connections(self) -> Iterable[Connection]:

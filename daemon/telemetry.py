@@ -76,3 +76,4 @@ class ServerTelemetry:
     requests: Counter[tuple[str, str]] = field(default_factory=Counter)  # (command, result)
     clients: int = 0
     refused_peers: int = 0
+    dropped_clients: Counter[str] = field(default_factory=Counter)  # by reason

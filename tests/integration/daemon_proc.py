@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,14 @@ class Daemon:
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/metrics"
+
+    def metric(self, sample: str) -> float:
+        """The value of one exposition line, named with its labels: 'name{label="v"}'."""
+        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
+        for line in text.splitlines():
+            if line.startswith(sample + " "):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"{sample} is not exported")
 
     def wait_for_socket(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
@@ -109,9 +118,15 @@ class Qmp:
         self.loop.run_until_complete(self.client.connect(path))
         self.events: list[dict[str, Any]] = []
 
+    # No command of the tests takes this long: past it the daemon is stuck, and the test says so
+    # instead of hanging.
+    timeout = 60.0
+
     def __call__(self, command: str, **arguments: Any) -> Any:
         args = {k.replace("_", "-"): v for k, v in arguments.items()}
-        return self.loop.run_until_complete(self.client.execute(command, args))
+        return self.loop.run_until_complete(
+            asyncio.wait_for(self.client.execute(command, args), self.timeout)
+        )
 
     def error(self, command: str, **arguments: Any) -> tuple[str, str]:
         """Run a command that must fail; (error class, desc)."""

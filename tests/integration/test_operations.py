@@ -202,13 +202,13 @@ def test_demo_shows_live_numbers(fresh_daemon):
 def test_peer_credentials_refuse_other_users_with_a_reason():
     need(os.geteuid() == 0, "needs root to run a client as another user")
 
-    def connect_as_nobody(path: str) -> str:
-        """Fork, become uid/gid 65534, connect, and report the first thing the daemon says."""
+    def connect_as_nobody(path: str, groups: tuple[int, ...] = ()) -> str:
+        """Fork, become uid/gid 65534 (in ``groups``), connect, report the daemon's first words."""
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # child: no pytest machinery from here on
             try:
-                os.setgroups([])
+                os.setgroups(list(groups))
                 os.setgid(65534)
                 os.setuid(65534)
                 with socket.socket(socket.AF_UNIX) as s:
@@ -238,6 +238,13 @@ def test_peer_credentials_refuse_other_users_with_a_reason():
         os.chmod(allowed.socket, 0o666)
         assert '"QMP"' in connect_as_nobody(allowed.socket)
         allowed.stop()
+        # A supplementary group counts: it is read from the socket (SO_PEERGROUPS), so it works
+        # under the unit's ProtectProc=invisible, where /proc/<peer> is hidden.
+        by_group = Daemon(base / "group", "--allow-gid", "4242", metrics=False)
+        os.chmod(by_group.socket, 0o666)
+        assert '"QMP"' in connect_as_nobody(by_group.socket, groups=(4241, 4242))
+        assert "access denied: uid 65534" in connect_as_nobody(by_group.socket, groups=(4241,))
+        by_group.stop()
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

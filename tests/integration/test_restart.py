@@ -3,9 +3,11 @@
 import base64
 import json
 import signal
+import socket
 import time
 
 from .daemon_proc import Daemon
+from .raw import Raw
 
 MiB = 1 << 20
 
@@ -153,5 +155,30 @@ def test_a_migration_that_spans_a_daemon_kill_still_ends_byte_identical(tmp_path
         assert doc["verify"]["differing-pages"] == 0
         assert any("reconnected to the daemon" in n for n in doc["notes"])
         assert doc["ram"]["normal"] > 16384  # pages were sent again after the restart
+    finally:
+        d.stop()
+
+
+def test_sigterm_while_an_answer_is_half_written_keeps_its_pages(tmp_path):
+    """Stopping cancels the write; the answer returns to its consumer before the state is saved."""
+    d = Daemon(tmp_path, metrics=False)
+    with d.client() as q:
+        q("vm-create", name="half", memslots=[{"slot": 0, "guest-phys-addr": 0, "size": 8 << 30}])
+        q("consumer-add", vm="half", name="lazy", initially_set=False)
+        q("sim-write-pages", vm="half", gfns=[5, 1 << 20], value=1)
+    raw = Raw(d.socket)
+    raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.negotiate()
+    raw.send(
+        {"execute": "dirty-log-get", "arguments": {"vm": "half", "slot": 0, "consumer": "lazy"}}
+    )
+    time.sleep(0.5)  # the ~350 KB answer fills the buffers and waits
+    assert d.stop() == 0
+    raw.close()
+    d = Daemon(tmp_path, metrics=False)
+    try:
+        with d.client() as q:
+            assert dirty(q, "half", "lazy")[0] == [5, 1 << 20]
+            q("vm-remove", vm="half")
     finally:
         d.stop()
