@@ -10,6 +10,7 @@ bitmap that the caller owns.
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -79,6 +80,7 @@ class SoftMmuBackend(GuestVm):
             change = self.memslots.prepare(slot, flags, guest_phys_addr, memory_size, uaddr)
             if change.kind is Change.CREATE:
                 assert change.new is not None
+                _check_model_fits(change.new.npages, slot)
                 region = self.ram.allocate_at(uaddr, memory_size)
                 self._regions[slot] = region
                 self._mmus[slot] = S390Mmu(
@@ -206,3 +208,35 @@ class SoftMmuBackend(GuestVm):
             self._mmus.clear()
             self._regions.clear()
         self._close_common(keep_ram)
+
+
+def memory_available() -> int:
+    """MemAvailable from /proc/meminfo (free pages where it is missing), in bytes."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _check_model_fits(npages: int, slot: int) -> None:
+    """ENOMEM, as KVM's own bitmap allocation would fail, rather than the OOM killer later.
+
+    The model's pte, PGSTE and key arrays are real memory (the guest RAM file is sparse); a slot
+    whose arrays do not fit in what the host has available is refused before any is allocated.
+    """
+    need = npages * S390Mmu.BYTES_PER_PAGE
+    have = memory_available()
+    if need > have:
+        raise KvmError(
+            errno.ENOMEM,
+            f"the model of {npages} pages needs {_mib(need)}; {_mib(have)} is available",
+            slot,
+        )
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"

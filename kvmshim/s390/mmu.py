@@ -116,6 +116,8 @@ class MmuStats:
 class S390Mmu:
     """ptes, PGSTEs and storage keys for the host pages backing one memslot."""
 
+    BYTES_PER_PAGE = 8 + 8 + 1  # pte, PGSTE, storage key
+
     def __init__(
         self,
         npages: int,

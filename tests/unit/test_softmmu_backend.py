@@ -208,3 +208,25 @@ def test_close_with_a_running_workload_stops_the_vcpus_first(tmp_path, caplog):
     vm.close()
     assert workload.failure is None and not workload.running
     assert "died" not in caplog.text
+
+
+def test_a_slot_whose_model_does_not_fit_in_memory_is_enomem_and_changes_nothing(vm, monkeypatch):
+    import kvmshim.backends.softmmu as softmmu
+
+    # The machine has 1 MiB available: a 1 GiB slot's arrays (262144 pages of 17 B) do not fit.
+    monkeypatch.setattr(softmmu, "memory_available", lambda: 1 << 20)
+    with pytest.raises(KvmError) as info:
+        vm.set_user_memory_region(2, LOG, 1 << 30, 1 << 30)
+    assert info.value.errno == errno.ENOMEM
+    assert "262144 pages needs 4.2 MiB; 1.0 MiB is available (ENOMEM)" in str(info.value)
+    assert vm.memslots.get(2) is None
+    vm.set_user_memory_region(2, LOG, 1 << 30, 16 * 4096)  # 1088 bytes fit
+    assert vm.memslots.get(2).npages == 16
+
+
+def test_memory_available_reads_the_host():
+    from kvmshim.backends.softmmu import memory_available
+
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    assert 0 < memory_available() <= total
