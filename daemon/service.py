@@ -8,6 +8,7 @@ failures become GenericError with the errno in the text; unknown names become De
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -173,7 +174,18 @@ class Service:
 
     # --- dirty logs ---------------------------------------------------------------------------
     async def get_dirty_log(self, vm: VmState, slot: int, as_id: int, consumer: str) -> Taken:
-        return await self._call(vm, vm.harvest, make_slot_id(as_id, slot), consumer)
+        """Harvest for one consumer. If the caller is cancelled (its client was dropped, the
+        daemon is stopping) the harvest thread still runs to the end and takes the bits; they
+        are put back before the cancellation goes on, so a save that follows has them."""
+        harvest = asyncio.ensure_future(
+            self._call(vm, vm.harvest, make_slot_id(as_id, slot), consumer)
+        )
+        try:
+            return await asyncio.shield(harvest)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):  # a failed harvest took nothing
+                vm.put_back(await harvest)
+            raise
 
     async def clear_dirty_log(
         self,
