@@ -12,10 +12,15 @@ from contextlib import asynccontextmanager
 from qemu.qmp import QMPClient
 
 
+def socket_path(tmp: str) -> str:
+    """Where connected_daemon's daemon listens, for further clients."""
+    return os.path.join(tmp, "qmp.sock")
+
+
 @asynccontextmanager
 async def connected_daemon(tmp: str) -> AsyncIterator[QMPClient]:
     """Start ``python -m dirtylogd`` with its socket and RAM under ``tmp``; yield a client."""
-    sock = os.path.join(tmp, "qmp.sock")
+    sock = socket_path(tmp)
     daemon = subprocess.Popen(
         [
             sys.executable,
