@@ -58,10 +58,13 @@ class Daemon:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/metrics"
 
+    def metrics(self) -> str:
+        """One scrape of /metrics, as Prometheus would get it."""
+        return urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
+
     def metric(self, sample: str) -> float:
         """The value of one exposition line, named with its labels: 'name{label="v"}'."""
-        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
-        for line in text.splitlines():
+        for line in self.metrics().splitlines():
             if line.startswith(sample + " "):
                 return float(line.rsplit(" ", 1)[1])
         raise AssertionError(f"{sample} is not exported")

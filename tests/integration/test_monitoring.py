@@ -3,7 +3,6 @@
 import json
 import re
 import subprocess
-import urllib.request
 from pathlib import Path
 
 from tests.conftest import need_tool
@@ -29,7 +28,7 @@ def _metric_names(text: str) -> set[str]:
 def test_dashboard_and_rules_only_use_exported_metrics(daemon, qmp):
     qmp("vm-create", name="mon", memslots=[{"slot": 0, "guest-phys-addr": 0, "size": MiB}])
     qmp("dirty-log-get", vm="mon", slot=0)
-    exported = urllib.request.urlopen(daemon.metrics_url, timeout=10).read().decode()
+    exported = daemon.metrics()
     exported_names = _metric_names(exported)
     dashboard = json.loads((MON / "dirtylogd-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -45,7 +44,7 @@ def test_metrics_pass_promtool_check(daemon, qmp):
         timeout=30,
     )
     assert out.returncode == 0 and out.stdout == "" and out.stderr == "", out
-    text = urllib.request.urlopen(daemon.metrics_url, timeout=10).read().decode()
+    text = daemon.metrics()
     assert 'dirtylogd_dirty_pages_total{source="uc",vm="metrics"} 2.0' in text
     assert 'dirtylogd_dirty_pages_total{source="io",vm="metrics"} 1.0' in text
     assert 'dirtylogd_qmp_requests_total{command="dirty-log-get",result="ok"}' in text
@@ -194,7 +193,7 @@ def test_demo_shows_live_numbers(fresh_daemon):
             assert time.monotonic() < deadline
             time.sleep(0.2)
         assert q("query-dirty-rate", vm="demo")["dirty-pages-rate"] > 0
-    text = urllib.request.urlopen(d.metrics_url, timeout=10).read().decode()
+    text = d.metrics()
     m = re.search(r'dirtylogd_dirty_pages_total\{source="uc",vm="demo"\} (\S+)', text)
     assert m and float(m.group(1)) > 0
 
