@@ -18,7 +18,7 @@ from kvmshim.backends.base import IoReporter, RamRegion, VcpuFailureHook, Worklo
 from kvmshim.backends.ram import GuestRamFile, Region
 from kvmshim.backends.workload import GfnLayout, RunGate, Workload
 from kvmshim.errors import KvmError
-from kvmshim.memslot import MemslotTable
+from kvmshim.memslot import MemslotChange, MemslotTable
 
 PAGE_SHIFT = abi.PAGE_SHIFT
 
@@ -66,6 +66,25 @@ class GuestVm:
         self._writes: Counter[str] = Counter()
         self._harvests = 0
         self._harvested = 0
+
+    # --- memslots ---------------------------------------------------------------------------
+    def set_user_memory_region(
+        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int
+    ) -> MemslotChange:
+        """KVM_SET_USER_MEMORY_REGION; a new slot's RAM goes at the end of the RAM file."""
+        return self._set_region(slot, flags, guest_phys_addr, memory_size, None)
+
+    def restore_memslot(
+        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, ram_offset: int
+    ) -> MemslotChange:
+        """Recreate a slot over the RAM a previous daemon left at ``ram_offset``."""
+        return self._set_region(slot, flags, guest_phys_addr, memory_size, ram_offset)
+
+    def _set_region(
+        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, at: int | None
+    ) -> MemslotChange:
+        """The backend's memslot change, with its RAM at ``at`` (None: a fresh region)."""
+        raise NotImplementedError
 
     # --- harvest bookkeeping -----------------------------------------------------------------
     def _closed_generation(self, generation: int, dirty: int) -> None:

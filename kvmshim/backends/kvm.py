@@ -133,21 +133,10 @@ class KvmBackend(GuestVm):
         self._cpuid = self.device.supported_cpuid()
 
     # --- memslots ---------------------------------------------------------------------------
-    def set_user_memory_region(
-        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int
-    ) -> MemslotChange:
-        """The kernel decides; on success the mirror, the RAM and the write protection follow."""
-        return self._set_region(slot, flags, guest_phys_addr, memory_size, None)
-
-    def restore_memslot(
-        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, ram_offset: int
-    ) -> MemslotChange:
-        """Recreate a slot over the RAM a previous daemon left at ``ram_offset``."""
-        return self._set_region(slot, flags, guest_phys_addr, memory_size, ram_offset)
-
     def _set_region(
         self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, at: int | None
     ) -> MemslotChange:
+        """The kernel decides; on success the mirror, the RAM and the write protection follow."""
         with self._lock:
             old = self.memslots.get(slot)
             fresh = None

@@ -57,17 +57,6 @@ class SoftMmuBackend(GuestVm):
         }
 
     # --- memslots ---------------------------------------------------------------------------
-    def set_user_memory_region(
-        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int
-    ) -> MemslotChange:
-        return self._set_region(slot, flags, guest_phys_addr, memory_size, None)
-
-    def restore_memslot(
-        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, ram_offset: int
-    ) -> MemslotChange:
-        """Recreate a slot over the RAM a previous daemon left at ``ram_offset``."""
-        return self._set_region(slot, flags, guest_phys_addr, memory_size, ram_offset)
-
     def _set_region(
         self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, at: int | None
     ) -> MemslotChange:
