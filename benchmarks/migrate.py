@@ -57,7 +57,7 @@ async def run(gib: int, tmp: str) -> list[dict]:
             args = [
                 sys.executable,
                 "-m",
-                "dirtylogd.ctl",
+                "dirtylogctl.cli",
                 "-s",
                 os.path.join(tmp, "qmp.sock"),
                 "--json",

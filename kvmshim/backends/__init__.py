@@ -1,9 +1,14 @@
-"""Backends: where a VM's dirty bits come from (the s390 software MMU, or real KVM)."""
+"""Backends: where a VM's dirty bits come from (the s390 software MMU, or real KVM).
+
+:data:`BACKENDS` is the one registry: the daemon's schema, the factory below and dirtylogctl's
+``--backend`` choices all read it.
+"""
 
 from __future__ import annotations
 
 import os
 import platform
+from dataclasses import dataclass
 
 from kvmshim.backends.base import (
     Backend,
@@ -12,16 +17,34 @@ from kvmshim.backends.base import (
     RamRegion,
     ReadPath,
     WorkloadSpec,
+    WorkloadStatus,
     WritePath,
 )
 from kvmshim.errors import KvmShimError
 
-KINDS = ("auto", "softmmu", "kvm")
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """One backend kind, as users choose it."""
+
+    name: str
+    summary: str
+
+
+BACKENDS: dict[str, BackendInfo] = {
+    info.name: info
+    for info in (
+        BackendInfo("auto", "kvm on s390x hosts with /dev/kvm, softmmu elsewhere"),
+        BackendInfo("softmmu", "the simulated s390 VM: PGSTE_UC harvesting (Linux 3.16)"),
+        BackendInfo("kvm", "a real KVM VM owned by the daemon, harvested with the real ioctls"),
+    )
+}
+KINDS: tuple[str, ...] = tuple(BACKENDS)
 
 
 def resolve_kind(kind: str) -> str:
     """'auto' means the real kernel where the seed's semantics are the kernel's: s390x hosts."""
-    if kind not in KINDS:
+    if kind not in BACKENDS:
         raise KvmShimError(f"unknown backend '{kind}' (choose from {', '.join(KINDS)})")
     if kind == "auto":
         return "kvm" if platform.machine() == "s390x" and os.path.exists("/dev/kvm") else "softmmu"
@@ -44,13 +67,16 @@ def create_backend(
 
 
 __all__ = [
+    "BACKENDS",
     "KINDS",
     "Backend",
+    "BackendInfo",
     "Harvest",
     "Pattern",
     "RamRegion",
     "ReadPath",
     "WorkloadSpec",
+    "WorkloadStatus",
     "WritePath",
     "create_backend",
     "resolve_kind",

@@ -57,6 +57,16 @@ class WorkloadSpec:
 
 
 @dataclass(frozen=True)
+class WorkloadStatus:
+    """The simulated vCPUs as they are now: what was asked, how far they got, why they died."""
+
+    spec: WorkloadSpec
+    running: bool
+    pages_stored: int
+    failure: BaseException | None
+
+
+@dataclass(frozen=True)
 class Harvest:
     """One destructive harvest: the slot's dirty bitmap and the stamp generation it closed."""
 
@@ -85,13 +95,26 @@ class BackendStats:
 
 
 class Backend(Protocol):
-    """A VM whose dirty pages the daemon serves."""
+    """A VM whose dirty pages the daemon serves: the whole contract, for every backend.
+
+    The daemon uses nothing else of a backend: no attribute probes, no private fields.
+    """
 
     kind: str
     memslots: MemslotTable
-    generation: int
-    io_reporter: IoReporter | None
-    on_vcpu_failure: VcpuFailureHook | None
+    generation: int  # the stamp the next guest store carries
+    vcpu_failures: int  # vCPU threads that died since the VM was created
+    io_reporter: IoReporter | None  # set by the daemon: where reported DMA stores go
+    on_vcpu_failure: VcpuFailureHook | None  # set by the daemon: told of a dying vCPU
+
+    @property
+    def ram_path(self) -> str:
+        """The file holding guest RAM, which migration tools map read-only."""
+        ...
+
+    def options(self) -> dict[str, object]:
+        """The creation options (besides kind and name) that recreate this VM after a restart."""
+        ...
 
     def capabilities(self) -> dict[str, object]: ...
 
@@ -120,6 +143,10 @@ class Backend(Protocol):
     def start_workload(self, spec: WorkloadSpec) -> None: ...
 
     def stop_workload(self) -> None: ...
+
+    def workload_status(self) -> WorkloadStatus | None:
+        """The workload started last, or None if none runs."""
+        ...
 
     def pause(self) -> None: ...
 

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvmshim import abi
-from kvmshim.backends.base import IoReporter, RamRegion, VcpuFailureHook, WorkloadSpec, WritePath
+from kvmshim.backends.base import (
+    IoReporter,
+    RamRegion,
+    VcpuFailureHook,
+    WorkloadSpec,
+    WorkloadStatus,
+    WritePath,
+)
 from kvmshim.backends.ram import GuestRamFile, Region
 from kvmshim.backends.workload import GfnLayout, RunGate, Workload
 from kvmshim.errors import KvmError
@@ -168,6 +175,19 @@ class GuestVm:
     @property
     def workload(self) -> Workload | None:
         return self._workload
+
+    def workload_status(self) -> WorkloadStatus | None:
+        w = self._workload
+        if w is None:
+            return None
+        return WorkloadStatus(w.spec, w.running, w.pages_stored, w.failure)
+
+    @property
+    def ram_path(self) -> str:
+        return self.ram.path
+
+    def options(self) -> dict[str, object]:
+        return {}
 
     def pause(self) -> None:
         self._gate.pause()

@@ -46,6 +46,9 @@ class SoftMmuBackend(GuestVm):
         self._mmus: dict[int, S390Mmu] = {}
         self._retired = MmuStats()  # counters of deleted slots' MMUs
 
+    def options(self) -> dict[str, object]:
+        return {"esop": self.esop}
+
     def capabilities(self) -> dict[str, object]:
         """What a Linux 3.16 s390 KVM would report (KVM_CAP_S390_COW is MACHINE_HAS_ESOP)."""
         return {

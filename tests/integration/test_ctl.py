@@ -14,7 +14,7 @@ from kvmshim.bitmap import DirtyBitmap
 def ctl(daemon):
     def run(*args, check=True):
         out = subprocess.run(
-            [sys.executable, "-m", "dirtylogd.ctl", "-s", daemon.socket, *args],
+            [sys.executable, "-m", "dirtylogctl.cli", "-s", daemon.socket, *args],
             capture_output=True,
             text=True,
             timeout=60,
@@ -91,7 +91,7 @@ def test_exit_codes_separate_usage_qmp_and_connection_errors(ctl, tmp_path):
     assert refused.returncode == 3
     assert refused.stderr.strip() == "dirtylogctl: DeviceNotFound: no VM named 'no-such-vm'"
     gone = subprocess.run(
-        [sys.executable, "-m", "dirtylogd.ctl", "-s", str(tmp_path / "none"), "version"],
+        [sys.executable, "-m", "dirtylogctl.cli", "-s", str(tmp_path / "none"), "version"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -103,7 +103,7 @@ def test_exit_codes_separate_usage_qmp_and_connection_errors(ctl, tmp_path):
 
 def test_socket_comes_from_the_environment(daemon):
     out = subprocess.run(
-        [sys.executable, "-m", "dirtylogd.ctl", "version"],
+        [sys.executable, "-m", "dirtylogctl.cli", "version"],
         capture_output=True,
         text=True,
         timeout=60,

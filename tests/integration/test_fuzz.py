@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dirtylogd.schema import COMMANDS
+from dirtylogd.api.schema import COMMANDS
 
 from .bad_input import WITNESS, WITNESS_SLOTS
 from .raw import Raw

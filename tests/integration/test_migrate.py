@@ -21,7 +21,7 @@ MiB = 1 << 20
 
 def ctl(daemon, *args, timeout=120):
     return subprocess.run(
-        [sys.executable, "-m", "dirtylogd.ctl", "-s", daemon.socket, *args],
+        [sys.executable, "-m", "dirtylogctl.cli", "-s", daemon.socket, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -141,7 +141,7 @@ def receiver(output, host="127.0.0.1", netns=None):
         [
             sys.executable,
             "-m",
-            "dirtylogd.ctl",
+            "dirtylogctl.cli",
             "migrate-receive",
             "--listen",
             f"{host}:0",
@@ -237,7 +237,7 @@ def test_a_receiver_that_dies_mid_stream_fails_the_migration_cleanly(
             [
                 sys.executable,
                 "-m",
-                "dirtylogd.ctl",
+                "dirtylogctl.cli",
                 "-s",
                 daemon.socket,
                 "migrate",

@@ -134,7 +134,7 @@ def test_getfd_takes_a_descriptor_passed_with_scm_rights(qmp):
 
 
 def test_query_commands_and_schema_come_from_the_same_table(qmp):
-    from dirtylogd.schema import COMMANDS
+    from dirtylogd.api.schema import COMMANDS
 
     names = [c["name"] for c in qmp("query-commands")]
     assert names == [c.name for c in COMMANDS]

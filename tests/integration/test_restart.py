@@ -126,7 +126,7 @@ def test_a_migration_that_spans_a_daemon_kill_still_ends_byte_identical(tmp_path
         [
             sys.executable,
             "-m",
-            "dirtylogd.ctl",
+            "dirtylogctl.cli",
             "-s",
             d.socket,
             "--json",

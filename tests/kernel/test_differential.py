@@ -10,7 +10,7 @@ such stores at all — a documented difference, not a bug.
 import numpy as np
 import pytest
 
-from dirtylogd.vm import VmState
+from dirtylogd.service.vm import VmState
 from kvmshim.abi import KVM_MEM_LOG_DIRTY_PAGES as LOG
 from kvmshim.abi import make_slot_id
 from kvmshim.backends.base import WritePath

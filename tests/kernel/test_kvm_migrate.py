@@ -25,7 +25,7 @@ def test_running_kvm_guest_migrates_byte_identical(kvm_daemon, kqmp, tmp_path):
             [
                 sys.executable,
                 "-m",
-                "dirtylogd.ctl",
+                "dirtylogctl.cli",
                 "-s",
                 kvm_daemon.socket,
                 "--json",

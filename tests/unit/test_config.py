@@ -2,7 +2,7 @@
 
 import pytest
 
-from dirtylogd.config import ConfigError, default_paths, load, parse_listen
+from dirtylogd.ops.config import ConfigError, default_paths, load, parse_listen
 
 
 def test_default_paths_for_root_and_for_users():

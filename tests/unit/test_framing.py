@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dirtylogd.framing import JsonStreamDecoder, MessageTooLarge, ParseError, encode
+from dirtylogd.qmp.framing import JsonStreamDecoder, MessageTooLarge, ParseError, encode
 
 
 def feed_all(chunks, limit=1 << 20):

@@ -3,7 +3,7 @@
 import os
 import socket
 
-from dirtylogd.peers import Peer, PeerPolicy, peer_of
+from dirtylogd.qmp.peers import Peer, PeerPolicy, peer_of
 
 
 def test_peer_of_a_socketpair_is_this_process_with_its_groups():

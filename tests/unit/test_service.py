@@ -2,7 +2,7 @@
 
 import asyncio
 
-from dirtylogd.service import Service
+from dirtylogd.service.registry import Service
 
 MiB = 1 << 20
 

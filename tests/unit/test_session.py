@@ -1,24 +1,26 @@
 """The QMP session without sockets: negotiation, ids, envelope checks, the bug barrier."""
 
 import asyncio
+import dataclasses
 
 import pytest
 
-from dirtylogd import commands
-from dirtylogd.commands import Context
-from dirtylogd.fds import FdRegistry
-from dirtylogd.framing import ParseError
-from dirtylogd.service import Service
-from dirtylogd.session import Phase, Session, greeting
-from dirtylogd.telemetry import ServerTelemetry
+from dirtylogd.api import schema
+from dirtylogd.api.dispatch import BoundCommands
+from dirtylogd.qmp.fds import FdRegistry
+from dirtylogd.qmp.framing import ParseError
+from dirtylogd.qmp.session import Phase, Session, greeting
+from dirtylogd.qmp.telemetry import ServerTelemetry
+from dirtylogd.service.registry import Service
 
 
 @pytest.fixture
 def session(tmp_path):
     telemetry = ServerTelemetry()
-    s = Session(Context(Service(str(tmp_path)), FdRegistry(), 1 << 20), telemetry)
+    service = Service(str(tmp_path))
+    s = Session(BoundCommands(service, FdRegistry(), 1 << 20), telemetry)
     yield s
-    asyncio.run(s.context.service.shutdown())
+    asyncio.run(service.shutdown())
 
 
 def ask(session, item):
@@ -56,10 +58,8 @@ def test_a_handler_bug_costs_one_reply_not_the_session(session, monkeypatch):
     async def broken(ctx, args):
         raise KeyError("oops")
 
-    monkeypatch.setitem(commands.HANDLERS, "query-vms", broken)
-    from dirtylogd import session as session_module
-
-    monkeypatch.setattr(session_module, "HANDLERS", commands.HANDLERS)
+    entry = schema.BY_NAME["query-vms"]
+    monkeypatch.setitem(schema.BY_NAME, "query-vms", dataclasses.replace(entry, handler=broken))
     ask(session, {"execute": "qmp_capabilities"})
     reply = ask(session, {"execute": "query-vms", "id": 5})
     assert reply["id"] == 5 and reply["error"]["desc"].startswith("internal error in 'query-vms'")

@@ -6,8 +6,7 @@ import struct
 
 import numpy as np
 import pytest
-
-from dirtylogd.stream import (
+from dirtylogctl.stream import (
     DONE,
     MAGIC,
     PAGE,
@@ -115,7 +114,7 @@ def test_bad_magic_is_refused():
 
 
 def test_file_image_writes_scattered_pages_in_one_go(tmp_path):
-    from dirtylogd.stream import Image as FileImage
+    from dirtylogctl.stream import Image as FileImage
 
     img = FileImage(str(tmp_path / "img"), 64 * PAGE)
     gpas = np.array([63 * PAGE, 0, 17 * PAGE])

@@ -3,7 +3,7 @@
 import os
 import socket
 
-from dirtylogd import systemd
+from dirtylogd.ops import systemd
 
 
 def test_notify_reaches_a_path_socket(tmp_path):

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from dirtylogd.vm import VmState
+from dirtylogd.service.vm import VmState
 from kvmshim.abi import KVM_MEM_LOG_DIRTY_PAGES as LOG
 from kvmshim.backends.base import WorkloadSpec, WritePath
 from kvmshim.backends.softmmu import SoftMmuBackend

@@ -3,7 +3,7 @@
 Everything about a command's shape comes from here: argument checking (unknown, missing,
 wrong-typed or out-of-range arguments are rejected before any handler runs), ``query-commands``,
 ``query-qmp-schema`` and the protocol reference in docs/protocol.md (both rendered by
-:mod:`dirtylogd.introspect`). Handlers receive plain Python values under snake_case names;
+:mod:`dirtylogd.api.introspect`). Handlers receive plain Python values under snake_case names;
 base64 arguments arrive already decoded.
 """
 
@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dirtylogd.argtypes import (
+from dirtylogd.api import handlers as h
+from dirtylogd.api.argtypes import (
     U32_MAX,
     U64_MAX,
     Arg,
@@ -30,7 +31,10 @@ from dirtylogd.argtypes import (
 
 @dataclass(frozen=True)
 class Command:
+    """One command: its name, what it does, its arguments and the handler that runs it."""
+
     name: str
+    handler: h.Handler | None  # None: the session itself answers (qmp_capabilities)
     doc: str
     args: tuple[Arg, ...] = ()
     returns: str = "{}"
@@ -82,23 +86,32 @@ NOT_FOUND = ("DeviceNotFound for an unknown vm",)
 COMMANDS: tuple[Command, ...] = (
     Command(
         "qmp_capabilities",
+        None,
         "Leave capabilities negotiation. No capabilities are offered.",
         (Arg("enable", List(Str()), "capabilities to enable (none exist)", None),),
         errors=("CommandNotFound once negotiation is complete",),
     ),
     Command(
         "query-version",
+        h.query_version,
         "The daemon's version.",
         returns='{"dirtylogd": {"major", "minor", "micro"}, "package"}',
     ),
-    Command("query-commands", "Every command this server accepts.", returns='[{"name"}]'),
+    Command(
+        "query-commands",
+        h.query_commands,
+        "Every command this server accepts.",
+        returns='[{"name"}]',
+    ),
     Command(
         "query-qmp-schema",
+        h.query_qmp_schema,
         "The command table in QEMU's introspection format (SchemaInfo).",
         returns="[SchemaInfo]",
     ),
     Command(
         "getfd",
+        h.getfd,
         "Name the file descriptor sent with this command (SCM_RIGHTS), for "
         "dirty-log-get with encoding 'fd'. A name in use is replaced.",
         (Arg("fdname", FDNAME, "the name to give it"),),
@@ -106,12 +119,14 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "closefd",
+        h.closefd,
         "Close a descriptor named by getfd.",
         (Arg("fdname", FDNAME, "its name"),),
         errors=("GenericError if no descriptor has that name",),
     ),
     Command(
         "vm-create",
+        h.vm_create,
         "Create a VM with its memslots. 'auto' is 'kvm' on s390x hosts with /dev/kvm, "
         "'softmmu' elsewhere. All or nothing.",
         (
@@ -122,15 +137,23 @@ COMMANDS: tuple[Command, ...] = (
         ),
         errors=("GenericError if the name is taken or a memslot is refused",),
     ),
-    Command("vm-remove", "Stop and remove a VM; its RAM file goes too.", (VM,), errors=NOT_FOUND),
+    Command(
+        "vm-remove",
+        h.vm_remove,
+        "Stop and remove a VM; its RAM file goes too.",
+        (VM,),
+        errors=NOT_FOUND,
+    ),
     Command(
         "query-vms",
+        h.query_vms,
         "Every VM with its backend, capabilities, memslots and consumers.",
         returns="[{name, backend, capabilities, paused, memslots: [...], consumers: [...], "
         "ram-path?, workload?}]",
     ),
     Command(
         "memslot-set",
+        h.memslot_set,
         "KVM_SET_USER_MEMORY_REGION: create, move, change flags of, or (size 0) delete a slot.",
         (
             VM,
@@ -144,6 +167,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "consumer-add",
+        h.consumer_add,
         "Add a consumer: an independent reader of the VM's dirty pages.",
         (
             VM,
@@ -160,12 +184,14 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "consumer-remove",
+        h.consumer_remove,
         "Remove a consumer and its pending bits ('default' stays).",
         (VM, Arg("name", NAME, "the consumer's name")),
         errors=(*NOT_FOUND, "DeviceNotFound for an unknown consumer"),
     ),
     Command(
         "dirty-log-get",
+        h.dirty_log_get,
         "KVM_GET_DIRTY_LOG for one consumer: harvest the slot into every consumer, answer this "
         "one's pending bits, and (unless manual-protect) clear them. With encoding 'fd' the "
         "bitmap is written at offset 0 of the descriptor named by getfd. Harvests of a VM are "
@@ -184,6 +210,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "dirty-log-clear",
+        h.dirty_log_clear,
         "KVM_CLEAR_DIRTY_LOG for one consumer: clear the pages whose bits are set in bitmap "
         "(bit 0 is first-page). first-page is a multiple of 64; num-pages too unless the range "
         "ends at the slot's end.",
@@ -200,6 +227,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "io-dirty-mark",
+        h.io_dirty_mark,
         "Report pages written by I/O (DMA, kernel mapping): merged into the next harvest of "
         "their slots. All or nothing.",
         (VM, Arg("ranges", List(IO_RANGE, max_items=1 << 16, min_items=1), "written ranges")),
@@ -208,6 +236,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "query-dirty-rate",
+        h.query_dirty_rate,
         "Dirty rate from the latest harvests of each slot (QEMU DirtyRateInfo names).",
         (VM,),
         returns="{status, dirty-rate (MiB/s), dirty-pages-rate, mode, calc-time-ms, slots}",
@@ -215,6 +244,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "sim-write",
+        h.sim_write,
         "Simulated store of data at an address: 'guest' goes through the MMU (faults, UC); "
         "'dma' and 'kernel' bypass it and reach the I/O log only with report.",
         (
@@ -228,6 +258,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "sim-write-pages",
+        h.sim_write_pages,
         "Batched store of a little-endian u64 into the first 8 bytes of each page.",
         (
             VM,
@@ -240,6 +271,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "sim-read",
+        h.sim_read,
         "Read guest memory: 'host' as a migration tool reads (no MMU effect), 'guest' as a "
         "guest load through the MMU (s390 model only).",
         (
@@ -253,6 +285,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "sim-set-storage-key",
+        h.sim_set_storage_key,
         "Guest SSKE on the page holding an address (s390 model only).",
         (
             VM,
@@ -263,6 +296,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "sim-workload-start",
+        h.sim_workload_start,
         "Start simulated vCPUs storing generation stamps (replaces a running workload).",
         (
             VM,
@@ -275,9 +309,21 @@ COMMANDS: tuple[Command, ...] = (
         ),
         errors=NOT_FOUND,
     ),
-    Command("sim-workload-stop", "Stop the simulated vCPUs.", (VM,), errors=NOT_FOUND),
-    Command("stop", "Pause the VM's vCPUs; returns once none is storing.", (VM,), errors=NOT_FOUND),
-    Command("cont", "Resume the VM's vCPUs.", (VM,), errors=NOT_FOUND),
+    Command(
+        "sim-workload-stop",
+        h.sim_workload_stop,
+        "Stop the simulated vCPUs.",
+        (VM,),
+        errors=NOT_FOUND,
+    ),
+    Command(
+        "stop",
+        h.stop,
+        "Pause the VM's vCPUs; returns once none is storing.",
+        (VM,),
+        errors=NOT_FOUND,
+    ),
+    Command("cont", h.cont, "Resume the VM's vCPUs.", (VM,), errors=NOT_FOUND),
 )
 
 BY_NAME: dict[str, Command] = {c.name: c for c in COMMANDS}

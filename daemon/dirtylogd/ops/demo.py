@@ -11,7 +11,7 @@ import asyncio
 import logging
 
 from dirtylogd.errors import QmpError
-from dirtylogd.service import Service
+from dirtylogd.service.registry import Service
 
 log = logging.getLogger(__name__)
 MiB = 1 << 20

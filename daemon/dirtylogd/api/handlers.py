@@ -1,8 +1,9 @@
 """Command handlers: schema-checked arguments in, service calls out.
 
-Each handler is a plain async function in ``HANDLERS``; it never sees JSON, only the values
-:mod:`dirtylogd.schema` produced. A handler whose answer hands bits over to a client returns
-:class:`Deferred`, so the session can give them back if the answer cannot be delivered.
+Each handler is a plain async function bound to its entry in :data:`dirtylogd.api.schema.COMMANDS`;
+it never sees JSON, only the values the schema produced. A handler whose answer hands bits over
+to a client returns :class:`~dirtylogd.qmp.session.Deferred`, so the session can give them back
+if the answer cannot be delivered.
 """
 
 from __future__ import annotations
@@ -13,35 +14,31 @@ import errno
 import fcntl
 import os
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dirtylogd import VERSION, __version__
+from dirtylogd.api.introspect import qmp_schema
 from dirtylogd.errors import GenericError
-from dirtylogd.fds import FdRegistry
-from dirtylogd.introspect import qmp_schema
-from dirtylogd.schema import COMMANDS
-from dirtylogd.service import Service
-from dirtylogd.vm import Taken, VmState
-from kvmshim.abi import dirty_bitmap_bytes, make_slot_id
+from dirtylogd.qmp.fds import FdRegistry
+from dirtylogd.qmp.session import Deferred
+from dirtylogd.service.registry import Service
+from dirtylogd.service.vm import Taken, VmState
+from kvmshim.abi import dirty_bitmap_bytes
+
+if TYPE_CHECKING:
+    from dirtylogd.api.schema import Command
 
 
 @dataclass
 class Context:
-    """What a handler may touch: the service and its own connection's descriptors."""
+    """What a handler may touch: the service, its connection's descriptors, the table itself."""
 
     service: Service
     fds: FdRegistry
     max_reply_bytes: int
-
-
-@dataclass
-class Deferred:
-    """A return value whose delivery must be confirmed; ``undo`` runs if it cannot be."""
-
-    value: Any
-    undo: Callable[[], None]
+    commands: Sequence[Command]
 
 
 Handler = Callable[[Context, dict[str, Any]], Awaitable[Any]]
@@ -56,11 +53,11 @@ async def query_version(ctx: Context, a: dict[str, Any]) -> Any:
 
 
 async def query_commands(ctx: Context, a: dict[str, Any]) -> Any:
-    return [{"name": c.name} for c in COMMANDS]
+    return [{"name": c.name} for c in ctx.commands]
 
 
 async def query_qmp_schema(ctx: Context, a: dict[str, Any]) -> Any:
-    return qmp_schema()
+    return qmp_schema(ctx.commands)
 
 
 async def getfd(ctx: Context, a: dict[str, Any]) -> Any:
@@ -117,7 +114,7 @@ async def dirty_log_get(ctx: Context, a: dict[str, Any]) -> Any:
     elif fdname is not None:
         raise GenericError("fdname is only used with encoding 'fd'")
     elif encoding == "bitmap":
-        _check_inline_fits(ctx, vm, make_slot_id(a["as_id"], a["slot"]))
+        _check_inline_fits(ctx, vm, a["slot"], a["as_id"])
     taken = await ctx.service.get_dirty_log(vm, a["slot"], a["as_id"], a["consumer"])
     undo = _undo(vm, taken)
     try:
@@ -148,8 +145,8 @@ def _undo(vm: VmState, taken: Taken) -> Callable[[], None]:
     return lambda: vm.put_back(taken)
 
 
-def _check_inline_fits(ctx: Context, vm: VmState, slot: int) -> None:
-    memslot = vm.backend.memslots.get(slot)
+def _check_inline_fits(ctx: Context, vm: VmState, slot: int, as_id: int) -> None:
+    memslot = ctx.service.memslot(vm, slot, as_id)
     if memslot is None:
         return  # the harvest will say why (ENOENT / EINVAL)
     nbytes = dirty_bitmap_bytes(memslot.npages)
@@ -252,30 +249,3 @@ async def stop(ctx: Context, a: dict[str, Any]) -> Any:
 async def cont(ctx: Context, a: dict[str, Any]) -> Any:
     await ctx.service.resume(ctx.service.vm(a["vm"]))
     return {}
-
-
-HANDLERS: dict[str, Handler] = {
-    "query-version": query_version,
-    "query-commands": query_commands,
-    "query-qmp-schema": query_qmp_schema,
-    "getfd": getfd,
-    "closefd": closefd,
-    "vm-create": vm_create,
-    "vm-remove": vm_remove,
-    "query-vms": query_vms,
-    "memslot-set": memslot_set,
-    "consumer-add": consumer_add,
-    "consumer-remove": consumer_remove,
-    "dirty-log-get": dirty_log_get,
-    "dirty-log-clear": dirty_log_clear,
-    "io-dirty-mark": io_dirty_mark,
-    "query-dirty-rate": query_dirty_rate,
-    "sim-write": sim_write,
-    "sim-write-pages": sim_write_pages,
-    "sim-read": sim_read,
-    "sim-set-storage-key": sim_set_storage_key,
-    "sim-workload-start": sim_workload_start,
-    "sim-workload-stop": sim_workload_stop,
-    "stop": stop,
-    "cont": cont,
-}

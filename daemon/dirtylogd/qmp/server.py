@@ -5,7 +5,7 @@ sockets with ``recvmsg`` driven by ``loop.add_reader``. Replies on one connectio
 request order, one command at a time: a client that stops reading stops being read (the kernel's
 socket buffers are its only queue). A reply that is not fully written — the peer vanished, was
 dropped, or the daemon is stopping — runs its undo, so its consumer loses nothing. Peers are
-checked (dirtylogd.peers) before any greeting.
+checked (dirtylogd.qmp.peers) before any greeting.
 """
 
 from __future__ import annotations
@@ -16,18 +16,16 @@ import contextlib
 import logging
 import os
 import socket
-import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dirtylogd.commands import Context
-from dirtylogd.fds import MAX_HELD_FDS, FdRegistry
-from dirtylogd.framing import JsonStreamDecoder, MessageTooLarge, encode
-from dirtylogd.peers import PeerPolicy, peer_of
-from dirtylogd.service import Service
-from dirtylogd.session import Phase, Session, greeting
-from dirtylogd.telemetry import ServerTelemetry
+from dirtylogd.qmp.events import EventHub
+from dirtylogd.qmp.fds import MAX_HELD_FDS, FdRegistry
+from dirtylogd.qmp.framing import JsonStreamDecoder, MessageTooLarge, encode
+from dirtylogd.qmp.peers import PeerPolicy, peer_of
+from dirtylogd.qmp.session import Phase, Session, error, event, greeting
+from dirtylogd.qmp.telemetry import ServerTelemetry
 
 log = logging.getLogger(__name__)
 RECV_BYTES = 1 << 16
@@ -65,11 +63,20 @@ class Connection:
                 return False
 
 
+# Makes the session of a new connection, given the descriptors that connection holds.
+SessionFactory = Callable[[FdRegistry], Session]
+
+
 class QmpServer:
     def __init__(
-        self, service: Service, telemetry: ServerTelemetry, policy: PeerPolicy, limits: Limits
+        self,
+        new_session: SessionFactory,
+        telemetry: ServerTelemetry,
+        policy: PeerPolicy,
+        limits: Limits,
+        events: EventHub,
     ) -> None:
-        self.service = service
+        self.new_session = new_session
         self.telemetry = telemetry
         self.policy = policy
         self.limits = limits
@@ -78,7 +85,7 @@ class QmpServer:
         self._accept_task: asyncio.Task[None] | None = None
         self._connections: set[Connection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        service.emit_event = self.broadcast
+        events.subscribe(self.broadcast)
 
     # --- listening ------------------------------------------------------------------------------
     async def start(self, path: str | None, inherited: socket.socket | None = None) -> None:
@@ -147,7 +154,7 @@ class QmpServer:
             log.warning("refused a client: %s", reason)
             with contextlib.suppress(OSError):
                 await asyncio.get_running_loop().sock_sendall(
-                    sock, encode(_error(f"access denied: {reason}"))
+                    sock, encode(error(f"access denied: {reason}"))
                 )
             sock.close()
             return
@@ -157,12 +164,12 @@ class QmpServer:
             with contextlib.suppress(OSError):
                 await asyncio.get_running_loop().sock_sendall(
                     sock,
-                    encode(_error(f"too many clients: at most {self.limits.max_clients}")),
+                    encode(error(f"too many clients: at most {self.limits.max_clients}")),
                 )
             sock.close()
             return
         fds = FdRegistry(self.limits.max_held_fds)
-        session = Session(Context(self.service, fds, self.limits.max_reply_bytes), self.telemetry)
+        session = self.new_session(fds)
         conn = Connection(sock, session, fds, task=asyncio.current_task())
         self._connections.add(conn)
         self.telemetry.clients += 1
@@ -190,7 +197,7 @@ class QmpServer:
             received = [fd for fd in received if fd >= 0]
             if truncated or (received and conn.fds.hold(received)):
                 await conn.send(
-                    _error(
+                    error(
                         f"too many file descriptors: at most {self.limits.max_held_fds} may be "
                         "held at once, named or not (extras were closed; closefd frees names)"
                     )
@@ -199,7 +206,7 @@ class QmpServer:
                 return
             for item in decoder.feed(data):
                 if isinstance(item, MessageTooLarge):
-                    await conn.send(_error(f"{item.desc}; closing the connection"))
+                    await conn.send(error(f"{item.desc}; closing the connection"))
                     return
                 reply = await conn.session.handle(item)
                 sent = False
@@ -214,14 +221,14 @@ class QmpServer:
     # --- events -------------------------------------------------------------------------------
     def broadcast(self, name: str, data: dict[str, Any]) -> None:
         """Send an event to every negotiated client (not while a reply is being written)."""
-        event = {"event": name, "data": data, "timestamp": _timestamp()}
+        message = event(name, data)
         for conn in list(self._connections):
             if conn.session.phase is not Phase.COMMAND:
                 continue
             if len(conn.events) >= MAX_EVENT_BACKLOG:
                 self._drop_slow(conn)
                 continue
-            task = asyncio.create_task(conn.send(event))
+            task = asyncio.create_task(conn.send(message))
             conn.events.add(task)
             task.add_done_callback(conn.events.discard)
 
@@ -238,15 +245,6 @@ class QmpServer:
     @property
     def connections(self) -> Iterable[Connection]:
         return tuple(self._connections)
-
-
-def _error(desc: str) -> dict[str, Any]:
-    return {"error": {"class": "GenericError", "desc": desc}}
-
-
-def _timestamp() -> dict[str, int]:
-    now = time.time()
-    return {"seconds": int(now), "microseconds": int((now % 1) * 1_000_000)}
 
 
 async def _recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:

@@ -1,4 +1,8 @@
-"""`dirtylogd` / `python -m dirtylogd`: run the service until SIGTERM or SIGINT."""
+"""`dirtylogd` / `python -m dirtylogd`: wire the rooms together and serve until SIGTERM/SIGINT.
+
+The only place that knows every room: the service gets the event hub's ``publish``, the wire
+gets a factory that binds the command table to each new connection.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +12,39 @@ import logging
 import signal
 import sys
 
-from dirtylogd import __version__, systemd
-from dirtylogd.config import Config, ConfigError, configure_logging, load
-from dirtylogd.demo import start_demo
-from dirtylogd.metrics import make_registry, serve
-from dirtylogd.peers import PeerPolicy
-from dirtylogd.server import Limits, QmpServer
-from dirtylogd.service import Service
-from dirtylogd.state import StateStore
-from dirtylogd.telemetry import ServerTelemetry
+from dirtylogd import __version__
+from dirtylogd.api.dispatch import BoundCommands
+from dirtylogd.ops import systemd
+from dirtylogd.ops.config import Config, ConfigError, configure_logging, load
+from dirtylogd.ops.demo import start_demo
+from dirtylogd.ops.metrics import make_registry, serve
+from dirtylogd.qmp.events import EventHub
+from dirtylogd.qmp.fds import FdRegistry
+from dirtylogd.qmp.peers import PeerPolicy
+from dirtylogd.qmp.server import Limits, QmpServer
+from dirtylogd.qmp.session import Session
+from dirtylogd.qmp.telemetry import ServerTelemetry
+from dirtylogd.service.registry import Service
+from dirtylogd.service.store import StateStore
 
 log = logging.getLogger("dirtylogd")
 
 
 async def run(config: Config) -> None:
     state = StateStore(config.state_dir) if config.state_dir else None
-    service = Service(config.runtime_dir, state)
+    events = EventHub()
+    service = Service(config.runtime_dir, state, events.publish)
     telemetry = ServerTelemetry()
+
+    def new_session(fds: FdRegistry) -> Session:
+        return Session(BoundCommands(service, fds, config.max_reply_bytes), telemetry)
+
     server = QmpServer(
-        service,
+        new_session,
         telemetry,
         PeerPolicy(frozenset(config.allow_uid), frozenset(config.allow_gid)),
         Limits(config.max_message_bytes, config.max_reply_bytes, max_clients=config.max_clients),
+        events,
     )
     await service.restore()  # before listening: a client that can connect finds every VM
     background: list[asyncio.Task[None]] = []

@@ -1,21 +1,23 @@
 """Renderings of the command table: QEMU-style introspection and the protocol reference.
 
-python -m dirtylogd.introspect > docs/protocol.md
+python -m dirtylogd.api.introspect > docs/protocol.md
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dirtylogd.argtypes import Arg, ArgType, Enum, List, Object
-from dirtylogd.schema import COMMANDS
+from dirtylogd.api.argtypes import Arg, ArgType, Enum, List, Object
+
+if TYPE_CHECKING:  # the table imports the handlers, which render it: no import at run time
+    from dirtylogd.api.schema import Command
 
 # --- introspection (query-qmp-schema) ---------------------------------------------------------
 _BUILTINS = {"str": "string", "int": "int", "number": "number", "bool": "boolean", "value": "value"}
 
 
-def qmp_schema() -> list[dict[str, Any]]:
+def qmp_schema(commands: Sequence[Command]) -> list[dict[str, Any]]:
     """SchemaInfo entries in QEMU's format (names are not masked)."""
     entries: dict[str, dict[str, Any]] = {}
 
@@ -51,7 +53,7 @@ def qmp_schema() -> list[dict[str, Any]]:
         entries.setdefault(name, {"name": name, "meta-type": "object", "members": members})
 
     out = []
-    for cmd in COMMANDS:
+    for cmd in commands:
         arg_type = f"q_obj_{cmd.name}-arg"
         object_entry(arg_type, cmd.args)
         out.append(
@@ -69,17 +71,18 @@ def qmp_schema() -> list[dict[str, Any]]:
 
 
 # --- the protocol reference -------------------------------------------------------------------
-def render_markdown() -> str:
+def render_markdown(commands: Sequence[Command]) -> str:
     lines = [
         "# dirtylogd QMP protocol reference",
         "",
-        "Generated from `daemon/schema.py` by `python -m dirtylogd.introspect`; do not edit.",
+        "Generated from `daemon/dirtylogd/api/schema.py` by",
+        "`python -m dirtylogd.api.introspect`; do not edit.",
         "Framing, negotiation and error classes follow QEMU's docs/interop/qmp-spec.rst.",
         "Unknown, missing, wrong-typed or out-of-range arguments are rejected with GenericError",
         "before the command does anything.",
         "",
     ]
-    for cmd in COMMANDS:
+    for cmd in commands:
         lines += [f"## `{cmd.name}`", "", cmd.doc, ""]
         if cmd.args:
             lines += ["| argument | type | default | meaning |", "| --- | --- | --- | --- |"]
@@ -110,4 +113,6 @@ def _json_default(value: Any) -> str:
 
 
 if __name__ == "__main__":
-    print(render_markdown(), end="")
+    from dirtylogd.api.schema import COMMANDS
+
+    print(render_markdown(COMMANDS), end="")

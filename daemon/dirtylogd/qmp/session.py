@@ -1,24 +1,24 @@
-"""One QMP session: greeting, capabilities negotiation, id echo, dispatch through the schema.
+"""One QMP session: greeting, capabilities negotiation, id echo, every envelope.
 
-The session turns each decoded value into exactly one reply. It knows nothing of sockets: the
-server feeds it values and writes what it returns (see qmp-spec "Capabilities Negotiation",
-"Issuing Commands", "Commands Responses").
+The session turns each decoded value into exactly one reply, and builds the event envelope. It
+knows nothing of sockets (the server feeds it values and writes what it returns) nor of VMs:
+commands come from a :class:`Commands` table it is given (see qmp-spec "Capabilities
+Negotiation", "Issuing Commands", "Commands Responses", "Asynchronous events").
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from dirtylogd import VERSION, __version__
-from dirtylogd.commands import HANDLERS, Context, Deferred
 from dirtylogd.errors import CommandNotFound, GenericError, QmpError
-from dirtylogd.framing import ParseError
-from dirtylogd.schema import BY_NAME
-from dirtylogd.telemetry import ServerTelemetry
+from dirtylogd.qmp.framing import ParseError
+from dirtylogd.qmp.telemetry import ServerTelemetry
 
 log = logging.getLogger(__name__)
 _NO_ID: Any = object()
@@ -28,6 +28,26 @@ _MEMBERS = frozenset({"execute", "arguments", "id"})
 class Phase(enum.Enum):
     NEGOTIATION = "negotiation"
     COMMAND = "command"
+
+
+class Commands(Protocol):
+    """The command table as the session sees it: names, argument checks, execution."""
+
+    def known(self, name: str) -> bool: ...
+
+    def validate(self, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        """Checked arguments under snake_case names; raises QmpError."""
+        ...
+
+    async def run(self, name: str, arguments: dict[str, Any]) -> Any: ...
+
+
+@dataclass
+class Deferred:
+    """A return value whose delivery must be confirmed; ``undo`` runs if it cannot be."""
+
+    value: Any
+    undo: Callable[[], None]
 
 
 @dataclass
@@ -48,9 +68,21 @@ def greeting() -> dict[str, Any]:
     }
 
 
+def event(name: str, data: dict[str, Any]) -> dict[str, Any]:
+    """An asynchronous event, stamped now (qmp-spec "Asynchronous events")."""
+    now = time.time()
+    stamp = {"seconds": int(now), "microseconds": int((now % 1) * 1_000_000)}
+    return {"event": name, "data": data, "timestamp": stamp}
+
+
+def error(desc: str) -> dict[str, Any]:
+    """An error reply outside any command (refused peer, oversized message)."""
+    return {"error": GenericError(desc).to_json()}
+
+
 class Session:
-    def __init__(self, context: Context, telemetry: ServerTelemetry) -> None:
-        self.context = context
+    def __init__(self, commands: Commands, telemetry: ServerTelemetry) -> None:
+        self.commands = commands
         self.telemetry = telemetry
         self.phase = Phase.NEGOTIATION
 
@@ -98,10 +130,9 @@ class Session:
     async def _dispatch(self, name: str, raw_args: dict[str, Any]) -> Any:
         if self.phase is Phase.NEGOTIATION and name != "qmp_capabilities":
             raise CommandNotFound("Expecting capabilities negotiation with 'qmp_capabilities'")
-        command = BY_NAME.get(name)
-        if command is None:
+        if not self.commands.known(name):
             raise CommandNotFound(f"The command {name} has not been found")
-        args = command.validate(raw_args)
+        args = self.commands.validate(name, raw_args)
         if name == "qmp_capabilities":
             if self.phase is Phase.COMMAND:
                 raise CommandNotFound(
@@ -111,7 +142,7 @@ class Session:
                 raise GenericError(f"Capability '{capability}' not available")
             self.phase = Phase.COMMAND
             return {}
-        return await HANDLERS[name](self.context, args)
+        return await self.commands.run(name, args)
 
     def _error(self, exc: QmpError, id_: Any) -> Reply:
         message: dict[str, Any] = {"error": exc.to_json()}
@@ -120,5 +151,5 @@ class Session:
         return Reply(message)
 
     def _count(self, name: Any, result: str) -> None:
-        label = name if isinstance(name, str) and name in BY_NAME else "unknown"
+        label = name if isinstance(name, str) and self.commands.known(name) else "unknown"
         self.telemetry.requests[(label, result)] += 1

@@ -67,13 +67,3 @@ class VmTelemetry:
     harvest_seconds: DurationHistogram = field(default_factory=DurationHistogram)
     dirty_pages: Counter[str] = field(default_factory=Counter)  # by source: uc, io
     io_marked_pages: int = 0
-
-
-@dataclass
-class ServerTelemetry:
-    """What happened on the QMP socket."""
-
-    requests: Counter[tuple[str, str]] = field(default_factory=Counter)  # (command, result)
-    clients: int = 0
-    refused_peers: int = 0
-    dropped_clients: Counter[str] = field(default_factory=Counter)  # by reason

@@ -23,8 +23,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from dirtylogd import __version__
-from dirtylogd.service import Service
-from dirtylogd.telemetry import ServerTelemetry
+from dirtylogd.qmp.telemetry import ServerTelemetry
+from dirtylogd.service.registry import Service
 
 P = "dirtylogd_"
 
@@ -100,7 +100,7 @@ class DirtylogdCollector(Collector):
             for kind, n in stats.faults_by_kind.items():
                 faults.add_metric([vm.name, kind], n)
             ipte.add_metric([vm.name], stats.ipte_notifications)
-            failed.add_metric([vm.name], getattr(vm.backend, "vcpu_failures", 0))
+            failed.add_metric([vm.name], vm.backend.vcpu_failures)
             for path, n in stats.writes_by_path.items():
                 writes.add_metric([vm.name, path], n)
             rate.add_metric([vm.name], float(vm.dirty_rate()["dirty-pages-rate"]))  # type: ignore[arg-type]

@@ -3,6 +3,10 @@
 Blocking work — harvests, memslot changes, stores, vCPU control — runs in worker threads
 (``asyncio.to_thread``) so one large VM never stalls the socket of another. Kernel-contract
 failures become GenericError with the errno in the text; unknown names become DeviceNotFound.
+
+It also drives the state store: on a graceful stop every VM is saved with its consumers'
+pending bits; on start every saved VM comes back (all dirty if the daemon was killed).
+Events (STOP, RESUME, VCPU_FAILED) go to the sink it is given; it does not know who listens.
 """
 
 from __future__ import annotations
@@ -16,27 +20,43 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from dirtylogd.errors import DeviceNotFound, GenericError, from_kvm
-from dirtylogd.persistence import restore_all, save_all, vm_record
-from dirtylogd.state import StateStore
-from dirtylogd.vm import Taken, VmState
+from dirtylogd.errors import DeviceNotFound, GenericError, QmpError
+from dirtylogd.service.records import running_workload, vm_record
+from dirtylogd.service.store import StateStore
+from dirtylogd.service.vm import Taken, VmState
 from kvmshim.abi import KVM_MEM_LOG_DIRTY_PAGES, make_slot_id
 from kvmshim.backends import WorkloadSpec, create_backend
 from kvmshim.backends.base import Pattern, ReadPath, WritePath
 from kvmshim.errors import KvmError, KvmShimError
+from kvmshim.memslot import Memslot
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Where events go: (name, data), called on the event loop's thread.
 EventSink = Callable[[str, dict[str, Any]], None]
 
 
+def from_kvm(exc: KvmError, vm: str) -> QmpError:
+    """A kernel-contract failure as the client sees it: the errno stays in the text."""
+    return GenericError(exc.describe(vm))
+
+
+def _no_events(name: str, data: dict[str, Any]) -> None:
+    """The sink of a service nobody listens to (tests, tools)."""
+
+
 class Service:
-    def __init__(self, runtime_dir: str, state: StateStore | None = None) -> None:
+    def __init__(
+        self,
+        runtime_dir: str,
+        state: StateStore | None = None,
+        events: EventSink = _no_events,
+    ) -> None:
         self.runtime_dir = runtime_dir
         self.state = state
         self.vms: dict[str, VmState] = {}
         self._creating: set[str] = set()
-        self.emit_event: EventSink = lambda name, data: None
+        self.emit_event = events
 
     # --- persistence ----------------------------------------------------------------------------
     def register(self, vm: VmState) -> None:
@@ -50,8 +70,78 @@ class Service:
             self.state.save_vm(vm_record(vm))
 
     async def restore(self) -> None:
-        if self.state is not None:
-            await restore_all(self, self.state)
+        """Bring back every VM the state store has a record of (before serving clients)."""
+        if self.state is None:
+            return
+        for record in self.state.load_all():
+            name = record.get("name", "?")
+            if not os.path.exists(record.get("ram-path", "")):
+                log.error(
+                    "vm %s cannot be restored: its RAM file %s is gone",
+                    name,
+                    record.get("ram-path"),
+                )
+                self.state.delete_vm(name)
+                continue
+            try:
+                await self._restore(self.state, record)
+            except Exception:  # one broken record must not keep the daemon from serving the rest
+                log.exception(
+                    "vm %s could not be restored; its record stays in %s",
+                    name,
+                    self.state.directory,
+                )
+
+    async def _restore(self, store: StateStore, record: dict[str, Any]) -> None:
+        name = record["name"]
+        runtime_dir = os.path.dirname(record["ram-path"])
+        backend = await asyncio.to_thread(
+            create_backend, record["backend"], name, runtime_dir, record.get("esop", True), True
+        )
+        vm = VmState(name, backend)
+        try:
+            for m in record["memslots"]:
+                flags = KVM_MEM_LOG_DIRTY_PAGES if m["log-dirty-pages"] else 0
+                change = await asyncio.to_thread(
+                    backend.restore_memslot,
+                    make_slot_id(m["as-id"], m["slot"]),
+                    flags,
+                    m["guest-phys-addr"],
+                    m["size"],
+                    m["ram-offset"],
+                )
+                vm.apply_memslot_change(change)
+            for c in record["consumers"]:
+                vm.add_consumer(c["name"], c["manual-protect"], c["initially-set"])
+        except BaseException:
+            await asyncio.to_thread(backend.close, True)
+            raise
+        saved = store.take_pending(name)  # always consumed: never reused by a later restart
+        vm.restore_pending(saved if record.get("clean") else None)
+        self.register(vm)
+        if record.get("paused"):
+            await self.pause(vm)
+        if record.get("workload"):
+            await self.start_workload(vm, **record["workload"])
+        self.persist(vm)
+        if record.get("clean"):
+            log.info("vm %s restored (pending bits as saved)", name)
+        else:
+            log.info("vm %s restored (every page dirty: the daemon was not stopped cleanly)", name)
+
+    async def save_all(self, store: StateStore) -> None:
+        """Graceful stop: pause, harvest into every consumer, save their bits, keep the RAM."""
+        for vm in list(self.vms.values()):
+            workload = running_workload(vm)
+            await asyncio.to_thread(vm.backend.pause)  # nothing stores from here on ...
+            await asyncio.to_thread(vm.backend.stop_workload)
+            await asyncio.to_thread(vm.flush)  # ... so this harvest is the last word
+            for (consumer, slot), bits in vm.pending_snapshot().items():
+                store.save_pending(vm.name, consumer, slot, bits)
+            store.save_vm(vm_record(vm, clean=True, workload=workload))
+            await asyncio.to_thread(vm.backend.close, True)
+            log.info("vm %s saved: its consumers' pending bits wait for the next start", vm.name)
+        self.vms.clear()
 
     # --- helpers ------------------------------------------------------------------------------
     def vm(self, name: str) -> VmState:
@@ -126,10 +216,8 @@ class Service:
             entry["capabilities"] = backend.capabilities()
             entry["paused"] = backend.paused
             entry["generation"] = backend.generation
-            ram = getattr(backend, "ram", None)
-            if ram is not None:
-                entry["ram-path"] = ram.path
-            workload = getattr(backend, "workload", None)
+            entry["ram-path"] = backend.ram_path
+            workload = backend.workload_status()
             if workload is not None:
                 entry["workload"] = {
                     "running": workload.running,
@@ -140,6 +228,10 @@ class Service:
                 }
             out.append(entry)
         return out
+
+    def memslot(self, vm: VmState, slot: int, as_id: int) -> Memslot | None:
+        """The memslot a command names, or None (the harvest will say why: ENOENT, EINVAL)."""
+        return vm.backend.memslots.get(make_slot_id(as_id, slot))
 
     async def set_memslot(
         self,
@@ -252,7 +344,7 @@ class Service:
     async def shutdown(self) -> None:
         """Graceful stop: with a state directory the VMs are saved, else removed."""
         if self.state is not None:
-            await save_all(self, self.state)
+            await self.save_all(self.state)
             return
         for name in list(self.vms):
             await self.remove_vm(name)

@@ -10,8 +10,6 @@ A failed command changes nothing; handlers raise these before any side effect, o
 
 from __future__ import annotations
 
-from kvmshim.errors import KvmError
-
 
 class QmpError(Exception):
     """An error reply. ``desc`` is for people: it says what was wrong and what to do."""
@@ -36,8 +34,3 @@ class CommandNotFound(QmpError):
 
 class DeviceNotFound(QmpError):
     error_class = "DeviceNotFound"
-
-
-def from_kvm(exc: KvmError, vm: str) -> QmpError:
-    """A kernel-contract failure as the client sees it: the errno stays in the text."""
-    return GenericError(exc.describe(vm))

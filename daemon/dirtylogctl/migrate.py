@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
-from dirtylogd.stream import PAGE, FileSink, Sink, TcpSink
+from dirtylogctl.stream import PAGE, FileSink, Sink, TcpSink
 
 FRAME_PAGES = 256  # 1 MiB per frame
 VERIFY_PAGES = 16384  # 64 MiB of pages per verification step

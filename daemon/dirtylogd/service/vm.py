@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dirtylogd.consumers import Consumer
 from dirtylogd.errors import DeviceNotFound, GenericError
-from dirtylogd.telemetry import VmTelemetry
+from dirtylogd.service.consumers import Consumer
+from dirtylogd.service.telemetry import VmTelemetry
 from kvmshim.abi import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT, PAGE_SIZE, make_slot_id
 from kvmshim.backends.base import Backend
 from kvmshim.bitmap import DirtyBitmap

@@ -18,8 +18,8 @@ from typing import Any
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 
-from dirtylogd import migrate_cli
-from dirtylogd.config import default_paths
+from dirtylogctl import migrate_cli
+from dirtylogctl.paths import SOCKET_ENV, default_socket, socket_path
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_QMP, EXIT_CONNECT = 0, 1, 2, 3, 4
 _SIZE = re.compile(r"(?i)^(0x[0-9a-f]+|\d+)\s*([kmgt]i?b?)?$")
@@ -276,13 +276,13 @@ class NotFoundError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    default_socket = default_paths(os.geteuid(), dict(os.environ))[0]
+    fallback = default_socket(os.geteuid(), os.environ)
     p = argparse.ArgumentParser(prog="dirtylogctl", description="Talk to dirtylogd over QMP.")
     p.add_argument(
         "-s",
         "--socket",
-        default=os.environ.get("DIRTYLOGD_SOCKET", default_socket),
-        help=f"daemon socket (default $DIRTYLOGD_SOCKET or {default_socket})",
+        default=socket_path(os.geteuid(), os.environ),
+        help=f"daemon socket (default ${SOCKET_ENV} or {fallback})",
     )
     p.add_argument("--json", action="store_true", help="print the daemon's JSON answers")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a connection")

@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from dirtylogd.migrate import Migration, MigrationError, Options, Round, Stats
-from dirtylogd.stream import PAGE, StreamError, serve_once
+from dirtylogctl.migrate import Migration, MigrationError, Options, Round, Stats
+from dirtylogctl.stream import PAGE, StreamError, serve_once
 
 EXIT_OK, EXIT_FAILED, EXIT_DIFFERENT = 0, 1, 5
 MiB = 1 << 20

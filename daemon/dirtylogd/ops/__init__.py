@@ -1,0 +1,1 @@
+"""Operations: configuration, systemd integration, Prometheus metrics and the demo."""
