@@ -1,0 +1,31 @@
+"""The client finds the daemon where the daemon listens, without importing the server."""
+
+import pytest
+
+from dirtylogctl.paths import SOCKET_ENV, default_socket, socket_path
+from dirtylogd.ops.config import default_paths, load
+
+ENVS = [
+    {},
+    {"XDG_RUNTIME_DIR": "/run/user/1000"},
+    {"XDG_RUNTIME_DIR": ""},  # set but empty: the fallback, as an unset one
+    {"XDG_RUNTIME_DIR": "/run/user/1000", "HOME": "/home/u", "XDG_STATE_HOME": "/s"},
+]
+
+
+@pytest.mark.parametrize("euid", [0, 1000, 65534])
+@pytest.mark.parametrize("env", ENVS)
+def test_client_default_socket_agrees_with_the_daemons(euid, env):
+    assert default_socket(euid, env) == default_paths(euid, env)[0]
+
+
+@pytest.mark.parametrize("euid", [0, 1000])
+def test_daemon_listens_where_the_client_looks_by_default(euid, monkeypatch):
+    monkeypatch.setattr("os.geteuid", lambda: euid)
+    env = {"XDG_RUNTIME_DIR": "/run/user/1000"}
+    assert load([], env=env).socket == default_socket(euid, env)
+
+
+def test_dirtylogd_socket_overrides_the_default():
+    assert socket_path(1000, {SOCKET_ENV: "/x/q.sock"}) == "/x/q.sock"
+    assert socket_path(0, {SOCKET_ENV: ""}) == "/run/dirtylogd/qmp.sock"
