@@ -6,6 +6,7 @@ import struct
 
 import numpy as np
 import pytest
+
 from dirtylogctl.stream import (
     DONE,
     MAGIC,
