@@ -42,12 +42,15 @@ def _ioctl(
     while True:
         try:
             if isinstance(arg, int):
-                result = _libc.ioctl(fd, request, arg)
+                result: int = _libc.ioctl(fd, request, arg)  # restype c_int: a Python int
                 if result < 0:
                     err = ctypes.get_errno()
                     raise OSError(err, os.strerror(err))
                 return result
-            return fcntl.ioctl(fd, request, arg, True)
+            # A mutable buffer with mutate_flag=True: ioctl returns the kernel's int (typeshed
+            # cannot tell mutable from read-only buffers here, so its stub says Any).
+            returned: int = fcntl.ioctl(fd, request, arg, True)
+            return returned
         except InterruptedError:
             continue
         except OSError as exc:

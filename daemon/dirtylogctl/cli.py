@@ -13,7 +13,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
@@ -83,12 +83,28 @@ class Ctl:
         else:
             print(human)
 
+    async def _object(
+        self, command: str, arguments: Mapping[str, object] | None = None
+    ) -> dict[str, Any]:
+        """Run a command whose return value is a JSON object."""
+        reply = await self.qmp.execute(command, arguments)
+        if not isinstance(reply, dict):
+            raise ReplyError(f"{command} returned {type(reply).__name__}, not a JSON object")
+        return reply
+
+    async def _vms(self) -> list[dict[str, Any]]:
+        """query-vms: a JSON array of objects."""
+        reply = await self.qmp.execute("query-vms")
+        if not isinstance(reply, list) or not all(isinstance(vm, dict) for vm in reply):
+            raise ReplyError("query-vms returned something other than a JSON array of objects")
+        return reply
+
     async def cmd_version(self, a: argparse.Namespace) -> None:
-        v = await self.qmp.execute("query-version")
+        v = await self._object("query-version")
         self.show(v, v["package"])
 
     async def cmd_vm_list(self, a: argparse.Namespace) -> None:
-        vms = await self.qmp.execute("query-vms")
+        vms = await self._vms()
         rows = [
             {
                 "name": v["name"],
@@ -124,7 +140,7 @@ class Ctl:
         )
 
     async def _vm(self, name: str) -> dict[str, Any]:
-        for vm in await self.qmp.execute("query-vms"):
+        for vm in await self._vms():
             if vm["name"] == name:
                 return vm
         raise NotFoundError(f"DeviceNotFound: no VM named '{name}'")
@@ -170,7 +186,7 @@ class Ctl:
             )
             self.show(result, human)
             return
-        result = await self.qmp.execute("dirty-log-get", {**base, "encoding": "ranges"})
+        result = await self._object("dirty-log-get", {**base, "encoding": "ranges"})
         spans = [f"{f}" if n == 1 else f"{f}-{f + n - 1}" for f, n in result["ranges"]]
         shown = ", ".join(spans[:32]) + (
             f", ... ({len(spans) - 32} more)" if len(spans) > 32 else ""
@@ -188,9 +204,7 @@ class Ctl:
         try:
             self.qmp.send_fd_scm(fd)
             await self.qmp.execute("getfd", {"fdname": name})
-            result = await self.qmp.execute(
-                "dirty-log-get", {**base, "encoding": "fd", "fdname": name}
-            )
+            result = await self._object("dirty-log-get", {**base, "encoding": "fd", "fdname": name})
             await self.qmp.execute("closefd", {"fdname": name})
             nbytes = (result["npages"] + 63) // 64 * 8
             data = os.pread(fd, nbytes, 0)
@@ -222,11 +236,11 @@ class Ctl:
         self.show(await self.qmp.execute("dirty-log-clear", args), "cleared")
 
     async def cmd_io_mark(self, a: argparse.Namespace) -> None:
-        r = await self.qmp.execute("io-dirty-mark", {"vm": a.vm, "ranges": a.ranges})
+        r = await self._object("io-dirty-mark", {"vm": a.vm, "ranges": a.ranges})
         self.show(r, f"marked {r['pages']} pages")
 
     async def cmd_rate(self, a: argparse.Namespace) -> None:
-        r = await self.qmp.execute("query-dirty-rate", {"vm": a.vm})
+        r = await self._object("query-dirty-rate", {"vm": a.vm})
         human = (
             f"{a.vm}: {r['dirty-pages-rate']:.0f} pages/s ({r['dirty-rate']} MiB/s), "
             f"{r['status']}\n"
@@ -275,6 +289,10 @@ class NotFoundError(Exception):
     """Something the daemon does not have, found out client-side (exit 3)."""
 
 
+class ReplyError(Exception):
+    """The daemon's return value does not have the shape the command documents (exit 1)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     fallback = default_socket(os.geteuid(), os.environ)
     p = argparse.ArgumentParser(prog="dirtylogctl", description="Talk to dirtylogd over QMP.")
@@ -288,7 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a connection")
     sub = p.add_subparsers(dest="family", required=True, metavar="COMMAND")
 
-    def cmd(parent: Any, name: str, handler: str, help_: str) -> argparse.ArgumentParser:
+    def cmd(
+        parent: argparse._SubParsersAction[argparse.ArgumentParser],
+        name: str,
+        handler: str,
+        help_: str,
+    ) -> argparse.ArgumentParser:
         q = parent.add_parser(name, help=help_, description=help_)
         q.set_defaults(handler=handler)
         return q
@@ -402,7 +425,7 @@ async def _main(args: argparse.Namespace) -> int:
     except (QMPError, EOFError, ConnectionError) as exc:
         print(f"dirtylogctl: lost the connection to dirtylogd: {exc}", file=sys.stderr)
         return EXIT_CONNECT
-    except OSError as exc:
+    except (OSError, ReplyError) as exc:
         print(f"dirtylogctl: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     finally:

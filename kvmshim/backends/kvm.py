@@ -165,10 +165,12 @@ class KvmBackend(GuestVm):
             self.memslots.commit(change)
             self._layout = None
             new = change.new
-            starts_logging = (
-                new is not None and new.log_dirty_pages and (old is None or not old.log_dirty_pages)
-            )
-            if starts_logging and self.initially_set:
+            if (
+                new is not None
+                and new.log_dirty_pages
+                and (old is None or not old.log_dirty_pages)  # logging starts
+                and self.initially_set
+            ):
                 self._arm(new)
             return change
 
@@ -275,9 +277,8 @@ class KvmBackend(GuestVm):
             vcpu = self._idle.get_nowait()
         except queue.Empty:
             with self._vcpu_lock:
-                vcpu = self._new_vcpu() if len(self._vcpus) < guest.MAX_VCPUS else None
-            if vcpu is None:
-                vcpu = self._idle.get()
+                fresh = self._new_vcpu() if len(self._vcpus) < guest.MAX_VCPUS else None
+            vcpu = fresh if fresh is not None else self._idle.get()
         try:
             yield vcpu
         finally:

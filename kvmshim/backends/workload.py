@@ -47,7 +47,8 @@ class GfnLayout:
 
     def gfns(self, index: np.ndarray) -> np.ndarray:
         which = np.searchsorted(self.starts, index, side="right") - 1
-        return self.bases[which] + (index - self.starts[which])
+        gfns: np.ndarray = self.bases[which] + (index - self.starts[which])
+        return gfns
 
 
 class RunGate:

@@ -224,7 +224,7 @@ class S390Mmu:
             present = (oldpte & _PRESENT) != 0
             idx, oldpte = idx[present], oldpte[present]
             pg = self._pgste_ipte_notify(idx, self.pgste[idx])
-            young = (oldpte & _YOUNG) != 0
+            young: np.ndarray = (oldpte & _YOUNG) != 0
             pte = pte_mkold(oldpte)
             pg = self._pgste_update_all(oldpte, pg)
             pg, pte = pgste_set_pte(pg, pte, self.esop)

@@ -103,7 +103,7 @@ class DirtylogdCollector(Collector):
             failed.add_metric([vm.name], vm.backend.vcpu_failures)
             for path, n in stats.writes_by_path.items():
                 writes.add_metric([vm.name, path], n)
-            rate.add_metric([vm.name], float(vm.dirty_rate()["dirty-pages-rate"]))  # type: ignore[arg-type]
+            rate.add_metric([vm.name], _number(vm.dirty_rate()["dirty-pages-rate"]))
         yield from (
             count,
             harvests,
@@ -153,6 +153,13 @@ class DirtylogdCollector(Collector):
         for name, seconds in sorted(by_name.items()):
             cpu.add_metric([name], seconds)
         yield cpu
+
+
+def _number(value: object) -> float:
+    """A numeric entry of a QMP-shaped ``dict[str, object]`` answer, as a float."""
+    if not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {value!r}")
+    return float(value)
 
 
 def make_registry(service: Service, server: ServerTelemetry) -> CollectorRegistry:

@@ -14,15 +14,16 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Mapping, MutableMapping
 
 log = logging.getLogger(__name__)
 SD_LISTEN_FDS_START = 3
 
 
-def notify(*assignments: str, env: dict[str, str] | None = None) -> bool:
+def notify(*assignments: str, env: Mapping[str, str] | None = None) -> bool:
     """Send ``KEY=value`` lines to the service manager; False when not run under one."""
-    env = os.environ if env is None else env
-    address = env.get("NOTIFY_SOCKET")
+    environ: Mapping[str, str] = os.environ if env is None else env
+    address = environ.get("NOTIFY_SOCKET")
     if not address:
         return False
     if address.startswith("@"):
@@ -31,16 +32,16 @@ def notify(*assignments: str, env: dict[str, str] | None = None) -> bool:
         try:
             sock.sendto("\n".join(assignments).encode(), address)
         except OSError as exc:
-            log.warning("sd_notify to %s failed: %s", env.get("NOTIFY_SOCKET"), exc)
+            log.warning("sd_notify to %s failed: %s", environ.get("NOTIFY_SOCKET"), exc)
             return False
     return True
 
 
-def watchdog_interval(env: dict[str, str] | None = None) -> float | None:
+def watchdog_interval(env: Mapping[str, str] | None = None) -> float | None:
     """Half of WATCHDOG_USEC in seconds, if the watchdog is meant for this process."""
-    env = os.environ if env is None else env
-    usec = env.get("WATCHDOG_USEC")
-    pid = env.get("WATCHDOG_PID")
+    environ: Mapping[str, str] = os.environ if env is None else env
+    usec = environ.get("WATCHDOG_USEC")
+    pid = environ.get("WATCHDOG_PID")
     if not usec or (pid and int(pid) != os.getpid()):
         return None
     return int(usec) / 2 / 1e6
@@ -53,14 +54,16 @@ async def watchdog(interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-def listen_socket(env: dict[str, str] | None = None) -> socket.socket | None:
-    """The AF_UNIX stream socket passed by socket activation, or None."""
-    env = os.environ if env is None else env
-    if env.get("LISTEN_PID") != str(os.getpid()):
+def listen_socket(env: MutableMapping[str, str] | None = None) -> socket.socket | None:
+    """The AF_UNIX stream socket passed by socket activation, or None.
+
+    The LISTEN_* variables are removed from ``env`` (default: this process's environment)."""
+    environ: MutableMapping[str, str] = os.environ if env is None else env
+    if environ.get("LISTEN_PID") != str(os.getpid()):
         return None
-    count = int(env.get("LISTEN_FDS", "0"))
+    count = int(environ.get("LISTEN_FDS", "0"))
     for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        env.pop(key, None)  # not for our children
+        environ.pop(key, None)  # not for our children
     if count < 1:
         return None
     if count > 1:

@@ -92,10 +92,10 @@ class Session:
         if not isinstance(item, dict):
             return self._error(GenericError("QMP input must be a JSON object"), _NO_ID)
         id_ = item.get("id", _NO_ID)
-        name = item.get("execute")
+        name = item.get("execute")  # for counting and logging; may not be a string
         try:
-            args = self._check_envelope(item)
-            result = await self._dispatch(name, args)
+            command, args = self._check_envelope(item)
+            result = await self._dispatch(command, args)
         except QmpError as exc:
             self._count(name, exc.error_class)
             return self._error(exc, id_)
@@ -112,7 +112,8 @@ class Session:
             message["id"] = id_
         return Reply(message, undo)
 
-    def _check_envelope(self, item: dict[str, Any]) -> dict[str, Any]:
+    def _check_envelope(self, item: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The command name and its arguments, once the envelope is valid; raises QmpError."""
         for key in item:
             if key == "exec-oob":
                 raise GenericError("out-of-band execution is not supported (no 'oob' capability)")
@@ -120,12 +121,13 @@ class Session:
                 raise GenericError(f"QMP input member '{key}' is unexpected")
         if "execute" not in item:
             raise GenericError("QMP input lacks member 'execute'")
-        if not isinstance(item["execute"], str):
+        name = item["execute"]
+        if not isinstance(name, str):
             raise GenericError("QMP input member 'execute' must be a string")
         args = item.get("arguments", {})
         if not isinstance(args, dict):
             raise GenericError("QMP input member 'arguments' must be an object")
-        return args
+        return name, args
 
     async def _dispatch(self, name: str, raw_args: dict[str, Any]) -> Any:
         if self.phase is Phase.NEGOTIATION and name != "qmp_capabilities":
