@@ -147,7 +147,8 @@ class DirtyBitmap:
         bits = np.unpackbits(
             self.words[nz].view(np.uint8).reshape(-1, 8), axis=1, bitorder="little"
         ).astype(bool)
-        return (nz[:, None] * BITS_PER_LONG + _BIT_INDEX)[bits]
+        dirty: np.ndarray = (nz[:, None] * BITS_PER_LONG + _BIT_INDEX)[bits]
+        return dirty
 
     def ranges(self) -> list[list[int]]:
         """Runs of dirty pages as ``[[first, count], ...]``, ascending."""
@@ -157,7 +158,8 @@ class DirtyBitmap:
         breaks = np.flatnonzero(np.diff(pages) != 1)
         starts = pages[np.concatenate(([0], breaks + 1))]
         ends = pages[np.concatenate((breaks, [pages.size - 1]))] + 1
-        return np.stack((starts, ends - starts), axis=1).tolist()
+        runs: list[list[int]] = np.stack((starts, ends - starts), axis=1).tolist()
+        return runs
 
     # --- set algebra -------------------------------------------------------------------------
     def _check_same(self, other: DirtyBitmap) -> None:
