@@ -18,7 +18,6 @@ source does) unless asked to resume.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
 import time
@@ -29,10 +28,17 @@ from typing import Any, Protocol
 import numpy as np
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
-from dirtylogctl.stream import PAGE, FileSink, Sink, TcpSink
-
-FRAME_PAGES = 256  # 1 MiB per frame
-VERIFY_PAGES = 16384  # 64 MiB of pages per verification step
+from dirtylogctl.stream import FileSink, Sink, TcpSink
+from dirtylogctl.wireformat import (
+    MAX_PAGES_PER_FRAME,
+    MAX_VERIFY_PAGES,
+    PAGE_SIZE,
+    Header,
+    SlotInfo,
+)
+from kvmshim.abi import dirty_bitmap_bytes
+from kvmshim.bitmap import DirtyBitmap
+from kvmshim.errors import BitmapError
 
 
 @dataclass
@@ -139,8 +145,8 @@ class _Slot:
     gpa: int
     npages: int
     logged: bool
-    region: np.ndarray  # the slot's RAM, (npages, PAGE) uint8, read-only
-    sent: np.ndarray  # bool per page: sent at least once
+    region: np.ndarray  # the slot's RAM, (npages, PAGE_SIZE) uint8, read-only
+    sent: DirtyBitmap  # pages sent at least once
 
 
 def open_sink(destination: str) -> Sink:
@@ -244,12 +250,12 @@ class Migration:
                 m["guest-phys-addr"],
                 m["npages"],
                 m["log-dirty-pages"],
-                ram[m["ram-offset"] : m["ram-offset"] + m["size"]].reshape(-1, PAGE),
-                np.zeros(m["npages"], dtype=bool),
+                ram[m["ram-offset"] : m["ram-offset"] + m["size"]].reshape(-1, PAGE_SIZE),
+                DirtyBitmap.zeros(m["npages"]),
             )
             for m in vm["memslots"]
         ]
-        self.stats.total_bytes = sum(s.npages for s in slots) * PAGE
+        self.stats.total_bytes = sum(s.npages for s in slots) * PAGE_SIZE
         await self._execute(
             "consumer-add",
             {"vm": self.o.vm, "name": self.consumer, "manual-protect": True, "initially-set": True},
@@ -257,15 +263,7 @@ class Migration:
         self._fd = os.memfd_create("dirtylogctl-migrate", os.MFD_CLOEXEC)
         self.qmp.send_fd_scm(self._fd)
         await self.qmp.execute("getfd", {"fdname": self.consumer})
-        sink.start(
-            {
-                "vm": self.o.vm,
-                "page-size": PAGE,
-                "slots": [
-                    {"slot": s.slot, "guest-phys-addr": s.gpa, "npages": s.npages} for s in slots
-                ],
-            }
-        )
+        sink.start(Header(self.o.vm, tuple(SlotInfo(s.slot, s.gpa, s.npages) for s in slots)))
         return slots, ram
 
     # --- rounds ---------------------------------------------------------------------------------
@@ -274,11 +272,11 @@ class Migration:
         for number in range(self.o.max_rounds + 1):
             t0 = time.monotonic()
             dirty = await self._get(slots)
-            pending = sum(p.size for p in dirty.values())
-            self.stats.remaining = pending * PAGE
+            pending = sum(b.count() for b in dirty.values())
+            self.stats.remaining = pending * PAGE_SIZE
             if number > 0 and bandwidth > 0:
-                self.stats.expected_downtime = pending * PAGE / bandwidth
-                if pending * PAGE <= bandwidth * self.o.downtime_limit:
+                self.stats.expected_downtime = pending * PAGE_SIZE / bandwidth
+                if pending * PAGE_SIZE <= bandwidth * self.o.downtime_limit:
                     self.stats.converged = True
                     return
             await self._clear(slots, dirty)
@@ -288,7 +286,7 @@ class Migration:
             self.progress.round_done(self.stats, last)
         self.progress.note(
             f"did not converge within {self.o.max_rounds} rounds: "
-            f"{self.stats.remaining // PAGE} pages still dirty"
+            f"{self.stats.remaining // PAGE_SIZE} pages still dirty"
         )
 
     async def _switch_over(self, slots: list[_Slot], sink: Sink) -> None:
@@ -299,15 +297,15 @@ class Migration:
         await self._clear(slots, dirty)
         for s in slots:  # no dirty log: the whole slot goes now, with the vCPUs stopped
             if not s.logged:
-                dirty[s.slot] = np.arange(s.npages)
+                dirty[s.slot] = DirtyBitmap.ones(s.npages)
         last = self._copy(len(self.stats.rounds), slots, dirty, sink, time.monotonic() - stopped)
         sink.finish(self.stats.pages_sent)
         self.stats.downtime = time.monotonic() - stopped
         self.stats.remaining = 0
         self.progress.round_done(self.stats, last)
 
-    async def _get(self, slots: list[_Slot]) -> dict[int, np.ndarray]:
-        """The consumer's dirty pages per logged slot (the bitmap travels through a memfd)."""
+    async def _get(self, slots: list[_Slot]) -> dict[int, DirtyBitmap]:
+        """The consumer's dirty bitmap per logged slot (it travels through a memfd)."""
         out = {}
         for s in slots:
             if not s.logged:
@@ -323,19 +321,23 @@ class Migration:
                     "fdname": self.consumer,
                 },
             )
-            raw = os.pread(self._fd, (reply["npages"] + 63) // 64 * 8, 0)
-            bits = np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little")
-            out[s.slot] = np.flatnonzero(bits[: reply["npages"]])
+            npages = reply["npages"]
+            if npages != s.npages:
+                raise MigrationError(
+                    f"slot {s.slot} changed from {s.npages} to {npages} pages during the migration"
+                )
+            raw = os.pread(self._fd, dirty_bitmap_bytes(npages), 0)
+            try:
+                out[s.slot] = DirtyBitmap.from_bytes(npages, raw)
+            except BitmapError as exc:
+                raise MigrationError(f"the daemon's bitmap of slot {s.slot}: {exc}") from None
         return out
 
-    async def _clear(self, slots: list[_Slot], dirty: dict[int, np.ndarray]) -> None:
+    async def _clear(self, slots: list[_Slot], dirty: dict[int, DirtyBitmap]) -> None:
         for s in slots:
-            pages = dirty.get(s.slot)
-            if pages is None or pages.size == 0:
+            bitmap = dirty.get(s.slot)
+            if bitmap is None or not bitmap.any():
                 continue
-            bits = np.zeros((s.npages + 63) // 64 * 64, dtype=bool)
-            bits[pages] = True
-            bitmap = base64.b64encode(np.packbits(bits, bitorder="little").tobytes()).decode()
             await self._execute(
                 "dirty-log-clear",
                 {
@@ -345,7 +347,7 @@ class Migration:
                     "consumer": self.consumer,
                     "first-page": 0,
                     "num-pages": s.npages,
-                    "bitmap": bitmap,
+                    "bitmap": bitmap.to_base64(),
                 },
             )
 
@@ -353,27 +355,28 @@ class Migration:
         self,
         number: int,
         slots: list[_Slot],
-        dirty: dict[int, np.ndarray],
+        dirty: dict[int, DirtyBitmap],
         sink: Sink,
         harvested: float,
     ) -> Round:
         t0 = time.monotonic()
         sent = 0
         for s in slots:
-            pages = dirty.get(s.slot)
-            if pages is None:
+            bitmap = dirty.get(s.slot)
+            if bitmap is None:
                 continue
-            for start in range(0, pages.size, FRAME_PAGES):
-                chunk = pages[start : start + FRAME_PAGES]
-                sink.send_pages(s.gpa + chunk * PAGE, s.region[chunk])
+            pages = bitmap.pages()
+            for start in range(0, pages.size, MAX_PAGES_PER_FRAME):
+                chunk = pages[start : start + MAX_PAGES_PER_FRAME]
+                sink.send_pages(s.gpa + chunk * PAGE_SIZE, s.region[chunk])
                 sent += chunk.size
-                self._throttle(sent * PAGE, t0)
-            s.sent[pages] = True
+                self._throttle(sent * PAGE_SIZE, t0)
+            s.sent |= bitmap
         elapsed = time.monotonic() - t0
         self.stats.pages_sent += sent
-        self.stats.transferred += sent * PAGE
-        self.stats.unique_pages_sent = int(sum(np.count_nonzero(s.sent) for s in slots))
-        last = Round(number, sent, harvested, elapsed, sent * PAGE)
+        self.stats.transferred += sent * PAGE_SIZE
+        self.stats.unique_pages_sent = sum(s.sent.count() for s in slots)
+        last = Round(number, sent, harvested, elapsed, sent * PAGE_SIZE)
         self.stats.rounds.append(last)
         return last
 
@@ -387,9 +390,10 @@ class Migration:
     def _verify(self, slots: list[_Slot], sink: Sink) -> list[int]:
         differing: list[int] = []
         for s in slots:
-            for start in range(0, s.npages, VERIFY_PAGES):
-                idx = np.arange(start, min(start + VERIFY_PAGES, s.npages))
-                differing += sink.verify(s.gpa + idx * PAGE, np.ascontiguousarray(s.region[idx]))
+            for start in range(0, s.npages, MAX_VERIFY_PAGES):
+                idx = np.arange(start, min(start + MAX_VERIFY_PAGES, s.npages))
+                gpas = s.gpa + idx * PAGE_SIZE
+                differing += sink.verify(gpas, np.ascontiguousarray(s.region[idx]))
         return sorted(differing)
 
     async def _cont(self) -> None:

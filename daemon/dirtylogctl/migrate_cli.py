@@ -13,7 +13,8 @@ from rich.live import Live
 from rich.table import Table
 
 from dirtylogctl.migrate import Migration, MigrationError, Options, Round, Stats
-from dirtylogctl.stream import PAGE, StreamError, serve_once
+from dirtylogctl.stream import serve_once
+from dirtylogctl.wireformat import PAGE_SIZE, StreamError
 
 EXIT_OK, EXIT_FAILED, EXIT_DIFFERENT = 0, 1, 5
 MiB = 1 << 20
@@ -30,7 +31,7 @@ class PlainProgress:
             f"round {last.number}: {last.dirty_pages} pages ({last.bytes / MiB:.1f} MiB) in "
             f"{last.copy_seconds * 1e3:.0f} ms, {last.bandwidth * 8 / 1e6:.0f} Mbit/s; "
             f"harvest {last.harvest_seconds * 1e3:.1f} ms; remaining "
-            f"{stats.remaining // PAGE} pages",
+            f"{stats.remaining // PAGE_SIZE} pages",
             file=self.out,
             flush=True,
         )
@@ -65,7 +66,7 @@ class LiveProgress:
                 f"{last.copy_seconds * 1e3:.0f}",
                 f"{last.bandwidth * 8 / 1e6:.0f}",
                 f"{last.harvest_seconds * 1e3:.1f}",
-                str(stats.remaining // PAGE),
+                str(stats.remaining // PAGE_SIZE),
             )
         )
         self.live.update(self._table())
@@ -111,7 +112,7 @@ def summary(vm: str, stats: Stats, limit: float) -> str:
         else:
             lines.append(
                 f"verify: the destination equals the paused source "
-                f"({stats.total_bytes // PAGE} pages)"
+                f"({stats.total_bytes // PAGE_SIZE} pages)"
             )
     return "\n".join(lines)
 

@@ -3,6 +3,7 @@ convergence, and a receiver on another (network-namespace) host."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import time
 import uuid
 from contextlib import contextmanager, suppress
 
+import numpy as np
 import pytest
 
 from tests.conftest import need
@@ -172,6 +174,24 @@ def test_tcp_migration_to_migrate_receive(daemon, running_vm, tmp_path):
         assert doc["verify"]["differing-pages"] == 0
         assert proc.wait(30) == 0
         assert "received" in proc.stdout.read()
+
+
+def test_the_sender_is_told_why_the_receiver_refused_the_stream(tmp_path):
+    from dirtylogctl.stream import TcpSink
+    from dirtylogctl.wireformat import Header, StreamError
+
+    reason = "stream format version 2 is not supported (this receiver speaks version 1)"
+    with receiver(tmp_path / "never.img") as (proc, port):
+        sink = TcpSink("127.0.0.1", port)
+        sink.start(Header("t", (), version=2))
+        assert proc.wait(30) == 1  # refused and gone: the pages below meet a closed socket
+        assert reason in proc.stderr.read()
+        pages = np.zeros((256, 4096), np.uint8)
+        with pytest.raises(StreamError, match=re.escape(f"refused the stream: {reason}")):
+            for _ in range(64):
+                sink.send_pages(np.arange(256) * 4096, pages)
+            sink.finish(64 * 256)
+        sink.close()
 
 
 class FlippingProxy(threading.Thread):

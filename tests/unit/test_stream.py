@@ -1,38 +1,36 @@
 """The migration stream without sockets: round trip, corruption, truncation, verification."""
 
 import io
-import json
 import struct
 
 import numpy as np
 import pytest
 
-from dirtylogctl.stream import (
-    DONE,
-    MAGIC,
-    PAGE,
-    VERIFY,
+from dirtylogctl.stream import receive
+from dirtylogctl.wireformat import (
+    PAGE_SIZE,
+    Header,
     StreamError,
-    frame,
+    done_frame,
+    encode_header,
     page_digests,
     pages_frame,
-    receive,
+    verify_frame,
 )
+
+PAGE = PAGE_SIZE
 
 
 def stream_of(pages: dict[int, bytes], verify=None, done=True) -> bytes:
-    meta = json.dumps({"vm": "t", "slots": []}).encode()
-    out = MAGIC + struct.pack("<I", len(meta)) + meta
+    out = encode_header(Header("t", ()))
     gpas = np.array(sorted(pages), dtype=np.int64)
     if gpas.size:
         data = np.frombuffer(b"".join(pages[g] for g in gpas.tolist()), np.uint8)
         out += pages_frame(gpas, data)
     if done:
-        out += frame(DONE, 0, len(pages))
+        out += done_frame(len(pages))
     if verify is not None:
-        key, gpas, digests = verify
-        pairs = np.stack((gpas.astype("<u8"), digests.astype("<u8")), axis=1)
-        out += frame(VERIFY, gpas.size, 0, struct.pack("<Q", key) + pairs.tobytes())
+        out += verify_frame(*verify)
     return out
 
 
@@ -42,8 +40,8 @@ class Image:
         self.answers: list[bytes] = []
 
     def write(self, gpas, data):
-        for i, g in enumerate(gpas.tolist()):
-            self.pages[g] = data[i * PAGE : (i + 1) * PAGE].tobytes()
+        for g, row in zip(gpas.tolist(), data.reshape(-1, PAGE), strict=True):
+            self.pages[g] = row.tobytes()
 
     def read(self, gpas):
         return np.stack(

@@ -1,0 +1,341 @@
+"""The migration stream's wire format, in one place: the sender builds and the receiver checks
+with the same definitions, so the two ends cannot drift apart.
+
+Format version 1. Every integer is little-endian.
+
+    stream = MAGIC, header, frame ... DONE frame, VERIFY frame ...   (then the sender closes)
+
+    MAGIC    8 bytes   b"DLGMIG1\\n"
+    header   u32       length of the JSON that follows (at most MAX_HEADER_BYTES)
+             JSON      {"version": 1, "page-size": 4096, "vm": "NAME",
+                        "slots": [{"slot": N, "guest-phys-addr": GPA, "npages": N}, ...]}
+
+    frame    +---------+-----------+---------+-------------------+-------------------------+
+             | u8 kind | u32 count | u64 aux | payload           | u32 CRC-32 of all bytes |
+             |         |           |         | (size from kind)  | of the frame before it  |
+             +---------+-----------+---------+-------------------+-------------------------+
+
+    kind        count (at most)   aux          payload                               when
+    1 PAGES     pages (256)       0            count u64 gpa, then count*4096 bytes  before DONE
+    2 DONE      0                 pages sent   none                                  any time
+    3 VERIFY    pages (16384)     0            u64 key, then count (u64 gpa,         after DONE
+                                               u64 page digest) pairs
+
+    replies (receiver to sender): a 4-byte tag, then
+    b"ACK "  u64 pages written                    to DONE: the image is synced
+    b"DIFF"  u32 count, count u64 gpa             to VERIFY: pages whose digest differs
+    b"ERR "  u32 length, UTF-8 reason             instead of either; the receiver then closes
+
+Extending: MAGIC, the header's length prefix and its "version" member stay the same in every
+version, so any receiver can say which version it was sent. A new frame kind is a ``Kind``
+member plus a ``FRAMES`` entry (and a case in the receiver); bump ``VERSION`` whenever a
+receiver of the previous version would misread the new stream.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum, IntEnum
+from typing import Any
+
+import numpy as np
+
+VERSION = 1
+MAGIC = b"DLGMIG1\n"
+PAGE_SIZE = 4096
+MAX_HEADER_BYTES = 1 << 20
+MAX_PAGES_PER_FRAME = 256  # 1 MiB of pages: a frame is also the unit of throttling
+MAX_VERIFY_PAGES = 16384  # 256 KiB of (gpa, digest) pairs standing for 64 MiB of pages
+MAX_ERR_BYTES = 4096
+
+HEADER_LENGTH = struct.Struct("<I")
+FRAME_HEAD = struct.Struct("<BIQ")  # kind, count, aux
+CRC = struct.Struct("<I")
+U32 = struct.Struct("<I")
+U64 = struct.Struct("<Q")
+
+ACK, DIFF, ERR = b"ACK ", b"DIFF", b"ERR "
+
+Read = Callable[[int], bytes]
+"""Exactly n bytes from the other end, or StreamError."""
+
+
+class StreamError(Exception):
+    """The stream is corrupt, truncated, or the other end refused it; the text says which."""
+
+
+class RefusedError(StreamError):
+    """The receiver answered ERR; the text carries its reason."""
+
+
+# --- frames -------------------------------------------------------------------------------------
+class Kind(IntEnum):
+    PAGES = 1
+    DONE = 2
+    VERIFY = 3
+
+
+class Phase(Enum):
+    """Where in the stream a frame kind may appear, relative to DONE."""
+
+    BEFORE_DONE = "before DONE"
+    AFTER_DONE = "after DONE"
+    ANY = "any time"
+
+
+@dataclass(frozen=True)
+class FrameSpec:
+    """What a frame kind may carry: ``fixed + count * per_item`` payload bytes."""
+
+    max_count: int
+    per_item: int
+    fixed: int
+    phase: Phase
+
+    def payload_size(self, count: int) -> int:
+        return self.fixed + count * self.per_item
+
+
+FRAMES: dict[Kind, FrameSpec] = {
+    Kind.PAGES: FrameSpec(MAX_PAGES_PER_FRAME, 8 + PAGE_SIZE, 0, Phase.BEFORE_DONE),
+    Kind.DONE: FrameSpec(0, 0, 0, Phase.ANY),
+    Kind.VERIFY: FrameSpec(MAX_VERIFY_PAGES, 16, 8, Phase.AFTER_DONE),
+}
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One checked frame, as the receiver reads it."""
+
+    kind: Kind
+    count: int
+    aux: int
+    payload: bytes
+
+    def pages(self) -> tuple[np.ndarray, np.ndarray]:
+        """PAGES: the guest addresses (int64) and the page bytes, ``(count, PAGE_SIZE)``."""
+        gpas = np.frombuffer(self.payload, "<u8", self.count).astype(np.int64)
+        data = np.frombuffer(self.payload, np.uint8, self.count * PAGE_SIZE, 8 * self.count)
+        return gpas, data.reshape(-1, PAGE_SIZE)
+
+    def verify(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """VERIFY: the key, the guest addresses (int64) and the sender's digests."""
+        (key,) = U64.unpack_from(self.payload)
+        pairs = np.frombuffer(self.payload, "<u8", 2 * self.count, 8).reshape(-1, 2)
+        return key, pairs[:, 0].astype(np.int64), pairs[:, 1]
+
+
+def encode_frame(kind: Kind, count: int, aux: int = 0, payload: bytes = b"") -> bytes:
+    """A frame with its checksum; a frame the receiver would refuse is a bug, so ValueError."""
+    spec = FRAMES[kind]
+    if count > spec.max_count or len(payload) != spec.payload_size(count):
+        raise ValueError(f"{kind.name} frame of {count} items and {len(payload)} bytes")
+    head = FRAME_HEAD.pack(kind, count, aux)
+    return head + payload + CRC.pack(zlib.crc32(payload, zlib.crc32(head)))
+
+
+def pages_frame(gpas: np.ndarray, data: np.ndarray) -> bytes:
+    """PAGES: ``data`` holds ``len(gpas)`` pages, in order."""
+    return encode_frame(Kind.PAGES, gpas.size, 0, gpas.astype("<u8").tobytes() + data.tobytes())
+
+
+def done_frame(total_pages: int) -> bytes:
+    return encode_frame(Kind.DONE, 0, total_pages)
+
+
+def verify_frame(key: int, gpas: np.ndarray, digests: np.ndarray) -> bytes:
+    pairs = np.stack((gpas.astype("<u8"), digests.astype("<u8")), axis=1)
+    return encode_frame(Kind.VERIFY, gpas.size, 0, U64.pack(key) + pairs.tobytes())
+
+
+def read_frame(head: bytes, read: Read, number: int, done: bool) -> Frame:
+    """The rest of frame ``number`` after its head, checked against its kind's limits, its
+    place in the stream (``done``: DONE was seen) and its checksum."""
+    kind_value, count, aux = FRAME_HEAD.unpack(head)
+    try:
+        kind = Kind(kind_value)
+    except ValueError:
+        raise StreamError(f"frame {number}: unknown type {kind_value}") from None
+    spec = FRAMES[kind]
+    if count > spec.max_count:
+        raise StreamError(
+            f"frame {number}: {kind.name} of {count} pages is over the limit of {spec.max_count}"
+        )
+    if (spec.phase is Phase.BEFORE_DONE and done) or (spec.phase is Phase.AFTER_DONE and not done):
+        raise StreamError(f"frame {number}: {kind.name} may only come {spec.phase.value}")
+    payload = read(spec.payload_size(count))
+    (crc,) = CRC.unpack(read(CRC.size))
+    if zlib.crc32(payload, zlib.crc32(head)) != crc:
+        raise StreamError(f"frame {number}: checksum mismatch")
+    return Frame(kind, count, aux, payload)
+
+
+# --- the header ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SlotInfo:
+    slot: int
+    gpa: int
+    npages: int
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the sender declares before the first frame."""
+
+    vm: str
+    slots: tuple[SlotInfo, ...]
+    version: int = VERSION
+    page_size: int = PAGE_SIZE
+
+    def image_bytes(self) -> int:
+        """Bytes an image needs to hold every slot at its guest address."""
+        return max((s.gpa + s.npages * self.page_size for s in self.slots), default=0)
+
+
+def encode_header(header: Header) -> bytes:
+    """MAGIC, then the length-prefixed JSON header."""
+    doc = {
+        "version": header.version,
+        "page-size": header.page_size,
+        "vm": header.vm,
+        "slots": [
+            {"slot": s.slot, "guest-phys-addr": s.gpa, "npages": s.npages} for s in header.slots
+        ],
+    }
+    meta = json.dumps(doc).encode()
+    return MAGIC + HEADER_LENGTH.pack(len(meta)) + meta
+
+
+def read_header(read: Read) -> Header:
+    """MAGIC and the header, checked: a bad one is a StreamError saying what is wrong."""
+    if read(len(MAGIC)) != MAGIC:
+        raise StreamError("not a dirtylogd migration stream (bad magic)")
+    (length,) = HEADER_LENGTH.unpack(read(HEADER_LENGTH.size))
+    if length > MAX_HEADER_BYTES:
+        raise StreamError(
+            f"stream header of {length} bytes is over the limit of {MAX_HEADER_BYTES}"
+        )
+    return decode_header(read(length))
+
+
+def decode_header(meta: bytes) -> Header:
+    """The JSON header, checked in the order a future version needs: the version first."""
+    try:
+        doc = json.loads(meta)
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError too
+        raise StreamError(f"bad stream header: not JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise StreamError(f"bad stream header: expected a JSON object, got {type(doc).__name__}")
+    if "version" not in doc:
+        raise StreamError(
+            f"bad stream header: it names no format version (this receiver speaks version "
+            f"{VERSION})"
+        )
+    version = _int(doc, "version")
+    if version != VERSION:
+        raise StreamError(
+            f"stream format version {version} is not supported "
+            f"(this receiver speaks version {VERSION})"
+        )
+    page_size = _int(doc, "page-size")
+    if page_size != PAGE_SIZE:
+        raise StreamError(
+            f"stream page size {page_size} is not supported "
+            f"(format version {VERSION} carries {PAGE_SIZE}-byte pages)"
+        )
+    vm = doc.get("vm")
+    if not isinstance(vm, str):
+        raise StreamError("bad stream header: 'vm' must be a string")
+    slots = doc.get("slots")
+    if not isinstance(slots, list):
+        raise StreamError("bad stream header: 'slots' must be a list")
+    return Header(vm, tuple(_slot(i, s) for i, s in enumerate(slots)), version, page_size)
+
+
+def _int(doc: dict[str, Any], name: str, where: str = "") -> int:
+    value = doc.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise StreamError(
+            f"bad stream header: '{where}{name}' must be a non-negative integer, not {value!r}"
+        )
+    return value
+
+
+def _slot(index: int, doc: object) -> SlotInfo:
+    where = f"slots[{index}]."
+    if not isinstance(doc, dict):
+        raise StreamError(f"bad stream header: slots[{index}] must be an object")
+    slot = SlotInfo(
+        _int(doc, "slot", where), _int(doc, "guest-phys-addr", where), _int(doc, "npages", where)
+    )
+    if slot.gpa % PAGE_SIZE or slot.gpa + slot.npages * PAGE_SIZE > 1 << 64:
+        raise StreamError(
+            f"bad stream header: slot {slot.slot} at {slot.gpa:#x} with {slot.npages} pages "
+            f"is not a page-aligned range of the 64-bit address space"
+        )
+    return slot
+
+
+# --- replies ------------------------------------------------------------------------------------
+def encode_ack(pages_written: int) -> bytes:
+    return ACK + U64.pack(pages_written)
+
+
+def encode_diff(gpas: np.ndarray) -> bytes:
+    return DIFF + U32.pack(gpas.size) + gpas.astype("<u8").tobytes()
+
+
+def encode_err(reason: str) -> bytes:
+    text = reason.encode()[:MAX_ERR_BYTES]
+    return ERR + U32.pack(len(text)) + text
+
+
+def read_reply_tag(read: Read) -> bytes:
+    """The next reply's tag; an ERR reply raises RefusedError with the receiver's reason."""
+    tag = read(4)
+    if tag == ERR:
+        (length,) = U32.unpack(read(U32.size))
+        if length > MAX_ERR_BYTES:
+            raise StreamError(f"the destination sent an ERR reply of {length} bytes")
+        reason = read(length).decode(errors="replace")
+        raise RefusedError(f"the destination refused the stream: {reason}")
+    return tag
+
+
+def read_ack(read: Read) -> int:
+    """The answer to DONE: the number of pages the receiver wrote."""
+    tag = read_reply_tag(read)
+    if tag != ACK:
+        raise StreamError(f"the destination did not acknowledge the image (answered {tag!r})")
+    (written,) = U64.unpack(read(U64.size))
+    return int(written)
+
+
+def read_diff(read: Read) -> list[int]:
+    """The answer to VERIFY: the guest addresses whose digest differs."""
+    if read_reply_tag(read) != DIFF:
+        raise StreamError("the destination did not answer the verification")
+    (count,) = U32.unpack(read(U32.size))
+    if count > MAX_VERIFY_PAGES:
+        raise StreamError(f"the destination named {count} differing pages of a VERIFY frame")
+    return [int(g) for g in np.frombuffer(read(8 * count), "<u8")] if count else []
+
+
+# --- the verification digest --------------------------------------------------------------------
+def page_digests(pages: np.ndarray, key: int) -> np.ndarray:
+    """A keyed multilinear hash of each page (rows of ``pages`` as bytes), u64 per page.
+
+    Word i of a page is multiplied by an odd key derived from ``key`` and i, summed mod 2^64:
+    two different pages collide with probability about 2^-63 for a random key, and numpy does
+    it for all pages at once. Both ends derive the word keys with numpy's default Generator.
+    """
+    words = pages.view("<u8").reshape(-1, PAGE_SIZE // 8)
+    rng = np.random.default_rng(key)
+    keys = rng.integers(0, 2**63, PAGE_SIZE // 8, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    with np.errstate(over="ignore"):
+        result: np.ndarray = (words * keys).sum(axis=1, dtype=np.uint64)
+    return result
