@@ -10,7 +10,7 @@ from dirtylogd.api.introspect import qmp_schema, render_markdown
 from dirtylogd.api.schema import BY_NAME, COMMANDS
 from dirtylogd.errors import GenericError
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
+DOC = Path(__file__).resolve().parents[4] / "docs" / "protocol.md"
 
 
 def test_every_command_has_a_handler_and_every_handler_a_command():
