@@ -6,9 +6,10 @@ The kernel keeps a table's 256 ptes and 256 PGSTEs in one 4 KiB page (the PGSTE 
 passes over contiguous memory run about three times faster than over interleaved halves.
 
 Every method takes a batch of page indices and leaves the arrays exactly as running the
-reference function once per page (in any order) would; ``tests/unit/kvmshim/test_s390_mmu.py`` checks
-this with hypothesis. Batches are processed per distinct page, which is what the kernel does too:
-the first access to a page faults, the rest of the batch finds it mapped.
+reference function once per page (in any order) would;
+``tests/unit/kvmshim/test_s390_mmu.py`` checks this with hypothesis. Batches are processed per
+distinct page, which is what the kernel does too: the first access to a page faults, the rest of
+the batch finds it mapped.
 
 Concurrency: ``lock`` is the PGSTE lock (the PCL bit) for every table of this MMU. A store batch
 holds it from its fault-in to its data commit; the harvest takes it one chunk of tables at a time.
