@@ -46,28 +46,30 @@ async def run(config: Config) -> None:
         Limits(config.max_message_bytes, config.max_reply_bytes, max_clients=config.max_clients),
         events,
     )
-    await service.restore()  # before listening: a client that can connect finds every VM
-    background: list[asyncio.Task[None]] = []
-    if config.demo:
-        background.append(await start_demo(service))
-    metrics_server = None
-    if config.metrics_listen is not None:
-        host, port = config.metrics_listen
-        metrics_server = serve(make_registry(service, telemetry), host, port)
-        log.info("metrics on http://%s:%d/metrics", host, port)
-    inherited = systemd.listen_socket()
-    await server.start(config.socket, inherited)
-    where = "the socket systemd passed" if inherited else config.socket
+    # Signals first: a SIGTERM that arrives while VMs are restored, or just after the socket
+    # is bound, still ends in the graceful stop that saves every consumer's pending bits.
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    interval = systemd.watchdog_interval()
-    if interval:
-        background.append(asyncio.create_task(systemd.watchdog(interval)))
-    log.info("dirtylogd %s listening on %s", __version__, where)
-    systemd.notify("READY=1", f"STATUS=serving QMP on {where}")
+    background: list[asyncio.Task[None]] = []
+    metrics_server = None
     try:
+        await service.restore()  # before listening: a client that can connect finds every VM
+        if config.demo:
+            background.append(await start_demo(service))
+        if config.metrics_listen is not None:
+            host, port = config.metrics_listen
+            metrics_server = serve(make_registry(service, telemetry), host, port)
+            log.info("metrics on http://%s:%d/metrics", host, port)
+        inherited = systemd.listen_socket()
+        await server.start(config.socket, inherited)
+        where = "the socket systemd passed" if inherited else config.socket
+        interval = systemd.watchdog_interval()
+        if interval:
+            background.append(asyncio.create_task(systemd.watchdog(interval)))
+        log.info("dirtylogd %s listening on %s", __version__, where)
+        systemd.notify("READY=1", f"STATUS=serving QMP on {where}")
         await stopping.wait()
     finally:
         systemd.notify("STOPPING=1", "STATUS=shutting down")
