@@ -81,7 +81,7 @@ async def vm_remove(ctx: Context, a: dict[str, Any]) -> Any:
 
 
 async def query_vms(ctx: Context, a: dict[str, Any]) -> Any:
-    return ctx.service.query_vms()
+    return await ctx.service.query_vms()
 
 
 async def memslot_set(ctx: Context, a: dict[str, Any]) -> Any:
@@ -91,14 +91,13 @@ async def memslot_set(ctx: Context, a: dict[str, Any]) -> Any:
 
 
 async def consumer_add(ctx: Context, a: dict[str, Any]) -> Any:
-    ctx.service.add_consumer(
-        ctx.service.vm(a["vm"]), a["name"], a["manual_protect"], a["initially_set"]
-    )
+    vm = ctx.service.vm(a["vm"])
+    await ctx.service.add_consumer(vm, a["name"], a["manual_protect"], a["initially_set"])
     return {}
 
 
 async def consumer_remove(ctx: Context, a: dict[str, Any]) -> Any:
-    ctx.service.remove_consumer(ctx.service.vm(a["vm"]), a["name"])
+    await ctx.service.remove_consumer(ctx.service.vm(a["vm"]), a["name"])
     return {}
 
 
@@ -198,12 +197,11 @@ async def dirty_log_clear(ctx: Context, a: dict[str, Any]) -> Any:
 
 async def io_dirty_mark(ctx: Context, a: dict[str, Any]) -> Any:
     vm = ctx.service.vm(a["vm"])
-    ranges = [(r["guest_phys_addr"], r["length"]) for r in a["ranges"]]
-    return {"pages": await ctx.service.io_mark(vm, ranges)}
+    return {"pages": await ctx.service.io_mark(vm, a["ranges"])}
 
 
 async def query_dirty_rate(ctx: Context, a: dict[str, Any]) -> Any:
-    return ctx.service.vm(a["vm"]).dirty_rate()
+    return await ctx.service.dirty_rate(ctx.service.vm(a["vm"]))
 
 
 async def sim_write(ctx: Context, a: dict[str, Any]) -> Any:
