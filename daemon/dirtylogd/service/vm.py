@@ -11,7 +11,7 @@ then higher than that of every harvest whose bits it carries. The merge and take
 
 What runs where (the service, :mod:`dirtylogd.service.registry`, decides):
 
-* On the event loop: ``consumer`` (no lock); ``add_consumer``, ``remove_consumer``,
+* On the event loop: ``consumer`` (a lookup, no lock); ``add_consumer``, ``remove_consumer``,
   ``apply_memslot_change`` (after the backend's change ran in a thread), ``put_back`` (the undo
   of an answer that was not delivered, or of a cancelled GET) and, at start-up before clients
   are served, ``restore_pending`` — each takes ``lock``. The ``slots`` and ``consumers`` dicts
@@ -21,10 +21,10 @@ What runs where (the service, :mod:`dirtylogd.service.registry`, decides):
   ``io_mark_gfns`` (``lock``; also from vCPU threads, as the backend's I/O reporter). The
   metrics thread takes ``lock`` to read consumers and calls ``dirty_rate``.
 
-The loop never takes ``harvest_lock``, which is held across the backend's harvest (seconds for
-a large slot). ``lock`` is never held across a backend call, file I/O or a Python loop over
+The loop never takes ``harvest_lock``, which is held across the backend's harvest, the long
+part of a GET. ``lock`` is never held across a backend call, file I/O or a Python loop over
 client input — I/O marks and CLEAR masks are built before it is taken — only across numpy work
-on bitmaps already built: the merge of one slot into every consumer (0.5 ms for a 16 GiB slot
+on bitmaps already built: the merge of one slot into every consumer (~1 ms for a 16 GiB slot
 and four consumers), a take, a put-back, a clear, an OR of marks, the counts of a query. That
 is the longest the loop can wait for it.
 """
@@ -281,9 +281,11 @@ class VmState:
                 layout = self._layout()
             marks = []
             for state, memslot, logging in layout:
+                if not logging:
+                    continue
                 base, npages = memslot.base_gfn, memslot.npages
                 inside = gfns[(gfns >= base) & (gfns < base + npages)]
-                if logging and inside.size:
+                if inside.size:
                     marks.append((state, *_page_bytes(inside - base), inside.size))
             with self.lock:
                 if not _same_layout(layout, self._layout()):
