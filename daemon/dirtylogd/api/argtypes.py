@@ -2,22 +2,35 @@
 
 Errors say which parameter is wrong and why, in QEMU's phrasing ("Parameter 'slot' expects an
 integer"), and are raised before any handler runs.
+
+Checks run on the event loop, before the handler. Long lists of integers (``sim-write-pages``
+gfns: up to 131,072) and of integer-only objects (``io-dirty-mark`` ranges) are checked with
+numpy and C-level iterators instead of one Python call per item; the first bad item is then
+checked again by the per-item check, so the error text is exactly the one it would give.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
+from itertools import compress, count, repeat
 from typing import Any
+
+import numpy as np
 
 from dirtylogd.errors import GenericError
 
 U64_MAX = (1 << 64) - 1
 U32_MAX = (1 << 32) - 1
 MISSING: Any = object()
+# Lists at least this long are checked vectorised. Below it the fixed cost of the numpy path
+# (a few array calls, ~10 us) is more than the per-item check (~0.2 us an item) would take.
+VECTOR_MIN_ITEMS = 64
 
 
 class ArgType:
@@ -27,6 +40,10 @@ class ArgType:
 
     def check(self, value: Any, where: str) -> Any:
         return value
+
+    def check_items(self, values: list[Any], where: str) -> list[Any]:
+        """Check the items of a list argument ``where``; the first bad one raises."""
+        return check_each(self, values, where)
 
     def describe(self) -> str:
         return self.json_name
@@ -67,6 +84,25 @@ class Int(ArgType):
                 f"Parameter '{where}' must be between {self.lo} and {self.hi}, not {value}"
             )
         return value
+
+    def check_items(self, values: list[Any], where: str) -> list[Any]:
+        if len(values) < VECTOR_MIN_ITEMS:
+            return check_each(self, values, where)
+        bad = self.first_suspect(values)
+        if bad == len(values):
+            return list(values)
+        return _raise_or_go_on(self, values, where, bad, list(values[:bad]))
+
+    def first_suspect(self, values: list[Any]) -> int:
+        """Index of the first item ``check`` might refuse (``len(values)`` if none): one not
+        exactly an int (bool, float, anything else), or an int outside lo..hi."""
+        odd = first_not_of_type(values, int)
+        ints = values if odd == len(values) else values[:odd]
+        if not ints:
+            return odd
+        array = _int_array(ints)
+        outside = np.flatnonzero((array < self.lo) | (array > self.hi))
+        return int(outside[0]) if outside.size else odd
 
     def describe(self) -> str:
         hi = "2^64-1" if self.hi == U64_MAX else ("2^32-1" if self.hi == U32_MAX else self.hi)
@@ -152,7 +188,7 @@ class List(ArgType):
             raise GenericError(
                 f"Parameter '{where}' must have {self.min_items} to {self.max_items} elements"
             )
-        return [self.item.check(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return self.item.check_items(value, where)
 
     def describe(self) -> str:
         return f"array of {self.item.describe()}"
@@ -185,8 +221,78 @@ class Object(ArgType):
             raise GenericError(f"Parameter '{where}' expects an object")
         return check_members(self.fields, value, f"{where}.")
 
+    def check_items(self, values: list[Any], where: str) -> list[Any]:
+        """Objects whose members are all integers (``IoRange``) are checked column-wise."""
+        ints = [a.type for a in self.fields if isinstance(a.type, Int)]
+        if len(values) < VECTOR_MIN_ITEMS or not ints or len(ints) != len(self.fields):
+            return check_each(self, values, where)
+        # Suspect: not a dict, or not exactly every member (unexpected, missing, or an
+        # optional one left out, which check_members would fill in).
+        bad = first_not_of_type(values, dict)
+        rows = values[:bad]
+        # As many members as fields, and every field among them: exactly the fields.
+        sizes = repeat(len(self.fields))
+        bad = min(bad, _first_false(lambda: map(operator.eq, map(len, rows), sizes), bad))
+        for arg in self.fields:
+            has = partial(map, operator.contains, rows, repeat(arg.name))
+            bad = min(bad, _first_false(has, bad))
+        rows = rows[:bad]
+        columns = []
+        for arg, kind in zip(self.fields, ints, strict=True):
+            column = list(map(operator.itemgetter(arg.name), rows))
+            bad = min(bad, kind.first_suspect(column))
+            columns.append(column)
+        # {key: value, ...} per row, built from (key, value) pairs without a Python-level loop.
+        pairs = (zip(repeat(a.key), c[:bad]) for a, c in zip(self.fields, columns, strict=True))
+        good = list(map(dict, zip(*pairs, strict=True)))
+        if bad == len(values):
+            return good
+        return _raise_or_go_on(self, values, where, bad, good)
+
     def describe(self) -> str:
         return self.name
+
+
+def check_each(item: ArgType, values: list[Any], where: str, start: int = 0) -> list[Any]:
+    """The per-item check of ``values[start:]``: the reference the vectorised checks match."""
+    return [item.check(values[i], f"{where}[{i}]") for i in range(start, len(values))]
+
+
+def _raise_or_go_on(
+    item: ArgType, values: list[Any], where: str, bad: int, checked: list[Any]
+) -> list[Any]:
+    """Check the suspect ``values[bad]`` item by item (raising its exact message); a suspect
+    that passes (an int subclass, an optional member left out) means the rest goes item by
+    item too. ``checked`` holds the results for ``values[:bad]``."""
+    checked.append(item.check(values[bad], f"{where}[{bad}]"))
+    return checked + check_each(item, values, where, bad + 1)
+
+
+def first_not_of_type(values: list[Any], kind: type) -> int:
+    """Index of the first item whose type is not exactly ``kind`` (bool is not int), or
+    ``len(values)``; C-level iteration, no Python call per item."""
+    return _first_false(lambda: map(operator.is_, map(type, values), repeat(kind)), len(values))
+
+
+def _first_false(flags: Callable[[], Iterable[bool]], n: int) -> int:
+    """Index of the first false one of the ``n`` flags ``flags()`` yields, or ``n``.
+
+    The common case, every flag true, costs one C-level count; only a list with a bad item
+    is walked again to find where."""
+    if operator.countOf(flags(), True) == n:
+        return n
+    return next(compress(count(), map(operator.not_, flags())), n)
+
+
+def _int_array(ints: list[int]) -> np.ndarray:
+    """Exact Python ints as an array: int64, else uint64, else (beyond 64 bits) objects,
+    which numpy compares with Python's own arbitrary-precision comparison."""
+    for dtype in (np.int64, np.uint64):
+        try:
+            return np.fromiter(ints, dtype=dtype, count=len(ints))
+        except OverflowError:
+            continue
+    return np.array(ints, dtype=object)
 
 
 def check_members(fields: Sequence[Arg], given: dict[str, Any], prefix: str = "") -> dict[str, Any]:

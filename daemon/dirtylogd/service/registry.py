@@ -1,11 +1,15 @@
 """The service: the registry of VMs and the async face of everything commands ask for.
 
-Blocking work — harvests, memslot changes, stores, vCPU control — runs in worker threads
-(``asyncio.to_thread``) so one large VM never stalls the socket of another. Kernel-contract
-failures become GenericError with the errno in the text; unknown names become DeviceNotFound.
+Blocking work — harvests, memslot changes, stores, vCPU control, reads of a VM's consumers
+and rates — runs in worker threads (``asyncio.to_thread``) so one large VM never stalls the
+socket of another. Kernel-contract failures become GenericError with the errno in the text;
+unknown names become DeviceNotFound.
 
 It also drives the state store: on a graceful stop every VM is saved with its consumers'
-pending bits; on start every saved VM comes back (all dirty if the daemon was killed).
+pending bits; on start every saved VM comes back (all dirty if the daemon was killed). Every
+store call (write + fsync, delete, read) runs on the store's one thread, first in first out:
+records are built on the loop when the state changes and written in that order, and a VM's
+deletion comes after its last save.
 Events (STOP, RESUME, VCPU_FAILED) go to the sink it is given; it does not know who listens.
 """
 
@@ -15,7 +19,8 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
@@ -57,6 +62,7 @@ class Service:
         self.vms: dict[str, VmState] = {}
         self._creating: set[str] = set()
         self.emit_event = events
+        self._store_thread: ThreadPoolExecutor | None = None  # made on first use
 
     # --- persistence ----------------------------------------------------------------------------
     def register(self, vm: VmState) -> None:
@@ -64,16 +70,38 @@ class Service:
         vm.backend.on_vcpu_failure = self._vcpu_failure_reporter(vm.name)
         self.vms[vm.name] = vm
 
-    def persist(self, vm: VmState) -> None:
-        """Record a registered VM's definition (not clean: a crash from here on is unclean)."""
-        if self.state is not None and self.vms.get(vm.name) is vm:
-            self.state.save_vm(vm_record(vm))
+    def persist(self, vm: VmState) -> asyncio.Future[None]:
+        """Record a registered VM's definition (not clean: a crash from here on is unclean).
+
+        The record is built now, on the loop, so it is the state as of the change just made;
+        the write and fsync happen on the store's thread, after every earlier one. Await the
+        result to know the record is on disk (and to hear if it could not be written)."""
+        if self.state is None or self.vms.get(vm.name) is not vm:
+            return _done()
+        return self._store(self.state.save_vm, vm_record(vm))
+
+    def _store(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run a state-store call on the store's one thread, after every call queued before.
+
+        A caller cancelled while it waits (its client went away) stops waiting; the call still
+        runs, and in its turn: a queued write is never dropped or overtaken."""
+        if self._store_thread is None:
+            self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="dirtylogd-state")
+        done = asyncio.wrap_future(self._store_thread.submit(fn, *args))
+        done.add_done_callback(_log_store_failure)
+        return asyncio.shield(done)
+
+    async def _close_store(self) -> None:
+        """Wait for every queued store call (some nobody awaits), then end the thread."""
+        thread, self._store_thread = self._store_thread, None
+        if thread is not None:
+            await asyncio.to_thread(thread.shutdown)
 
     async def restore(self) -> None:
         """Bring back every VM the state store has a record of (before serving clients)."""
         if self.state is None:
             return
-        for record in self.state.load_all():
+        for record in await self._store(self.state.load_all):
             name = record.get("name", "?")
             if not os.path.exists(record.get("ram-path", "")):
                 log.error(
@@ -81,7 +109,7 @@ class Service:
                     name,
                     record.get("ram-path"),
                 )
-                self.state.delete_vm(name)
+                await self._store(self.state.delete_vm, name)
                 continue
             try:
                 await self._restore(self.state, record)
@@ -116,14 +144,15 @@ class Service:
         except BaseException:
             await asyncio.to_thread(backend.close, True)
             raise
-        saved = store.take_pending(name)  # always consumed: never reused by a later restart
+        # Always consumed: never reused by a later restart.
+        saved = await self._store(store.take_pending, name)
         vm.restore_pending(saved if record.get("clean") else None)
         self.register(vm)
         if record.get("paused"):
             await self.pause(vm)
         if record.get("workload"):
             await self.start_workload(vm, **record["workload"])
-        self.persist(vm)
+        await self.persist(vm)
         if record.get("clean"):
             log.info("vm %s restored (pending bits as saved)", name)
         else:
@@ -136,9 +165,9 @@ class Service:
             await asyncio.to_thread(vm.backend.pause)  # nothing stores from here on ...
             await asyncio.to_thread(vm.backend.stop_workload)
             await asyncio.to_thread(vm.flush)  # ... so this harvest is the last word
-            for (consumer, slot), bits in vm.pending_snapshot().items():
-                store.save_pending(vm.name, consumer, slot, bits)
-            store.save_vm(vm_record(vm, clean=True, workload=workload))
+            pending = await asyncio.to_thread(vm.pending_snapshot)
+            record = vm_record(vm, clean=True, workload=workload)
+            await self._store(_save_stopped, store, pending, record)
             await asyncio.to_thread(vm.backend.close, True)
             log.info("vm %s saved: its consumers' pending bits wait for the next start", vm.name)
         self.vms.clear()
@@ -184,7 +213,7 @@ class Service:
                 await asyncio.to_thread(created.close)
                 raise
             self.register(vm)
-            self.persist(vm)
+            await self.persist(vm)
             log.info("vm %s created (%s backend, %d memslots)", name, created.kind, len(memslots))
         finally:
             self._creating.discard(name)
@@ -202,15 +231,17 @@ class Service:
     async def remove_vm(self, name: str) -> None:
         vm = self.vm(name)
         del self.vms[name]
-        if self.state is not None:
-            self.state.delete_vm(name)
+        deleted = _done() if self.state is None else self._store(self.state.delete_vm, name)
         await asyncio.to_thread(vm.backend.close)
+        await deleted
         log.info("vm %s removed", name)
 
-    def query_vms(self) -> list[dict[str, Any]]:
+    async def query_vms(self) -> list[dict[str, Any]]:
+        vms = list(self.vms.values())
+        # describe() takes each VM's lock and counts every pending bitmap: a worker's job.
+        described = await asyncio.to_thread(lambda: [vm.describe() for vm in vms])
         out = []
-        for vm in self.vms.values():
-            entry = vm.describe()
+        for vm, entry in zip(vms, described, strict=True):
             backend = vm.backend
             entry["backend"] = backend.kind
             entry["capabilities"] = backend.capabilities()
@@ -252,17 +283,23 @@ class Service:
             size,
         )
         vm.apply_memslot_change(change)
-        self.persist(vm)
+        await self.persist(vm)
 
     def add_consumer(
         self, vm: VmState, name: str, manual_protect: bool, initially_set: bool
-    ) -> None:
+    ) -> asyncio.Future[None]:
+        """Add a consumer at once (a caller that does not await, like --demo, sees it next
+        line); the result is done when the VM's record with it is on disk."""
         vm.add_consumer(name, manual_protect, initially_set)
-        self.persist(vm)
+        return self.persist(vm)
 
-    def remove_consumer(self, vm: VmState, name: str) -> None:
+    def remove_consumer(self, vm: VmState, name: str) -> asyncio.Future[None]:
+        """Remove a consumer at once; the result is done when the record says so on disk."""
         vm.remove_consumer(name)
-        self.persist(vm)
+        return self.persist(vm)
+
+    async def dirty_rate(self, vm: VmState) -> dict[str, object]:
+        return await asyncio.to_thread(vm.dirty_rate)
 
     # --- dirty logs ---------------------------------------------------------------------------
     async def get_dirty_log(self, vm: VmState, slot: int, as_id: int, consumer: str) -> Taken:
@@ -293,8 +330,13 @@ class Service:
             vm, vm.clear, make_slot_id(as_id, slot), consumer, first_page, num_pages, bitmap
         )
 
-    async def io_mark(self, vm: VmState, ranges: list[tuple[int, int]]) -> int:
-        return await self._call(vm, vm.io_mark_ranges, ranges)
+    async def io_mark(self, vm: VmState, ranges: Sequence[Mapping[str, int]]) -> int:
+        """Record reported I/O writes; the up to 65,536 ranges are unpacked in the worker."""
+
+        def mark() -> int:
+            return vm.io_mark_ranges([(r["guest_phys_addr"], r["length"]) for r in ranges])
+
+        return await self._call(vm, mark)
 
     # --- simulation ----------------------------------------------------------------------------
     async def write(self, vm: VmState, gpa: int, data: bytes, path: str, report: bool) -> None:
@@ -305,8 +347,12 @@ class Service:
     async def write_pages(
         self, vm: VmState, gfns: list[int], value: int, path: str, report: bool
     ) -> None:
-        frames = np.asarray(gfns, dtype=np.int64)
-        await self._call(vm, vm.backend.write_pages, frames, value, WritePath(path))
+        def store() -> np.ndarray:
+            frames = np.asarray(gfns, dtype=np.int64)  # 131,072 gfns: milliseconds, not here
+            vm.backend.write_pages(frames, value, WritePath(path))
+            return frames
+
+        frames = await self._call(vm, store)
         if path != WritePath.GUEST and report:
             await self._call(vm, vm.io_mark_gfns, frames)
 
@@ -323,28 +369,54 @@ class Service:
         except (TypeError, ValueError) as exc:
             raise GenericError(str(exc)) from None
         await self._call(vm, vm.backend.start_workload, workload)
-        self.persist(vm)
+        await self.persist(vm)
 
     async def stop_workload(self, vm: VmState) -> None:
         await self._call(vm, vm.backend.stop_workload)
-        self.persist(vm)
+        await self.persist(vm)
 
     async def pause(self, vm: VmState) -> None:
         await self._call(vm, vm.backend.pause)
         vm.user_paused = True
-        self.persist(vm)
+        await self.persist(vm)
         self.emit_event("STOP", {"vm": vm.name})
 
     async def resume(self, vm: VmState) -> None:
         await self._call(vm, vm.backend.resume)
         vm.user_paused = False
-        self.persist(vm)
+        await self.persist(vm)
         self.emit_event("RESUME", {"vm": vm.name})
 
     async def shutdown(self) -> None:
-        """Graceful stop: with a state directory the VMs are saved, else removed."""
-        if self.state is not None:
-            await self.save_all(self.state)
-            return
-        for name in list(self.vms):
-            await self.remove_vm(name)
+        """Graceful stop: with a state directory the VMs are saved, else removed. Either way
+        every queued store call is done before this returns."""
+        try:
+            if self.state is not None:
+                await self.save_all(self.state)
+                return
+            for name in list(self.vms):
+                await self.remove_vm(name)
+        finally:
+            await self._close_store()
+
+
+def _done() -> asyncio.Future[None]:
+    """An awaitable that is already done: nothing to write."""
+    done = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    return done
+
+
+def _log_store_failure(done: asyncio.Future[Any]) -> None:
+    """A store call that failed is logged even if nobody awaits it (or its awaiter left)."""
+    if not done.cancelled() and done.exception() is not None:
+        log.error("the state store failed: %r", done.exception())
+
+
+def _save_stopped(
+    store: StateStore, pending: dict[tuple[str, int], bytes], record: dict[str, Any]
+) -> None:
+    """A stopped VM's consumers' bits, then its clean record: clean only once the bits are in."""
+    for (consumer, slot), bits in pending.items():
+        store.save_pending(record["name"], consumer, slot, bits)
+    store.save_vm(record)
