@@ -33,7 +33,7 @@ async def start_demo(service: Service) -> asyncio.Task[None]:
     if DEMO_VM not in service.vms:  # a restored demo keeps its memory, consumers and workload
         await service.create_vm(DEMO_VM, slots, "softmmu", True)
         vm = service.vm(DEMO_VM)
-        service.add_consumer(vm, MONITOR, manual_protect=False, initially_set=False)
+        await service.add_consumer(vm, MONITOR, manual_protect=False, initially_set=False)
         await service.start_workload(
             vm,
             pages_per_second=20_000,
