@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dirtylogd.api.handlers import Context
+from dirtylogd.api.command import Context
 from dirtylogd.api.schema import BY_NAME, COMMANDS
 from dirtylogd.qmp.fds import FdRegistry
 from dirtylogd.service.registry import Service

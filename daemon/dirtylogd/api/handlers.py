@@ -14,37 +14,19 @@ import errno
 import fcntl
 import os
 import stat
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from dirtylogd import VERSION, __version__
+from dirtylogd.api.command import Context
 from dirtylogd.api.introspect import qmp_schema
 from dirtylogd.errors import GenericError
-from dirtylogd.qmp.fds import FdRegistry
 from dirtylogd.qmp.session import Deferred
-from dirtylogd.service.registry import Service
 from dirtylogd.service.vm import Taken, VmState
 from kvmshim.abi import dirty_bitmap_bytes
 from kvmshim.bitmap import WORD, DirtyBitmap
-
-if TYPE_CHECKING:
-    from dirtylogd.api.schema import Command
-
-
-@dataclass
-class Context:
-    """What a handler may touch: the service, its connection's descriptors, the table itself."""
-
-    service: Service
-    fds: FdRegistry
-    max_reply_bytes: int
-    commands: Sequence[Command]
-
-
-Handler = Callable[[Context, dict[str, Any]], Awaitable[Any]]
 
 # A GET answer whose bitmap is at most this many bytes (8,192 pages: a 32 MiB slot) is encoded
 # on the event loop; a larger one in a worker thread. At this size the worst case, "ranges" of

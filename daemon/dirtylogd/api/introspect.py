@@ -1,17 +1,15 @@
 """Renderings of the command table: QEMU-style introspection and the protocol reference.
 
-python -m dirtylogd.api.introspect > docs/protocol.md
+python -m dirtylogd.api > docs/protocol.md
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dirtylogd.api.argtypes import Arg, ArgType, Enum, List, Object
-
-if TYPE_CHECKING:  # the table imports the handlers, which render it: no import at run time
-    from dirtylogd.api.schema import Command
+from dirtylogd.api.command import Command
 
 # --- introspection (query-qmp-schema) ---------------------------------------------------------
 _BUILTINS = {"str": "string", "int": "int", "number": "number", "bool": "boolean", "value": "value"}
@@ -76,7 +74,7 @@ def render_markdown(commands: Sequence[Command]) -> str:
         "# dirtylogd QMP protocol reference",
         "",
         "Generated from `daemon/dirtylogd/api/schema.py` by",
-        "`python -m dirtylogd.api.introspect`; do not edit.",
+        "`python -m dirtylogd.api`; do not edit.",
         "Framing, negotiation and error classes follow QEMU's docs/interop/qmp-spec.rst.",
         "Unknown, missing, wrong-typed or out-of-range arguments are rejected with GenericError",
         "before the command does anything.",
@@ -110,9 +108,3 @@ def _json_default(value: Any) -> str:
     if isinstance(value, str):
         return f'"{value}"'
     return str(value)
-
-
-if __name__ == "__main__":
-    from dirtylogd.api.schema import COMMANDS
-
-    print(render_markdown(COMMANDS), end="")

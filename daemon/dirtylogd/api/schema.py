@@ -9,9 +9,6 @@ base64 arguments arrive already decoded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 from dirtylogd.api import handlers as h
 from dirtylogd.api.argtypes import (
     U32_MAX,
@@ -25,24 +22,8 @@ from dirtylogd.api.argtypes import (
     Num,
     Object,
     Str,
-    check_members,
 )
-
-
-@dataclass(frozen=True)
-class Command:
-    """One command: its name, what it does, its arguments and the handler that runs it."""
-
-    name: str
-    handler: h.Handler | None  # None: the session itself answers (qmp_capabilities)
-    doc: str
-    args: tuple[Arg, ...] = ()
-    returns: str = "{}"
-    errors: tuple[str, ...] = ()
-
-    def validate(self, arguments: dict[str, Any]) -> dict[str, Any]:
-        return check_members(self.args, arguments)
-
+from dirtylogd.api.command import Command
 
 # --- shared argument types --------------------------------------------------------------------
 NAME = Str(max_len=64, pattern=r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", hint="1-64 of A-Z a-z 0-9 _ . -")

@@ -29,7 +29,7 @@ def test_every_command_has_a_handler_and_every_handler_a_command():
 
 def test_protocol_reference_is_generated_from_the_schema():
     assert DOC.read_text() == render_markdown(COMMANDS), (
-        "run: python -m dirtylogd.api.introspect > docs/protocol.md"
+        "run: python -m dirtylogd.api > docs/protocol.md"
     )
 
 

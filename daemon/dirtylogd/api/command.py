@@ -1,0 +1,44 @@
+"""What a command is: its entry in the table, the handler's signature and what it may touch.
+
+Kept apart from the table (:mod:`dirtylogd.api.schema`) and the handlers
+(:mod:`dirtylogd.api.handlers`) so that the table can import the handlers, and the handlers
+(which render the table for ``query-qmp-schema``) need not import the table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dirtylogd.api.argtypes import Arg, check_members
+from dirtylogd.qmp.fds import FdRegistry
+from dirtylogd.service.registry import Service
+
+
+@dataclass
+class Context:
+    """What a handler may touch: the service, its connection's descriptors, the table itself."""
+
+    service: Service
+    fds: FdRegistry
+    max_reply_bytes: int
+    commands: Sequence[Command]
+
+
+Handler = Callable[[Context, dict[str, Any]], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command: its name, what it does, its arguments and the handler that runs it."""
+
+    name: str
+    handler: Handler | None  # None: the session itself answers (qmp_capabilities)
+    doc: str
+    args: tuple[Arg, ...] = ()
+    returns: str = "{}"
+    errors: tuple[str, ...] = ()
+
+    def validate(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        return check_members(self.args, arguments)
