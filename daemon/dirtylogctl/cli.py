@@ -115,6 +115,8 @@ class Ctl:
                 "generation": v["generation"],
                 "workload": "running" if v.get("workload", {}).get("running") else "-",
             }
+            if v.get("status", "ok") == "ok"
+            else {"name": v["name"], "backend": v.get("status"), "workload": v.get("reason")}
             for v in vms
         ]
         self.show(
@@ -141,6 +143,8 @@ class Ctl:
 
     async def _vm(self, name: str) -> dict[str, Any]:
         for vm in await self._vms():
+            if vm["name"] == name and vm.get("status", "ok") != "ok":
+                raise NotFoundError(f"vm '{name}' cannot be used: {vm.get('reason')}")
             if vm["name"] == name:
                 return vm
         raise NotFoundError(f"DeviceNotFound: no VM named '{name}'")

@@ -240,6 +240,8 @@ class Migration:
         vm = vms.get(self.o.vm)
         if vm is None:
             raise MigrationError(f"no VM named '{self.o.vm}'")
+        if vm.get("status", "ok") != "ok":
+            raise MigrationError(f"vm '{self.o.vm}' cannot be migrated: {vm.get('reason')}")
         if "ram-path" not in vm:
             raise MigrationError(f"vm '{self.o.vm}' has no RAM file a migration could read")
         ram = np.memmap(vm["ram-path"], dtype=np.uint8, mode="r")

@@ -121,16 +121,20 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "vm-remove",
         h.vm_remove,
-        "Stop and remove a VM; its RAM file goes too.",
+        "Stop and remove a VM; its RAM file, record and saved bits go too. Commands already "
+        "running on it finish first; later ones get DeviceNotFound. If the record cannot be "
+        "removed, the VM stays.",
         (VM,),
         errors=NOT_FOUND,
     ),
     Command(
         "query-vms",
         h.query_vms,
-        "Every VM with its backend, capabilities, memslots and consumers.",
-        returns="[{name, backend, capabilities, paused, memslots: [...], consumers: [...], "
-        "ram-path?, workload?}]",
+        "Every VM with its backend, capabilities, memslots and consumers; then the VMs whose "
+        "saved record could not be restored (status 'ram-lost' or 'unrestorable', with the "
+        "reason), on which only vm-remove works.",
+        returns="[{name, status: 'ok', backend, capabilities, paused, generation, memslots: "
+        "[...], consumers: [...], ram-path, workload?} | {name, status, reason, record}]",
     ),
     Command(
         "memslot-set",

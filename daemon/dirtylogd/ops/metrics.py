@@ -82,6 +82,13 @@ class DirtylogdCollector(Collector):
         rate = GaugeMetricFamily(
             P + "dirty_pages_per_second", "Dirty rate of the latest harvests", labels=["vm"]
         )
+        unsaved = CounterMetricFamily(
+            P + "state_write_failures",
+            "VM records the state directory refused (a full or read-only disk)",
+            labels=["vm"],
+        )
+        for name, n in sorted(self.service.state_write_failures.items()):
+            unsaved.add_metric([name], n)
         for vm in vms:
             t = vm.telemetry
             harvests.add_metric([vm.name], t.harvests)
@@ -117,6 +124,7 @@ class DirtylogdCollector(Collector):
             writes,
             io_marked,
             rate,
+            unsaved,
         )
 
     def _server_metrics(self) -> Iterator[Metric]:

@@ -17,23 +17,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
 from dirtylogd.errors import DeviceNotFound, GenericError, QmpError
-from dirtylogd.service.records import running_workload, vm_record
+from dirtylogd.service.records import RecordError, parse_record, vm_record
+from dirtylogd.service.revive import give_back_pending, revive, save_stopped, write_stopped
 from dirtylogd.service.store import StateStore
-from dirtylogd.service.vm import Taken, VmState
+from dirtylogd.service.vm import DEFAULT_CONSUMER, Taken, VmState
 from kvmshim.abi import KVM_MEM_LOG_DIRTY_PAGES, make_slot_id
 from kvmshim.backends import WorkloadSpec, create_backend
 from kvmshim.backends.base import Pattern, ReadPath, WritePath
 from kvmshim.errors import KvmError, KvmShimError
-from kvmshim.memslot import Memslot
+from kvmshim.memslot import Memslot, MemslotChange
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -50,6 +54,24 @@ def _no_events(name: str, data: dict[str, Any]) -> None:
     """The sink of a service nobody listens to (tests, tools)."""
 
 
+@dataclass(frozen=True)
+class UnavailableVm:
+    """A VM the state store has a record of but the daemon cannot serve (restore policy)."""
+
+    name: str
+    status: str  # "ram-lost" (its RAM file is gone, e.g. after a reboot) or "unrestorable"
+    reason: str
+    record: str  # the record's path, kept until vm-remove
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "reason": self.reason,
+            "record": self.record,
+        }
+
+
 class Service:
     def __init__(
         self,
@@ -60,11 +82,15 @@ class Service:
         self.runtime_dir = runtime_dir
         self.state = state
         self.vms: dict[str, VmState] = {}
+        self.unavailable: dict[str, UnavailableVm] = {}
+        self.state_write_failures: Counter[str] = Counter()  # by VM: records not written
         self._creating: set[str] = set()
+        self._users: Counter[str] = Counter()  # calls in flight per VM name
+        self._idle: dict[str, asyncio.Event] = {}
         self.emit_event = events
         self._store_thread: ThreadPoolExecutor | None = None  # made on first use
 
-    # --- persistence ----------------------------------------------------------------------------
+    # --- the state store ------------------------------------------------------------------------
     def register(self, vm: VmState) -> None:
         vm.backend.io_reporter = vm.io_mark_gfns
         vm.backend.on_vcpu_failure = self._vcpu_failure_reporter(vm.name)
@@ -79,6 +105,36 @@ class Service:
         if self.state is None or self.vms.get(vm.name) is not vm:
             return _done()
         return self._store(self.state.save_vm, vm_record(vm))
+
+    async def _record(self, vm: VmState, record: dict[str, Any] | None = None) -> None:
+        """Write ``record`` (default: the VM as it is now) or raise the QMP error that says why
+        not. Commands that create or remove state call this to be all or nothing."""
+        if self.state is None or self.vms.get(vm.name) is not vm:
+            return
+        try:
+            await self._store(self.state.save_vm, record or vm_record(vm))
+        except OSError as exc:
+            self.state_write_failures[vm.name] += 1
+            raise GenericError(
+                f"cannot record vm '{vm.name}' in {self.state.directory}: {_oserror(exc)}; "
+                "nothing was changed"
+            ) from None
+
+    async def _record_or_mark(self, vm: VmState) -> None:
+        """For commands that must take effect whatever the disk says (stop, cont): a record
+        that cannot be written is logged and counted, and marks the VM's record stale, so the
+        next start reports every page dirty."""
+        try:
+            await self.persist(vm)
+        except OSError as exc:
+            vm.record_stale = True
+            self.state_write_failures[vm.name] += 1
+            log.error(
+                "vm %s: its record could not be written (%s); a restart will report "
+                "every page dirty",
+                vm.name,
+                _oserror(exc),
+            )
 
     def _store(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Run a state-store call on the store's one thread, after every call queued before.
@@ -97,63 +153,90 @@ class Service:
         if thread is not None:
             await asyncio.to_thread(thread.shutdown)
 
+    # --- restore policy -------------------------------------------------------------------------
     async def restore(self) -> None:
-        """Bring back every VM the state store has a record of (before serving clients)."""
+        """Bring back every VM the state store has a record of (before serving clients).
+
+        One policy for every odd case, and no case deletes anything:
+        * a record that is not what the daemon writes (unreadable, not an object, wrong field
+          types, another version, a name other than its file's) is logged and listed by
+          query-vms as "unrestorable"; only vm-remove works on it, and removes it;
+        * a record whose RAM file is gone (a reboot emptied the tmpfs) is listed as "ram-lost",
+          its saved bits kept until vm-remove;
+        * a record that fails to restore for any other reason is "unrestorable" likewise;
+        * unexpected entries among a VM's saved bits make the consumers they may belong to
+          start all dirty (see :mod:`dirtylogd.service.store`); a RAM file no record names is
+          left where it is, with a warning.
+        """
         if self.state is None:
             return
-        for record in await self._store(self.state.load_all):
-            name = record.get("name", "?")
-            if not os.path.exists(record.get("ram-path", "")):
-                log.error(
-                    "vm %s cannot be restored: its RAM file %s is gone",
-                    name,
-                    record.get("ram-path"),
+        store = self.state
+        for leftover in await self._store(store.leftovers):
+            log.warning(
+                "ignoring %s in %s: a write that never completed", leftover, store.directory
+            )
+        named: set[str] = set()
+        for stored in await self._store(store.load_all):
+            try:
+                record = parse_record(stored)
+            except RecordError as exc:
+                self._unavailable(stored.name, "unrestorable", str(exc), stored.path)
+                continue
+            except Exception as exc:  # a check that missed a shape must not stop the daemon
+                log.exception("checking the record of %s", stored.name)
+                self._unavailable(
+                    stored.name, "unrestorable", f"not understood: {exc!r}", stored.path
                 )
-                await self._store(self.state.delete_vm, name)
+                continue
+            named.add(os.path.realpath(record["ram-path"]))
+            if not os.path.exists(record["ram-path"]):
+                why = f"its RAM file {record['ram-path']} is gone (a reboot empties /run)"
+                self._unavailable(stored.name, "ram-lost", why, stored.path)
                 continue
             try:
-                await self._restore(self.state, record)
-            except Exception:  # one broken record must not keep the daemon from serving the rest
-                log.exception(
-                    "vm %s could not be restored; its record stays in %s",
-                    name,
-                    self.state.directory,
-                )
+                await self._restore(store, record)
+            except Exception as exc:  # one broken record must not keep the others from serving
+                log.debug("restoring %s", stored.name, exc_info=True)
+                self._unavailable(stored.name, "unrestorable", f"{exc}", stored.path)
+        self._warn_orphans(named)
+
+    def _unavailable(self, name: str, status: str, reason: str, path: str) -> None:
+        log.error(
+            "vm %s cannot be restored (%s): %s; its record stays in %s until vm-remove",
+            name,
+            status,
+            reason,
+            path,
+        )
+        self.unavailable[name] = UnavailableVm(name, status, reason, path)
+
+    def _warn_orphans(self, named: set[str]) -> None:
+        with contextlib.suppress(OSError):
+            for entry in sorted(os.listdir(self.runtime_dir)):
+                path = os.path.realpath(os.path.join(self.runtime_dir, entry))
+                if entry.endswith(".ram") and path not in named:
+                    log.warning(
+                        "%s belongs to no saved VM; left in place (it may hold a "
+                        "guest's memory: remove it by hand if not)",
+                        path,
+                    )
 
     async def _restore(self, store: StateStore, record: dict[str, Any]) -> None:
         name = record["name"]
-        runtime_dir = os.path.dirname(record["ram-path"])
-        backend = await asyncio.to_thread(
-            create_backend, record["backend"], name, runtime_dir, record.get("esop", True), True
-        )
-        vm = VmState(name, backend)
-        try:
-            for m in record["memslots"]:
-                flags = KVM_MEM_LOG_DIRTY_PAGES if m["log-dirty-pages"] else 0
-                change = await asyncio.to_thread(
-                    backend.restore_memslot,
-                    make_slot_id(m["as-id"], m["slot"]),
-                    flags,
-                    m["guest-phys-addr"],
-                    m["size"],
-                    m["ram-offset"],
-                )
-                vm.apply_memslot_change(change)
-            for c in record["consumers"]:
-                vm.add_consumer(c["name"], c["manual-protect"], c["initially-set"])
-        except BaseException:
-            await asyncio.to_thread(backend.close, True)
-            raise
+        vm = await revive(record)
         # Always consumed: never reused by a later restart.
         saved = await self._store(store.take_pending, name)
-        vm.restore_pending(saved if record.get("clean") else None)
+        give_back_pending(vm, saved, clean=record["clean"])
         self.register(vm)
-        if record.get("paused"):
+        if record["paused"]:
             await self.pause(vm)
         if record.get("workload"):
-            await self.start_workload(vm, **record["workload"])
-        await self.persist(vm)
-        if record.get("clean"):
+            try:
+                await self.start_workload(vm, **record["workload"])
+            except QmpError as exc:
+                log.error("vm %s: its workload was not restarted: %s", name, exc.desc)
+        await self._record_or_mark(vm)
+        if record["clean"]:
             log.info("vm %s restored (pending bits as saved)", name)
         else:
             log.info("vm %s restored (every page dirty: the daemon was not stopped cleanly)", name)
@@ -161,32 +244,67 @@ class Service:
     async def save_all(self, store: StateStore) -> None:
         """Graceful stop: pause, harvest into every consumer, save their bits, keep the RAM."""
         for vm in list(self.vms.values()):
-            workload = running_workload(vm)
-            await asyncio.to_thread(vm.backend.pause)  # nothing stores from here on ...
-            await asyncio.to_thread(vm.backend.stop_workload)
-            await asyncio.to_thread(vm.flush)  # ... so this harvest is the last word
+            record = await save_stopped(vm, clean=not vm.record_stale)
             pending = await asyncio.to_thread(vm.pending_snapshot)
-            record = vm_record(vm, clean=True, workload=workload)
-            await self._store(_save_stopped, store, pending, record)
+            try:
+                await self._store(write_stopped, store, pending, record)
+                how = "its consumers' pending bits wait for the next start"
+                if vm.record_stale:
+                    how = "marked unclean (a record write had failed): every page dirty"
+                log.info("vm %s saved: %s", vm.name, how)
+            except OSError as exc:
+                log.error(
+                    "vm %s could not be saved (%s): the next start reports every page dirty",
+                    vm.name,
+                    _oserror(exc),
+                )
             await asyncio.to_thread(vm.backend.close, True)
-            log.info("vm %s saved: its consumers' pending bits wait for the next start", vm.name)
         self.vms.clear()
 
     # --- helpers ------------------------------------------------------------------------------
     def vm(self, name: str) -> VmState:
         found = self.vms.get(name)
-        if found is None:
-            raise DeviceNotFound(f"no VM named '{name}'")
-        return found
+        if found is not None and not found.removed:
+            return found
+        gone = self.unavailable.get(name)
+        if gone is not None:
+            raise GenericError(
+                f"vm '{name}' cannot be used: {gone.reason}; only query-vms and vm-remove "
+                "work on it"
+            )
+        raise DeviceNotFound(f"no VM named '{name}'")
+
+    def _live(self, vm: VmState) -> None:
+        """A VM looked up before a vm-remove began is gone for every later step."""
+        if vm.removed:
+            raise DeviceNotFound(f"no VM named '{vm.name}' (it was removed)")
 
     async def _call(self, vm: VmState, fn: Callable[..., T], *args: Any) -> T:
-        """Run blocking backend work in a thread; map kvmshim errors for the client."""
+        """Run blocking backend work in a thread; map kvmshim errors for the client.
+
+        Counted as in flight: vm-remove waits for every call that started before it, and
+        refuses every call after it, so no call ever meets a closed backend."""
+        self._live(vm)
+        self._users[vm.name] += 1
         try:
             return await asyncio.to_thread(fn, *args)
         except KvmError as exc:
             raise from_kvm(exc, vm.name) from None
         except KvmShimError as exc:
             raise GenericError(f"vm '{vm.name}': {exc}") from None
+        finally:
+            self._users[vm.name] -= 1
+            if self._users[vm.name] == 0:
+                del self._users[vm.name]
+                idle = self._idle.pop(vm.name, None)
+                if idle is not None:
+                    idle.set()
+
+    async def _drain(self, vm: VmState) -> None:
+        """Wait until no call on ``vm`` is in flight (new ones are refused: ``vm.removed``)."""
+        if self._users[vm.name]:
+            idle = self._idle.setdefault(vm.name, asyncio.Event())
+            await idle.wait()
 
     # --- VMs ----------------------------------------------------------------------------------
     async def create_vm(
@@ -194,6 +312,11 @@ class Service:
     ) -> None:
         if name in self.vms or name in self._creating:
             raise GenericError(f"a VM named '{name}' already exists")
+        if name in self.unavailable:
+            raise GenericError(
+                f"a VM named '{name}' already exists but cannot be used "
+                f"({self.unavailable[name].reason}): vm-remove it first"
+            )
         self._creating.add(name)
         try:
             os.makedirs(self.runtime_dir, mode=0o750, exist_ok=True)
@@ -208,12 +331,17 @@ class Service:
             vm = VmState(name, created)
             try:
                 for spec in memslots:
-                    await self.set_memslot(vm, **spec)
+                    await self._set_memslot(vm, **spec)
+                self.register(vm)
             except BaseException:
                 await asyncio.to_thread(created.close)
                 raise
-            self.register(vm)
-            await self.persist(vm)
+            try:
+                await self._record(vm)  # all or nothing: no record, no VM
+            except QmpError:  # (a cancelled caller leaves both: the write still lands)
+                del self.vms[name]
+                await asyncio.to_thread(created.close)
+                raise
             log.info("vm %s created (%s backend, %d memslots)", name, created.kind, len(memslots))
         finally:
             self._creating.discard(name)
@@ -229,19 +357,45 @@ class Service:
         return report
 
     async def remove_vm(self, name: str) -> None:
+        """All or nothing: the record and saved bits go first; if they cannot, the VM stays.
+
+        Calls already running on the VM finish first; calls after this began are refused."""
+        if name not in self.vms and name in self.unavailable:
+            await self._delete_record(name)
+            del self.unavailable[name]
+            log.info("vm %s removed (it was %s)", name, "unavailable")
+            return
         vm = self.vm(name)
+        vm.removed = True
+        try:
+            await self._drain(vm)
+            await self._delete_record(name)
+        except BaseException:
+            vm.removed = False
+            raise
         del self.vms[name]
-        deleted = _done() if self.state is None else self._store(self.state.delete_vm, name)
         await asyncio.to_thread(vm.backend.close)
-        await deleted
         log.info("vm %s removed", name)
 
+    async def _delete_record(self, name: str) -> None:
+        if self.state is None:
+            return
+        try:
+            await self._store(self.state.delete_vm, name)
+        except OSError as exc:
+            raise GenericError(
+                f"cannot remove the record of vm '{name}' from {self.state.directory}: "
+                f"{_oserror(exc)}; the VM stays"
+            ) from None
+
     async def query_vms(self) -> list[dict[str, Any]]:
-        vms = list(self.vms.values())
+        """Every VM: those served ("status": "ok"), then those only listed (see restore)."""
+        vms = [vm for vm in self.vms.values() if not vm.removed]
         # describe() takes each VM's lock and counts every pending bitmap: a worker's job.
         described = await asyncio.to_thread(lambda: [vm.describe() for vm in vms])
         out = []
         for vm, entry in zip(vms, described, strict=True):
+            entry["status"] = "ok"
             backend = vm.backend
             entry["backend"] = backend.kind
             entry["capabilities"] = backend.capabilities()
@@ -258,7 +412,7 @@ class Service:
                     "failed": None if workload.failure is None else repr(workload.failure),
                 }
             out.append(entry)
-        return out
+        return out + [gone.describe() for gone in self.unavailable.values()]
 
     def memslot(self, vm: VmState, slot: int, as_id: int) -> Memslot | None:
         """The memslot a command names, or None (the harvest will say why: ENOENT, EINVAL)."""
@@ -273,6 +427,49 @@ class Service:
         size: int,
         log_dirty_pages: bool,
     ) -> None:
+        """KVM_SET_USER_MEMORY_REGION and its record, all or nothing.
+
+        A change that cannot be undone — deleting a slot releases its memory, turning logging
+        off drops its log — is recorded first; any other is made, recorded, and undone if the
+        record cannot be written."""
+        self._live(vm)
+        slot_id = make_slot_id(as_id, slot)
+        old = vm.backend.memslots.get(slot_id)
+        ahead = old is not None and (
+            size == 0
+            or (
+                old.log_dirty_pages
+                and not log_dirty_pages
+                and (guest_phys_addr, size) == (old.guest_phys_addr, old.memory_size)
+            )
+        )
+        if ahead:
+            await self._record(vm, _record_with(vm, slot, as_id, size, log_dirty_pages))
+        try:
+            change = await self._set_memslot(
+                vm, slot, as_id, guest_phys_addr, size, log_dirty_pages
+            )
+        except BaseException:
+            if ahead:
+                await self._record_or_mark(vm)  # the record said what did not happen
+            raise
+        if ahead:
+            return
+        try:
+            await self._record(vm)
+        except QmpError:
+            await self._undo_memslot(vm, change)
+            raise
+
+    async def _set_memslot(
+        self,
+        vm: VmState,
+        slot: int,
+        as_id: int,
+        guest_phys_addr: int,
+        size: int,
+        log_dirty_pages: bool,
+    ) -> MemslotChange:
         flags = KVM_MEM_LOG_DIRTY_PAGES if log_dirty_pages else 0
         change = await self._call(
             vm,
@@ -283,20 +480,41 @@ class Service:
             size,
         )
         vm.apply_memslot_change(change)
-        await self.persist(vm)
+        return change
 
-    def add_consumer(
+    async def _undo_memslot(self, vm: VmState, change: MemslotChange) -> None:
+        """Put a created, moved or newly logged slot back as it was (its record failed)."""
+        new, old = change.new, change.old
+        if new is None:
+            return
+        if old is None:
+            await self._set_memslot(vm, new.id, new.as_id, new.guest_phys_addr, 0, False)
+        else:
+            await self._set_memslot(
+                vm, old.id, old.as_id, old.guest_phys_addr, old.memory_size, old.log_dirty_pages
+            )
+
+    async def add_consumer(
         self, vm: VmState, name: str, manual_protect: bool, initially_set: bool
-    ) -> asyncio.Future[None]:
-        """Add a consumer at once (a caller that does not await, like --demo, sees it next
-        line); the result is done when the VM's record with it is on disk."""
+    ) -> None:
+        """A new consumer and its record, or neither."""
+        self._live(vm)
         vm.add_consumer(name, manual_protect, initially_set)
-        return self.persist(vm)
+        try:
+            await self._record(vm)
+        except QmpError:  # (a cancelled caller keeps both: the write still lands)
+            vm.remove_consumer(name)
+            raise
 
-    def remove_consumer(self, vm: VmState, name: str) -> asyncio.Future[None]:
-        """Remove a consumer at once; the result is done when the record says so on disk."""
+    async def remove_consumer(self, vm: VmState, name: str) -> None:
+        """The record without the consumer first: its pending bits go only once that holds."""
+        self._live(vm)
+        if name != DEFAULT_CONSUMER:
+            vm.consumer(name)  # DeviceNotFound before anything is written
+            record = vm_record(vm)
+            record["consumers"] = [c for c in record["consumers"] if c["name"] != name]
+            await self._record(vm, record)
         vm.remove_consumer(name)
-        return self.persist(vm)
 
     async def dirty_rate(self, vm: VmState) -> dict[str, object]:
         return await asyncio.to_thread(vm.dirty_rate)
@@ -363,29 +581,31 @@ class Service:
         await self._call(vm, vm.backend.set_storage_key, gpa, key)
 
     async def start_workload(self, vm: VmState, **spec: Any) -> None:
-        spec["pattern"] = Pattern(spec["pattern"])
         try:
+            spec["pattern"] = Pattern(spec["pattern"])
             workload = WorkloadSpec(**spec)
         except (TypeError, ValueError) as exc:
             raise GenericError(str(exc)) from None
         await self._call(vm, vm.backend.start_workload, workload)
-        await self.persist(vm)
+        await self._record_or_mark(vm)
 
     async def stop_workload(self, vm: VmState) -> None:
         await self._call(vm, vm.backend.stop_workload)
-        await self.persist(vm)
+        await self._record_or_mark(vm)
 
     async def pause(self, vm: VmState) -> None:
+        """stop: takes effect and is announced whatever the disk says (a migration's
+        switch-over must not wait for it); see :meth:`_record_or_mark`."""
         await self._call(vm, vm.backend.pause)
         vm.user_paused = True
-        await self.persist(vm)
         self.emit_event("STOP", {"vm": vm.name})
+        await self._record_or_mark(vm)
 
     async def resume(self, vm: VmState) -> None:
         await self._call(vm, vm.backend.resume)
         vm.user_paused = False
-        await self.persist(vm)
         self.emit_event("RESUME", {"vm": vm.name})
+        await self._record_or_mark(vm)
 
     async def shutdown(self) -> None:
         """Graceful stop: with a state directory the VMs are saved, else removed. Either way
@@ -413,10 +633,23 @@ def _log_store_failure(done: asyncio.Future[Any]) -> None:
         log.error("the state store failed: %r", done.exception())
 
 
-def _save_stopped(
-    store: StateStore, pending: dict[tuple[str, int], bytes], record: dict[str, Any]
-) -> None:
-    """A stopped VM's consumers' bits, then its clean record: clean only once the bits are in."""
-    for (consumer, slot), bits in pending.items():
-        store.save_pending(record["name"], consumer, slot, bits)
-    store.save_vm(record)
+def _oserror(exc: OSError) -> str:
+    """'No space left on device (ENOSPC)': the text and the errno's name."""
+    name = errno.errorcode.get(exc.errno or 0, f"errno {exc.errno}")
+    return f"{exc.strerror or exc} ({name})"
+
+
+def _record_with(
+    vm: VmState, slot: int, as_id: int, size: int, log_dirty_pages: bool
+) -> dict[str, Any]:
+    """The VM's record as it will be once a slot is deleted (size 0) or stops logging."""
+    record = vm_record(vm)
+    kept = []
+    for m in record["memslots"]:
+        if (m["slot"], m["as-id"]) == (slot, as_id):
+            if size == 0:
+                continue
+            m = {**m, "log-dirty-pages": log_dirty_pages}
+        kept.append(m)
+    record["memslots"] = kept
+    return record

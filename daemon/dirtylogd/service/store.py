@@ -8,7 +8,11 @@ A definition is written with ``clean: false`` whenever it changes and with ``cle
 after a graceful stop saved the pending bits. A VM restored from an unclean record (the daemon
 was killed) cannot know what its consumers missed, so every consumer starts all dirty: when in
 doubt, dirty. Files are written to a temporary name and renamed, so a crash mid-write leaves the
-previous version.
+previous version; a write that fails removes its temporary file and raises.
+
+What a crash or a full disk can leave in a pending directory never costs a VM: a saved file is
+``<consumer>@<slot>`` exactly; a ``<consumer>@<slot>.tmp`` makes that consumer's saved bits
+untrusted, and any other entry makes every consumer's untrusted (all dirty on restore).
 """
 
 from __future__ import annotations
@@ -17,10 +21,35 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
+from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger(__name__)
+_SAVED = re.compile(r"(?P<consumer>.+)@(?P<slot>[0-9]{1,10})(?P<tmp>\.tmp)?")
+
+
+@dataclass
+class SavedBits:
+    """What a graceful stop left for one VM, and which of it cannot be trusted."""
+
+    bits: dict[tuple[str, int], bytes] = field(default_factory=dict)
+    untrusted: set[str] = field(default_factory=set)  # consumers whose bits start all dirty
+    all_untrusted: bool = False  # an entry nobody can be blamed for: every consumer all dirty
+
+    def trusted(self, consumer: str) -> bool:
+        return not self.all_untrusted and consumer not in self.untrusted
+
+
+@dataclass
+class StoredRecord:
+    """One record file as found: its VM name (from the file name) and its JSON, or why not."""
+
+    name: str
+    path: str
+    data: object = None
+    error: str | None = None
 
 
 class StateStore:
@@ -37,47 +66,78 @@ class StateStore:
     def save_vm(self, record: dict[str, Any]) -> None:
         _write_atomically(self._record(record["name"]), json.dumps(record, indent=2).encode())
 
+    def record_path(self, name: str) -> str:
+        return self._record(name)
+
     def delete_vm(self, name: str) -> None:
+        """Remove a VM's record and saved bits; raises OSError if either stays."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._record(name))
-        shutil.rmtree(self._pending_dir(name), ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(self._pending_dir(name))
 
     def save_pending(self, name: str, consumer: str, slot: int, bitmap: bytes) -> None:
         directory = self._pending_dir(name)
         os.makedirs(directory, mode=0o750, exist_ok=True)
         _write_atomically(os.path.join(directory, f"{consumer}@{slot}"), bitmap)
 
-    def take_pending(self, name: str) -> dict[tuple[str, int], bytes]:
+    def take_pending(self, name: str) -> SavedBits:
         """The saved pending bits, removed as they are read: they are good for one restore."""
         directory = self._pending_dir(name)
-        found: dict[tuple[str, int], bytes] = {}
-        if os.path.isdir(directory):
-            for entry in os.listdir(directory):
-                consumer, _, slot = entry.rpartition("@")
-                with open(os.path.join(directory, entry), "rb") as f:
-                    found[(consumer, int(slot))] = f.read()
-            shutil.rmtree(directory)
-        return found
+        saved = SavedBits()
+        if not os.path.isdir(directory):
+            return saved
+        for entry in sorted(os.listdir(directory)):
+            found = _SAVED.fullmatch(entry)
+            path = os.path.join(directory, entry)
+            if found is None or not os.path.isfile(path):
+                log.warning("vm %s: unexpected %s; every consumer starts all dirty", name, path)
+                saved.all_untrusted = True
+            elif found["tmp"]:
+                log.warning("vm %s: %s was never completed (an interrupted save)", name, path)
+                saved.untrusted.add(found["consumer"])
+            else:
+                try:
+                    with open(path, "rb") as f:
+                        saved.bits[(found["consumer"], int(found["slot"]))] = f.read()
+                except OSError as exc:
+                    log.warning("vm %s: cannot read %s: %s", name, path, exc.strerror)
+                    saved.untrusted.add(found["consumer"])
+        shutil.rmtree(directory, ignore_errors=True)
+        return saved
 
-    def load_all(self) -> list[dict[str, Any]]:
+    def load_all(self) -> list[StoredRecord]:
+        """Every ``<name>.json`` (a leftover ``.tmp`` is not a record), parsed or with its error."""
         records = []
         for entry in sorted(os.listdir(self.directory)):
             if not entry.endswith(".json"):
                 continue
             path = os.path.join(self.directory, entry)
+            stored = StoredRecord(entry[: -len(".json")], path)
             try:
                 with open(path, "rb") as f:
-                    records.append(json.load(f))
+                    stored.data = json.load(f)
             except (OSError, ValueError) as exc:
-                log.error("ignoring unreadable VM record %s: %s", path, exc)
+                stored.error = f"unreadable: {exc}"
+            records.append(stored)
         return records
+
+    def leftovers(self) -> list[str]:
+        """Temporary files an interrupted write left beside the records."""
+        return [e for e in sorted(os.listdir(self.directory)) if e.endswith(".tmp")]
 
 
 def _write_atomically(path: str, data: bytes) -> None:
+    """All of ``data`` at ``path`` or, raising, nothing new there and no temporary file left."""
     tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-    with open(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        with open(fd, "wb") as f:  # a buffered write raises unless every byte was written
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -90,6 +90,8 @@ class VmState:
         self.slots: dict[int, SlotState] = {}
         self.telemetry = VmTelemetry()
         self.user_paused = False  # stop/cont as the user asked (not quiescing for a save)
+        self.removed = False  # set (on the loop) once vm-remove began: later calls are refused
+        self.record_stale = False  # a record write failed: the next start is all dirty
         self._incarnations = itertools.count(1)
 
     # --- memslots and consumers --------------------------------------------------------------

@@ -108,7 +108,11 @@ def test_shutdown_waits_for_writes_nobody_awaits(tmp_path):
     async def main():
         service = Service(str(tmp_path / "vms"), store)
         await service.create_vm("v", [SLOT], "softmmu", True)
-        service.add_consumer(service.vm("v"), "monitor", False, False)  # as --demo does
+        adding = asyncio.ensure_future(
+            service.add_consumer(service.vm("v"), "monitor", False, False)
+        )
+        await asyncio.sleep(0)  # it has started; nobody awaits its write
+        del adding
         await service.shutdown()
 
     asyncio.run(main())
@@ -151,3 +155,45 @@ def test_queries_do_not_wait_for_the_vm_lock_on_the_loop(tmp_path, query):
     released_by_other, answer = asyncio.run(main())
     assert released_by_other, "the loop was blocked while the lock was held"
     assert answer
+
+
+def test_vm_remove_waits_for_calls_in_flight_and_refuses_later_ones(tmp_path):
+    """vm-remove racing a store: the store in flight finishes on a live backend; one issued
+    after the remove began is DeviceNotFound, never a KeyError from a closed backend.
+
+        t0  write_pages starts in a worker, blocks inside the backend
+        t1  vm-remove begins: the VM is marked removed, the remove waits
+        t2  a second write_pages is refused (DeviceNotFound)
+        t3  the first write completes; only then is the backend closed
+    """
+    from dirtylogd.errors import DeviceNotFound
+
+    async def main():
+        service = Service(str(tmp_path / "vms"))
+        await service.create_vm("v", [SLOT], "softmmu", True)
+        vm = service.vm("v")
+        inside, release = threading.Event(), threading.Event()
+        real = vm.backend.write_pages
+
+        def slow_write(gfns, value, path):
+            inside.set()
+            release.wait(10)
+            real(gfns, value, path)
+
+        vm.backend.write_pages = slow_write
+        first = asyncio.ensure_future(service.write_pages(vm, [1, 2], 7, "guest", False))
+        await asyncio.to_thread(inside.wait, 10)
+        remove = asyncio.ensure_future(service.remove_vm("v"))
+        await asyncio.sleep(0.05)
+        assert not remove.done()  # waiting for the write in flight
+        with pytest.raises(DeviceNotFound):
+            await service.write_pages(vm, [3], 7, "guest", False)
+        with pytest.raises(DeviceNotFound):
+            service.vm("v")
+        release.set()
+        await first  # completed against the live backend
+        await remove
+        assert "v" not in service.vms
+        await service.shutdown()
+
+    asyncio.run(main())
