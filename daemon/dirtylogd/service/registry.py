@@ -28,7 +28,7 @@ import numpy as np
 from dirtylogd.errors import DeviceNotFound, GenericError, QmpError
 from dirtylogd.service.records import running_workload, vm_record
 from dirtylogd.service.store import StateStore
-from dirtylogd.service.vm import Taken, VmState
+from dirtylogd.service.vm import DEFAULT_MAX_CONSUMERS, Taken, VmState
 from kvmshim.abi import KVM_MEM_LOG_DIRTY_PAGES, make_slot_id
 from kvmshim.backends import WorkloadSpec, create_backend
 from kvmshim.backends.base import Pattern, ReadPath, WritePath
@@ -56,8 +56,10 @@ class Service:
         runtime_dir: str,
         state: StateStore | None = None,
         events: EventSink = _no_events,
+        max_consumers: int = DEFAULT_MAX_CONSUMERS,
     ) -> None:
         self.runtime_dir = runtime_dir
+        self.max_consumers = max_consumers  # per VM, besides 'default'; only consumer-add checks
         self.state = state
         self.vms: dict[str, VmState] = {}
         self._creating: set[str] = set()
@@ -290,7 +292,7 @@ class Service:
     ) -> asyncio.Future[None]:
         """Add a consumer at once (a caller that does not await, like --demo, sees it next
         line); the result is done when the VM's record with it is on disk."""
-        vm.add_consumer(name, manual_protect, initially_set)
+        vm.add_consumer(name, manual_protect, initially_set, self.max_consumers)
         return self.persist(vm)
 
     def remove_consumer(self, vm: VmState, name: str) -> asyncio.Future[None]:
