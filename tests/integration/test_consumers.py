@@ -164,3 +164,25 @@ def test_a_bitmap_that_does_not_fit_the_descriptors_file_system_is_not_lost(qmp,
         assert bits.pages().tolist() == pages
     finally:
         qmp("vm-remove", vm="full")
+
+
+def test_consumers_past_the_limit_are_refused_and_change_nothing(fresh_daemon):
+    """--max-consumers counts the consumers clients add; 'default' belongs to the VM."""
+    d = fresh_daemon("--max-consumers", "3", metrics=False)
+    with d.client() as q:
+        q("vm-create", name="crowd", memslots=[{"slot": 0, "guest-phys-addr": 0, "size": MiB}])
+        for name in ("a", "b", "c"):
+            q("consumer-add", vm="crowd", name=name, initially_set=False)
+        q("sim-write-pages", vm="crowd", gfns=[8], value=1)
+        assert dirty(q, "crowd", "a") == [8]  # harvested: b and c have page 8 pending
+        before = q("query-vms")
+        assert q.error("consumer-add", vm="crowd", name="d") == (
+            "GenericError",
+            "vm 'crowd' has 3 consumers besides 'default', the most allowed "
+            "(--max-consumers 3): remove one first",
+        )
+        assert q("query-vms") == before
+        assert dirty(q, "crowd", "b") == [8]
+        q("consumer-remove", vm="crowd", name="a")
+        q("consumer-add", vm="crowd", name="d")  # room again
+        assert [c["name"] for c in q("query-vms")[0]["consumers"]] == ["default", "b", "c", "d"]
