@@ -18,8 +18,9 @@ def socket_path(tmp: str) -> str:
 
 
 @asynccontextmanager
-async def connected_daemon(tmp: str) -> AsyncIterator[QMPClient]:
-    """Start ``python -m dirtylogd`` with its socket and RAM under ``tmp``; yield a client."""
+async def connected_daemon(tmp: str, *extra: str) -> AsyncIterator[QMPClient]:
+    """Start ``python -m dirtylogd`` with its socket and RAM under ``tmp`` (and ``extra``
+    flags); yield a client."""
     sock = socket_path(tmp)
     daemon = subprocess.Popen(
         [
@@ -36,6 +37,7 @@ async def connected_daemon(tmp: str) -> AsyncIterator[QMPClient]:
             "none",
             "--log-level",
             "warning",
+            *extra,
         ]
     )
     try:

@@ -104,7 +104,8 @@ async def consumer_loop(
 
 async def run(clients: int, gib: int, pps: int, seconds: float, tmp: str) -> Result:
     npages = gib * GiB // PAGE
-    async with connected_daemon(tmp) as admin:
+    # One consumer per client: past the default limit (64) the daemon must be told.
+    async with connected_daemon(tmp, "--max-consumers", str(max(clients, 1))) as admin:
         await admin.execute(
             "vm-create",
             {

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
+import errno
 import json
 import os
 import re
@@ -202,21 +204,40 @@ class Ctl:
         self.show(result, human)
 
     async def _get_to_file(self, base: dict[str, Any], path: str) -> dict[str, Any]:
-        """The bitmap travels through a memfd: no size limit, no JSON."""
-        fd = os.memfd_create("dirtylogctl-bitmap", os.MFD_CLOEXEC)
-        name = f"dirtylogctl-{os.getpid()}"
-        try:
-            self.qmp.send_fd_scm(fd)
-            await self.qmp.execute("getfd", {"fdname": name})
-            result = await self._object("dirty-log-get", {**base, "encoding": "fd", "fdname": name})
-            await self.qmp.execute("closefd", {"fdname": name})
-            nbytes = (result["npages"] + 63) // 64 * 8
-            data = os.pread(fd, nbytes, 0)
-        finally:
-            os.close(fd)
-        with open(path, "wb") as f:
-            f.write(data)
+        """The bitmap travels through a memfd (no size limit, no JSON) into ``path``.
+
+        A GET hands the pages over, so the file must be able to take them before it is asked:
+        the output is a new file beside ``path`` whose space is reserved first — a full disk is
+        an error while the consumer still has every page — then filled, checked, synced and
+        renamed over ``path``."""
+        npages = await self._npages(base["vm"], base["slot"], base["as-id"])
+        with _Reserved(path, (npages + 63) // 64 * 8 if npages is not None else 0) as out:
+            fd = os.memfd_create("dirtylogctl-bitmap", os.MFD_CLOEXEC)
+            name = f"dirtylogctl-{os.getpid()}"
+            try:
+                self.qmp.send_fd_scm(fd)
+                await self.qmp.execute("getfd", {"fdname": name})
+                args = {**base, "encoding": "fd", "fdname": name}
+                result = await self._object("dirty-log-get", args)
+                await self.qmp.execute("closefd", {"fdname": name})
+                nbytes = (result["npages"] + 63) // 64 * 8
+                data = os.pread(fd, nbytes, 0)
+            finally:
+                os.close(fd)
+            if len(data) != nbytes:
+                raise ReplyError(
+                    f"the daemon's bitmap of {result['npages']} pages is {len(data)} bytes, "
+                    f"not {nbytes}"
+                )
+            out.write(data)
         return result
+
+    async def _npages(self, vm: str, slot: int, as_id: int) -> int | None:
+        """Pages of a memslot, or None if the VM has no such slot (the GET will say why)."""
+        for m in (await self._vm(vm))["memslots"]:
+            if m.get("slot") == slot and m.get("as-id") == as_id:
+                return int(m["npages"])
+        return None
 
     async def cmd_clear(self, a: argparse.Namespace) -> None:
         nbytes = (a.num_pages + 63) // 64 * 8
@@ -295,6 +316,64 @@ class NotFoundError(Exception):
 
 class ReplyError(Exception):
     """The daemon's return value does not have the shape the command documents (exit 1)."""
+
+
+class OutputError(Exception):
+    """A file the command writes cannot be written (exit 1); the text says what and why."""
+
+
+class _Reserved:
+    """A new file that replaces ``path`` only once all of it is written and synced.
+
+    Its ``size`` bytes are reserved on entry (posix_fallocate), so a full file system is an
+    error before anything else happens; on any failure the new file is removed and ``path``
+    is left as it was."""
+
+    def __init__(self, path: str, size: int) -> None:
+        self.path = path
+        self.size = size
+        self.tmp = os.path.join(
+            os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp"
+        )
+        self.fd = -1
+
+    def __enter__(self) -> _Reserved:
+        try:
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            if self.size:
+                os.posix_fallocate(self.fd, 0, self.size)
+        except OSError as exc:
+            self._discard()
+            raise OutputError(
+                f"cannot write {self.path}: {exc.strerror} (nothing was asked of the daemon)"
+            ) from None
+        return self
+
+    def write(self, data: bytes) -> None:
+        try:
+            done = 0
+            while done < len(data):  # os.write may write less than asked
+                written = os.write(self.fd, data[done:])
+                if written <= 0:
+                    raise OSError(errno.EIO, os.strerror(errno.EIO))
+                done += written
+            os.ftruncate(self.fd, len(data))
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path}: {exc.strerror}") from None
+
+    def __exit__(self, *exc: object) -> None:
+        self._discard()
+
+    def _discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -429,7 +508,7 @@ async def _main(args: argparse.Namespace) -> int:
     except (QMPError, EOFError, ConnectionError) as exc:
         print(f"dirtylogctl: lost the connection to dirtylogd: {exc}", file=sys.stderr)
         return EXIT_CONNECT
-    except (OSError, ReplyError) as exc:
+    except (OSError, ReplyError, OutputError) as exc:
         print(f"dirtylogctl: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     finally:

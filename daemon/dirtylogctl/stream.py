@@ -11,11 +11,12 @@ addressed by guest-physical address.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import mmap
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol, assert_never
 
@@ -30,20 +31,60 @@ class Image:
 
     Writing a frame of pages is one fancy-index assignment into the mapping, however scattered
     the pages are; reading pages for verification is one gather.
+
+    A store into a mapped page the file system has no room for is SIGBUS — the process dies
+    with no word of why. So the space of every slot (``slots``: (offset, length) pairs; by
+    default the whole image) is reserved before anything is written: a full file system is a
+    clear error at the start, and a page outside the reserved slots is refused.
     """
 
-    def __init__(self, path: str, size: int) -> None:
+    def __init__(
+        self, path: str, size: int, slots: Sequence[tuple[int, int]] | None = None
+    ) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         self.npages = -(-size // PAGE_SIZE)
-        os.ftruncate(self.fd, self.npages * PAGE_SIZE)
-        self.map = mmap.mmap(self.fd, max(self.npages, 1) * PAGE_SIZE)
+        spans = [(0, self.npages * PAGE_SIZE)] if slots is None else list(slots)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(self.fd, self.npages * PAGE_SIZE)
+            self._reserve(spans)
+            self.map = mmap.mmap(self.fd, max(self.npages, 1) * PAGE_SIZE)
+        except BaseException:
+            os.close(self.fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # give back what a partial reservation took
+            raise
         self.pages = np.frombuffer(self.map, np.uint8).reshape(-1, PAGE_SIZE)[: self.npages]
+        self.reserved = np.zeros(self.npages, dtype=bool)
+        for offset, length in spans:
+            self.reserved[offset // PAGE_SIZE : -(-(offset + length) // PAGE_SIZE)] = True
+
+    def _reserve(self, spans: Sequence[tuple[int, int]]) -> None:
+        """Allocate every span's blocks (posix_fallocate), or StreamError naming the errno."""
+        for offset, length in spans:
+            if offset < 0 or length < 0 or offset + length > self.npages * PAGE_SIZE:
+                raise StreamError(f"slot [{offset:#x}, +{length:#x}) lies outside the image")
+            if not length:
+                continue
+            try:
+                os.posix_fallocate(self.fd, offset, length)
+            except OSError as exc:
+                total = sum(n for _, n in spans)
+                code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+                raise StreamError(
+                    f"cannot reserve the {total} bytes of the image {self.path}: "
+                    f"{exc.strerror} ({code})"
+                ) from None
 
     def write(self, gpas: np.ndarray, data: np.ndarray) -> None:
         rows = gpas // PAGE_SIZE
-        if rows.size and (rows.max() >= self.npages or rows.min() < 0):
-            raise StreamError(f"a page at {int(gpas.max()):#x} lies outside the image's slots")
+        if rows.size and (
+            rows.max() >= self.npages or rows.min() < 0 or not self.reserved[rows].all()
+        ):
+            outside = gpas[(rows < 0) | (rows >= self.npages)]
+            if not outside.size:
+                outside = gpas[~self.reserved[rows]]
+            raise StreamError(f"a page at {int(outside[0]):#x} lies outside the image's slots")
         self.pages[rows] = data.reshape(-1, PAGE_SIZE)
 
     def read(self, gpas: np.ndarray) -> np.ndarray:
@@ -61,6 +102,12 @@ class Image:
         del self.pages
         self.map.close()
         os.close(self.fd)
+
+
+def image_for(path: str, header: Header) -> Image:
+    """The image a stream with ``header`` needs, with the space of its slots reserved."""
+    slots = [(s.gpa, s.npages * header.page_size) for s in header.slots]
+    return Image(path, header.image_bytes(), slots)
 
 
 # --- the sending side ---------------------------------------------------------------------------
@@ -86,7 +133,7 @@ class FileSink(Sink):
         self.image: Image | None = None
 
     def start(self, header: Header) -> None:
-        self.image = Image(self.path, header.image_bytes())
+        self.image = image_for(self.path, header)
 
     def send_pages(self, gpas: np.ndarray, data: np.ndarray) -> None:
         assert self.image is not None
@@ -264,7 +311,7 @@ def serve_once(
     images: list[Image] = []
 
     def open_image(header: Header) -> Image:
-        images.append(Image(output, header.image_bytes()))
+        images.append(image_for(output, header))
         return images[-1]
 
     try:

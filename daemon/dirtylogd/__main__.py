@@ -33,7 +33,7 @@ log = logging.getLogger("dirtylogd")
 async def run(config: Config) -> None:
     state = StateStore(config.state_dir) if config.state_dir else None
     events = EventHub()
-    service = Service(config.runtime_dir, state, events.publish)
+    service = Service(config.runtime_dir, state, events.publish, config.max_consumers)
     telemetry = ServerTelemetry()
 
     def new_session(fds: FdRegistry) -> Session:

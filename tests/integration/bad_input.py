@@ -5,8 +5,8 @@ One table serves both the test (test_bad_input.py) and the document docs/bad-inp
     python -m tests.integration.bad_input > docs/bad-input.md
 
 A case is sent on a fresh connection to a daemon holding the witness VM below; "negotiate"
-says whether qmp_capabilities comes first; "fds" passes that many descriptors (a read-only file
-where one is needed) with the message.
+says whether qmp_capabilities comes first; "fds" passes that many descriptors of "fd_kind"
+(see descriptors.py; a read-only file unless the case says otherwise) with the first message.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ class Case:
     error_class: str
     desc: str  # a fragment of the desc the client gets
     negotiate: bool = True
-    fds: int = 0  # descriptors passed with the first message (-1: a socket)
+    fds: int = 0  # descriptors passed with the first message
+    fd_kind: str = "readonly"  # what kind (descriptors.KINDS)
     closes: bool = False  # the daemon closes the connection after answering
     has_id: bool = True  # the reply echoes id 7
     setup: list[bytes] = field(default_factory=list)  # sent first, on the same connection
@@ -427,8 +428,52 @@ CASES: list[Case] = [
         cmd("dirty-log-get", vm=WITNESS, slot=0, encoding="fd", fdname="sock"),
         "GenericError",
         "descriptor 'sock' is not a file or memfd",
-        fds=-1,
+        fds=1,
+        fd_kind="socket",
         setup=[cmd("getfd", fdname="sock")],
+    ),
+    Case(
+        "a pipe where a file is needed",
+        cmd("dirty-log-get", vm=WITNESS, slot=0, consumer="auto", encoding="fd", fdname="pipe"),
+        "GenericError",
+        "descriptor 'pipe' is not a file or memfd",
+        fds=1,
+        fd_kind="pipe",
+        setup=[cmd("getfd", fdname="pipe")],
+    ),
+    Case(
+        "/dev/null where a file is needed",
+        cmd("dirty-log-get", vm=WITNESS, slot=0, consumer="auto", encoding="fd", fdname="null"),
+        "GenericError",
+        "descriptor 'null' is not a file or memfd",
+        fds=1,
+        fd_kind="devnull",
+        setup=[cmd("getfd", fdname="null")],
+    ),
+    Case(
+        "a file opened with O_APPEND (the bitmap would land at its end)",
+        cmd("dirty-log-get", vm=WITNESS, slot=0, consumer="auto", encoding="fd", fdname="app"),
+        "GenericError",
+        "descriptor 'app' was opened with O_APPEND: the bitmap would land at the file's end, "
+        "not at offset 0 where it is read (EINVAL)",
+        fds=1,
+        fd_kind="append",
+        setup=[cmd("getfd", fdname="app")],
+    ),
+    Case(
+        "a memfd sealed against writing",
+        cmd("dirty-log-get", vm=WITNESS, slot=0, consumer="auto", encoding="fd", fdname="seal"),
+        "GenericError",
+        "descriptor 'seal' is sealed against writing (EPERM)",
+        fds=1,
+        fd_kind="sealed",
+        setup=[cmd("getfd", fdname="seal")],
+    ),
+    Case(
+        "a descriptor name with another encoding",
+        cmd("dirty-log-get", vm=WITNESS, slot=0, encoding="ranges", fdname="bm"),
+        "GenericError",
+        "fdname is only used with encoding 'fd'",
     ),
     Case(
         "17 descriptors in one message",

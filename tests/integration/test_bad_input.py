@@ -2,12 +2,12 @@
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
 from .bad_input import CASES, WITNESS, WITNESS_SLOTS, render_markdown
+from .descriptors import KINDS, open_descriptor
 from .raw import Raw
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "bad-input.md"
@@ -47,15 +47,7 @@ def test_bad_input_gets_its_error_and_changes_nothing(daemon, witness, case, tmp
         raw.negotiate()
     else:
         raw.recv()  # greeting
-    readonly = tmp_path / "ro"
-    readonly.write_bytes(b"")
-    if case.fds == -1:  # a socket, not a file
-        pair = socket.socketpair()
-        fds = [os.dup(pair[0].fileno())]
-        pair[0].close()
-        pair[1].close()
-    else:
-        fds = [os.open(readonly, os.O_RDONLY) for _ in range(case.fds)]
+    fds = [open_descriptor(case.fd_kind, tmp_path) for _ in range(case.fds)]
     try:
         for step in case.setup:
             raw.send(step, fds)
@@ -85,6 +77,11 @@ def test_bad_input_gets_its_error_and_changes_nothing(daemon, witness, case, tmp
         changed = {k: (b.get(k), a.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
         pytest.fail(f"state changed: {changed} ram {before[1]} -> {after[1]}")
     assert witness("query-version")["package"].startswith("dirtylogd")
+
+
+def test_every_descriptor_kind_that_cannot_take_a_bitmap_has_a_row():
+    refused = {kind for kind, writable in KINDS.items() if not writable}
+    assert refused <= {c.fd_kind for c in CASES if c.fds and "fdname" in c.send.decode()}
 
 
 def test_the_catalogue_has_at_least_30_cases_and_its_document_is_current():

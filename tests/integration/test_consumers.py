@@ -1,11 +1,15 @@
 """Consumers, the I/O merge and delivery, through a real daemon and qemu.qmp."""
 
 import base64
+import os
 import socket
 import time
 
 import pytest
 
+from kvmshim.bitmap import DirtyBitmap
+
+from .full_fs import fill_leaving, tiny_tmpfs
 from .raw import Raw
 
 MiB = 1 << 20
@@ -117,3 +121,68 @@ def test_get_dirty_log_does_not_lose_pages_on_disconnect(daemon, qmp):
     r = qmp("dirty-log-get", vm="vanish", slot=0, consumer="mig", encoding="ranges")
     assert r["ranges"] == [[3, 1], [1 << 20, 1], [(2 << 20) - 1, 1]]
     qmp("vm-remove", vm="vanish")
+
+
+def test_a_bitmap_that_does_not_fit_the_descriptors_file_system_is_not_lost(qmp, tmp_path):
+    """Half the bitmap fits the client's file system, then ENOSPC: the GET fails naming ENOSPC,
+    and every page — those whose bits were written and those whose bits were not — comes with
+    the consumer's next GET.
+
+    A 1 GiB slot has a 32 KiB bitmap; the tmpfs has 16 KiB left, so the first pwrite is short
+    and the next one fails."""
+    npages = 1 << 18
+    pages = [0, 3, 4095, npages // 2 - 1, npages // 2, npages // 2 + 77, npages - 1]
+    qmp("vm-create", name="full", memslots=[{"slot": 0, "guest-phys-addr": 0, "size": 1 << 30}])
+    try:
+        qmp("consumer-add", vm="full", name="mig", initially_set=False)
+        qmp("sim-write-pages", vm="full", gfns=pages, value=1)
+        with tiny_tmpfs(tmp_path / "fs", 256 << 10) as fs:
+            fill_leaving(fs, 16 << 10)
+            fd = os.open(fs / "bitmap", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                qmp.send_fd(fd)
+                qmp("getfd", fdname="full")
+            finally:
+                os.close(fd)
+            cls, desc = qmp.error(
+                "dirty-log-get", vm="full", slot=0, consumer="mig", encoding="fd", fdname="full"
+            )
+            assert cls == "GenericError"
+            assert "(16384 of 32768 bytes written)" in desc and "(ENOSPC)" in desc, desc
+            qmp("closefd", fdname="full")
+        memfd = os.memfd_create("good")
+        try:
+            qmp.send_fd(memfd)
+            qmp("getfd", fdname="good")
+            r = qmp(
+                "dirty-log-get", vm="full", slot=0, consumer="mig", encoding="fd", fdname="good"
+            )
+            bits = DirtyBitmap.from_bytes(npages, os.pread(memfd, npages // 8, 0))
+        finally:
+            os.close(memfd)
+        assert r["dirty-pages"] == len(pages)
+        assert bits.pages().tolist() == pages
+    finally:
+        qmp("vm-remove", vm="full")
+
+
+def test_consumers_past_the_limit_are_refused_and_change_nothing(fresh_daemon):
+    """--max-consumers counts the consumers clients add; 'default' belongs to the VM."""
+    d = fresh_daemon("--max-consumers", "3", metrics=False)
+    with d.client() as q:
+        q("vm-create", name="crowd", memslots=[{"slot": 0, "guest-phys-addr": 0, "size": MiB}])
+        for name in ("a", "b", "c"):
+            q("consumer-add", vm="crowd", name=name, initially_set=False)
+        q("sim-write-pages", vm="crowd", gfns=[8], value=1)
+        assert dirty(q, "crowd", "a") == [8]  # harvested: b and c have page 8 pending
+        before = q("query-vms")
+        assert q.error("consumer-add", vm="crowd", name="d") == (
+            "GenericError",
+            "vm 'crowd' has 3 consumers besides 'default', the most allowed "
+            "(--max-consumers 3): remove one first",
+        )
+        assert q("query-vms") == before
+        assert dirty(q, "crowd", "b") == [8]
+        q("consumer-remove", vm="crowd", name="a")
+        q("consumer-add", vm="crowd", name="d")  # room again
+        assert [c["name"] for c in q("query-vms")[0]["consumers"]] == ["default", "b", "c", "d"]

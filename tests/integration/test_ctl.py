@@ -9,6 +9,8 @@ import pytest
 
 from kvmshim.bitmap import DirtyBitmap
 
+from .full_fs import fill_leaving, tiny_tmpfs
+
 
 @pytest.fixture
 def ctl(daemon):
@@ -73,6 +75,24 @@ def test_get_clear_io_and_get_out_file(ctl, tmp_path):
     rate = json.loads(ctl("--json", "rate", "cli2").stdout)
     assert rate["status"] == "measured"
     ctl("vm", "remove", "cli2")
+
+
+def test_get_out_to_a_full_file_system_fails_before_the_pages_are_taken(ctl, tmp_path):
+    """The output's space is reserved before the GET: a disk that cannot hold the 32 KiB
+    bitmap is a one-line error, and the consumer still has every page."""
+    ctl("vm", "create", "full", "--slot", "0:0:1G", "--backend", "softmmu")
+    ctl("qmp", "sim-write-pages", '{"vm": "full", "gfns": [1, 262143], "value": 9}')
+    with tiny_tmpfs(tmp_path / "fs", 256 << 10) as fs:
+        fill_leaving(fs, 16 << 10)
+        out = ctl("get", "full", "0", "--out", str(fs / "bitmap"), check=False)
+        assert "2 of 262144 pages dirty" in ctl("get", "full", "0").stdout  # nothing was taken
+        assert out.returncode == 1
+        assert out.stderr == (
+            f"dirtylogctl: cannot write {fs / 'bitmap'}: No space left on device "
+            "(nothing was asked of the daemon)\n"
+        )
+        assert [p.name for p in fs.iterdir()] == ["filler"]
+    ctl("vm", "remove", "full")
 
 
 def test_workload_stop_and_cont(ctl):

@@ -18,6 +18,8 @@ import pytest
 
 from tests.conftest import need
 
+from .full_fs import tiny_tmpfs
+
 MiB = 1 << 20
 
 
@@ -276,6 +278,28 @@ def test_a_receiver_that_dies_mid_stream_fails_the_migration_cleanly(
         proc.send_signal(signal.SIGKILL)
         _, err = sender.communicate(timeout=60)
     assert sender.returncode == 1 and "migration failed" in err, err
+    assert vm_state(qmp, vm)["paused"] is False
+
+
+def test_an_image_whose_file_system_is_too_small_is_a_clear_error_not_a_crash(
+    daemon, qmp, running_vm, tmp_path
+):
+    """The image is a mapped file: a store into a page its full file system cannot hold would
+    be SIGBUS. Its slots' space is reserved first, so the receiver — and a local image — fail
+    at the start with one line naming ENOSPC, and the source runs on."""
+    vm = running_vm()  # 64 MiB of slots; the file system below holds 1 MiB
+    with tiny_tmpfs(tmp_path / "fs", MiB) as fs:
+        with receiver(fs / "remote.img") as (proc, port):
+            out, _ = migrate(daemon, vm, f"tcp:127.0.0.1:{port}")
+            assert proc.wait(30) == 1
+            err = proc.stderr.read()
+        assert out.returncode == 1 and "No space left on device (ENOSPC)" in out.stderr, out.stderr
+        assert err.startswith("dirtylogctl: receive failed: cannot reserve the 67108864 bytes")
+        assert err.count("\n") == 1 and "(ENOSPC)" in err, err
+        out, _ = migrate(daemon, vm, str(fs / "local.img"))
+        assert out.returncode == 1 and "No space left on device (ENOSPC)" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+        assert sorted(p.name for p in fs.iterdir()) == []  # nothing half-reserved is left
     assert vm_state(qmp, vm)["paused"] is False
 
 

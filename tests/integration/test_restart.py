@@ -182,3 +182,32 @@ def test_sigterm_while_an_answer_is_half_written_keeps_its_pages(tmp_path):
             q("vm-remove", vm="half")
     finally:
         d.stop()
+
+
+def test_a_restart_with_a_lower_consumer_limit_keeps_every_saved_consumer(tmp_path):
+    """Nothing lost: consumers that were saved all come back with their pending pages, even
+    past a lower --max-consumers; only new ones are refused until enough are removed."""
+    d = Daemon(tmp_path, "--max-consumers", "4", metrics=False)
+    with d.client() as q:
+        q("vm-create", name="many", memslots=[{"slot": 0, "guest-phys-addr": 0, "size": MiB}])
+        for i in range(4):
+            q("consumer-add", vm="many", name=f"c{i}", initially_set=False)
+        q("sim-write-pages", vm="many", gfns=[5, 6], value=1)
+    assert d.stop() == 0
+    d = Daemon(tmp_path, "--max-consumers", "2", metrics=False)
+    try:
+        with d.client() as q:
+            vm = next(v for v in q("query-vms") if v["name"] == "many")
+            assert [c["name"] for c in vm["consumers"]] == ["default", "c0", "c1", "c2", "c3"]
+            for i in range(4):
+                assert dirty(q, "many", f"c{i}")[0] == [5, 6]
+            cls, desc = q.error("consumer-add", vm="many", name="new")
+            assert cls == "GenericError"
+            assert desc.startswith("vm 'many' has 4 consumers besides 'default', the most allowed")
+            assert "(--max-consumers 2)" in desc
+            q("consumer-remove", vm="many", name="c0")
+            q("consumer-remove", vm="many", name="c1")
+            q("consumer-remove", vm="many", name="c2")
+            q("consumer-add", vm="many", name="new")
+    finally:
+        assert d.stop() == 0

@@ -101,7 +101,8 @@ async def dirty_log_get(ctx: Context, a: dict[str, Any]) -> Any:
         if fdname is None:
             raise GenericError("encoding 'fd' needs fdname: pass a memfd with getfd first")
         fd = ctx.fds.lookup(fdname)
-        _check_writable(fd, fdname)  # before the harvest: a failed command changes nothing
+        # Before the harvest: a refused command changes nothing.
+        _check_writable(fd, fdname, _bitmap_bytes(ctx, vm, a["slot"], a["as_id"]))
     elif fdname is not None:
         raise GenericError("fdname is only used with encoding 'fd'")
     elif encoding == "bitmap":
@@ -116,20 +117,52 @@ async def dirty_log_get(ctx: Context, a: dict[str, Any]) -> Any:
     return Deferred(result, undo)
 
 
-def _check_writable(fd: int, name: str) -> None:
-    """The bitmap goes to offset 0 of a regular file or memfd opened for writing."""
+# Not every Python names it yet: no write at all, even through another mapping (Linux 5.1).
+F_SEAL_FUTURE_WRITE = 0x0010
+
+
+def _check_writable(fd: int, name: str, nbytes: int | None) -> None:
+    """The bitmap goes to offset 0 of a regular file or memfd opened for writing.
+
+    Everything that can be known before the harvest is checked here, so a descriptor that
+    cannot take the answer is refused with nothing harvested: O_APPEND (Linux's pwrite then
+    appends, whatever the offset, and the client would read stale bytes at 0) and memfd seals
+    that forbid the write. What cannot be known (a full file system) fails the write itself,
+    and the bits go back (see ``_write_bitmap``)."""
     try:
-        mode = os.fstat(fd).st_mode
-        access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+        info = os.fstat(fd)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     except OSError as exc:
         raise GenericError(f"descriptor '{name}' is unusable: {exc.strerror}") from None
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(info.st_mode):
         raise GenericError(
             f"descriptor '{name}' is not a file or memfd: the bitmap is written "
             "at offset 0, as KVM writes into the caller's buffer (EINVAL)"
         )
-    if access not in (os.O_WRONLY, os.O_RDWR):
+    if (flags & os.O_ACCMODE) not in (os.O_WRONLY, os.O_RDWR):
         raise GenericError(f"descriptor '{name}' is not open for writing (EBADF)")
+    if flags & os.O_APPEND:
+        raise GenericError(
+            f"descriptor '{name}' was opened with O_APPEND: the bitmap would land at the file's "
+            "end, not at offset 0 where it is read (EINVAL)"
+        )
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0  # not a memfd (or a kernel without seals): nothing is sealed
+    if seals & (fcntl.F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
+        raise GenericError(f"descriptor '{name}' is sealed against writing (EPERM)")
+    if seals & fcntl.F_SEAL_GROW and nbytes is not None and info.st_size < nbytes:
+        raise GenericError(
+            f"descriptor '{name}' is sealed against growing at {info.st_size} bytes; "
+            f"the bitmap needs {nbytes} (EPERM)"
+        )
+
+
+def _bitmap_bytes(ctx: Context, vm: VmState, slot: int, as_id: int) -> int | None:
+    """Bytes of the slot's bitmap, or None if there is no such slot (the harvest says why)."""
+    memslot = ctx.service.memslot(vm, slot, as_id)
+    return None if memslot is None else dirty_bitmap_bytes(memslot.npages)
 
 
 def _undo(vm: VmState, taken: Taken) -> Callable[[], None]:
@@ -137,13 +170,12 @@ def _undo(vm: VmState, taken: Taken) -> Callable[[], None]:
 
 
 def _check_inline_fits(ctx: Context, vm: VmState, slot: int, as_id: int) -> None:
-    memslot = ctx.service.memslot(vm, slot, as_id)
-    if memslot is None:
+    nbytes = _bitmap_bytes(ctx, vm, slot, as_id)
+    if nbytes is None:
         return  # the harvest will say why (ENOENT / EINVAL)
-    nbytes = dirty_bitmap_bytes(memslot.npages)
     if (nbytes + 2) // 3 * 4 + 256 > ctx.max_reply_bytes:
         raise GenericError(
-            f"the bitmap of slot {memslot.id} ({nbytes} bytes) does not fit an inline reply of "
+            f"the bitmap of slot {slot} ({nbytes} bytes) does not fit an inline reply of "
             f"at most {ctx.max_reply_bytes} bytes: use encoding 'fd' (with getfd) or 'ranges'"
         )
 
@@ -186,13 +218,8 @@ def _encode(
             )
         result["ranges"] = _ranges(bm.npages, starts, lasts)
     else:
-        try:
-            _pwrite_all(fd, bm.bytes_view().data)
-        except OSError as exc:
-            raise GenericError(
-                f"cannot write the bitmap to descriptor '{fdname}': {exc.strerror} "
-                f"({errno.errorcode.get(errno.EFAULT)})"
-            ) from None
+        assert fdname is not None
+        _write_bitmap(fd, fdname, bm.bytes_view().data)
     return result
 
 
@@ -241,14 +268,25 @@ def _ranges(npages: int, starts: np.ndarray, lasts: np.ndarray) -> list[tuple[in
     return out
 
 
-def _pwrite_all(fd: int, data: memoryview) -> None:
-    """Write all of ``data`` at offset 0 (pwrite may write less than asked)."""
+def _write_bitmap(fd: int, fdname: str, data: memoryview) -> None:
+    """All of ``data`` at offset 0, or a GenericError naming the errno and how far it got.
+
+    pwrite may write less than asked — a file system that fills up, RLIMIT_FSIZE — and only the
+    next call says why; an answer is a success only once every byte is in. The caller gives the
+    bits back on the error, so the consumer gets them again with its next GET."""
     done = 0
-    while done < len(data):
-        written = os.pwrite(fd, data[done:], done)
-        if written == 0:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        done += written
+    try:
+        while done < len(data):
+            written = os.pwrite(fd, data[done:], done)
+            if written <= 0:  # no progress and no error: never report success, never spin
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            done += written
+    except OSError as exc:
+        code = errno.errorcode.get(exc.errno or errno.EIO, str(exc.errno))
+        raise GenericError(
+            f"cannot write the bitmap to descriptor '{fdname}' ({done} of {len(data)} bytes "
+            f"written): {exc.strerror} ({code}); its pages stay pending"
+        ) from None
 
 
 async def dirty_log_clear(ctx: Context, a: dict[str, Any]) -> Any:

@@ -165,7 +165,11 @@ COMMANDS: tuple[Command, ...] = (
             ),
             Arg("initially-set", Bool(), "start with every page dirty", True),
         ),
-        errors=(*NOT_FOUND, "GenericError if the name is taken"),
+        errors=(
+            *NOT_FOUND,
+            "GenericError if the name is taken, or if the VM already has --max-consumers "
+            "(default 64) consumers besides 'default'",
+        ),
     ),
     Command(
         "consumer-remove",
@@ -191,7 +195,16 @@ COMMANDS: tuple[Command, ...] = (
             Arg("fdname", FDNAME, "with encoding 'fd': the descriptor to write to", None),
         ),
         returns="{npages, dirty-pages, generation, bitmap (base64) | ranges ([[first, count]])}",
-        errors=(*NOT_FOUND, *KVM_ERRORS, "GenericError if an inline answer is too large"),
+        errors=(
+            *NOT_FOUND,
+            *KVM_ERRORS,
+            "GenericError if an inline answer is too large",
+            "GenericError, before anything is harvested, if the descriptor cannot take the "
+            "bitmap at offset 0 (not a regular file or memfd, not open for writing, O_APPEND, "
+            "sealed)",
+            "GenericError naming the errno (ENOSPC, EFBIG, ...) if the write falls short: the "
+            "pages stay pending for the next get",
+        ),
     ),
     Command(
         "dirty-log-clear",

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dirtylogd import __version__
+from dirtylogd.service.vm import DEFAULT_MAX_CONSUMERS
 
 # Outside Prometheus' allocations (9090-9094 for its own components, 9100-9999 for exporters,
 # which is full, later exporters above 10000) and not in /etc/services.
@@ -40,6 +41,8 @@ class Config:
     max_message_bytes: int = 1 << 20
     max_reply_bytes: int = 8 << 20
     max_clients: int = 256
+    # --- consumers per VM ---
+    max_consumers: int = DEFAULT_MAX_CONSUMERS  # besides 'default'; see service/vm.py
 
 
 def default_paths(euid: int, env: dict[str, str]) -> tuple[str, str]:
@@ -113,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-clients", type=int, metavar="N", help="connected QMP clients at once (256)"
     )
+    # --- consumers per VM ---
+    p.add_argument(
+        "--max-consumers",
+        type=int,
+        metavar="N",
+        help=f"consumers a VM may have besides 'default' ({DEFAULT_MAX_CONSUMERS}); "
+        "restored ones are kept, new ones past it refused",
+    )
     p.add_argument("--version", action="version", version=f"dirtylogd {__version__}")
     return p
 
@@ -163,6 +174,8 @@ def _resolve(s: dict[str, Any], env: dict[str, str]) -> Config:
         max_message_bytes=_positive(s.get("max-message-bytes", 1 << 20), "max-message-bytes"),
         max_reply_bytes=_positive(s.get("max-reply-bytes", 8 << 20), "max-reply-bytes"),
         max_clients=_positive(s.get("max-clients", 256), "max-clients"),
+        # --- consumers per VM ---
+        max_consumers=_positive(s.get("max-consumers", DEFAULT_MAX_CONSUMERS), "max-consumers"),
     )
     return config
 

@@ -32,7 +32,7 @@ from dirtylogd.errors import DeviceNotFound, GenericError, QmpError
 from dirtylogd.service.records import RecordError, parse_record, vm_record
 from dirtylogd.service.revive import give_back_pending, revive, save_stopped, write_stopped
 from dirtylogd.service.store import StateStore
-from dirtylogd.service.vm import DEFAULT_CONSUMER, Taken, VmState
+from dirtylogd.service.vm import DEFAULT_CONSUMER, DEFAULT_MAX_CONSUMERS, Taken, VmState
 from kvmshim.abi import KVM_MEM_LOG_DIRTY_PAGES, make_slot_id
 from kvmshim.backends import WorkloadSpec, create_backend
 from kvmshim.backends.base import Pattern, ReadPath, WritePath
@@ -78,8 +78,10 @@ class Service:
         runtime_dir: str,
         state: StateStore | None = None,
         events: EventSink = _no_events,
+        max_consumers: int = DEFAULT_MAX_CONSUMERS,
     ) -> None:
         self.runtime_dir = runtime_dir
+        self.max_consumers = max_consumers  # per VM, besides 'default'; only consumer-add checks
         self.state = state
         self.vms: dict[str, VmState] = {}
         self.unavailable: dict[str, UnavailableVm] = {}
@@ -224,6 +226,14 @@ class Service:
     async def _restore(self, store: StateStore, record: dict[str, Any]) -> None:
         name = record["name"]
         vm = await revive(record)
+        extra = len(record["consumers"]) - self.max_consumers
+        if extra > 0:  # never dropped (nothing lost); only new ones are refused
+            log.warning(
+                "vm %s: %d consumers past --max-consumers %d were restored",
+                name,
+                extra,
+                self.max_consumers,
+            )
         # Always consumed: never reused by a later restart.
         saved = await self._store(store.take_pending, name)
         give_back_pending(vm, saved, clean=record["clean"])
@@ -499,7 +509,7 @@ class Service:
     ) -> None:
         """A new consumer and its record, or neither."""
         self._live(vm)
-        vm.add_consumer(name, manual_protect, initially_set)
+        vm.add_consumer(name, manual_protect, initially_set, self.max_consumers)
         try:
             await self._record(vm)
         except QmpError:  # (a cancelled caller keeps both: the write still lands)

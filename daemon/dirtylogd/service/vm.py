@@ -50,6 +50,12 @@ from kvmshim.errors import BitmapError, KvmError
 from kvmshim.memslot import Change, Memslot, MemslotChange
 
 DEFAULT_CONSUMER = "default"
+# Consumers a VM may have besides 'default' (--max-consumers). Each costs a pending bitmap per
+# logged slot (1 bit per page: 256 KiB for 8 GiB of RAM) and is ORed into at every harvest, so a
+# GET's time and a query's grow with their number. 64 is what benchmarks/load.py serves with
+# nothing lost (64 clients, each its own consumer), and keeps an 8 GiB VM's consumers at 16 MiB
+# and a GET at a few ms (docs/reliability.md); tools need a handful (a migration, a monitor).
+DEFAULT_MAX_CONSUMERS = 64
 
 
 @dataclass
@@ -126,10 +132,20 @@ class VmState:
         for c in self.consumers.values():
             c.attach(state.memslot.slot, state.memslot.npages)
 
-    def add_consumer(self, name: str, manual_protect: bool, initially_set: bool) -> None:
+    def add_consumer(
+        self, name: str, manual_protect: bool, initially_set: bool, limit: int | None = None
+    ) -> None:
+        """A new consumer; with ``limit``, refused once the VM has that many besides 'default'
+        (a restore passes none: consumers that were saved are never dropped)."""
         with self.lock:
             if name in self.consumers:
                 raise GenericError(f"vm '{self.name}' already has a consumer named '{name}'")
+            named = len(self.consumers) - 1  # 'default' belongs to the VM and is not counted
+            if limit is not None and named >= limit:
+                raise GenericError(
+                    f"vm '{self.name}' has {named} consumers besides 'default', the most "
+                    f"allowed (--max-consumers {limit}): remove one first"
+                )
             consumer = Consumer(name, manual_protect, initially_set)
             for state in self.slots.values():
                 if state.io_log is not None:

@@ -125,3 +125,18 @@ def test_file_image_writes_scattered_pages_in_one_go(tmp_path):
     img.sync()
     img.close()
     assert (tmp_path / "img").stat().st_size == 64 * PAGE
+
+
+def test_an_image_reserves_its_slots_keeps_the_holes_sparse_and_refuses_pages_outside(tmp_path):
+    """Every slot's pages are allocated up front (a store into the mapping can then not fail
+    for want of space); the gap between slots stays a hole, and no page may be stored there."""
+    from dirtylogctl.stream import Image as FileImage
+
+    gap = 1 << 30
+    img = FileImage(str(tmp_path / "img"), gap + 64 * PAGE, [(0, 64 * PAGE), (gap, 64 * PAGE)])
+    assert 128 * PAGE <= (tmp_path / "img").stat().st_blocks * 512 < 256 * PAGE
+    page = np.full((1, PAGE), 7, np.uint8)
+    img.write(np.array([gap + 63 * PAGE]), page)
+    with pytest.raises(StreamError, match="a page at 0x40000 lies outside the image's slots"):
+        img.write(np.array([PAGE, 64 * PAGE]), np.concatenate([page, page]))
+    img.close()

@@ -1,6 +1,8 @@
 """dirty-log-get answers: large ones are encoded off the event loop, and nothing is lost."""
 
 import asyncio
+import errno
+import fcntl
 import os
 import threading
 
@@ -164,6 +166,84 @@ def test_a_get_cancelled_while_its_answer_encodes_gives_its_bits_back(tmp_path, 
         assert asyncio.run(main()) == BIG >> 13
     finally:
         release.set()
+
+
+def test_a_short_write_then_efbig_fails_the_answer_names_the_errno_and_gives_the_bits_back(
+    tmp_path, monkeypatch
+):
+    """pwrite writes half (RLIMIT_FSIZE reached), the next one fails: the answer is an error
+    that says how far it got and why, and the consumer keeps every page for its next GET."""
+    real_pwrite = os.pwrite
+    calls = []
+
+    def half_then_efbig(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 1:
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+        return real_pwrite(fd, bytes(data[: len(data) // 2]), offset)
+
+    async def main():
+        ctx = await make_context(tmp_path, BIG)
+        fd = os.open(tmp_path / "bits", os.O_RDWR | os.O_CREAT, 0o600)
+        ctx.fds.hold([fd])
+        ctx.fds.claim("bits")
+        monkeypatch.setattr(handlers.os, "pwrite", half_then_efbig)
+        with pytest.raises(GenericError) as failed:
+            await handlers.dirty_log_get(ctx, get_args("fd", "bits"))
+        pending = ctx.service.vm("v").consumer("c").pending_pages()
+        ctx.fds.close("bits")
+        await ctx.service.shutdown()
+        return str(failed.value), pending
+
+    desc, pending = asyncio.run(main())
+    nbytes = BIG >> 15
+    assert calls == [0, nbytes // 2]  # the short write was carried on from where it stopped
+    assert f"({nbytes // 2} of {nbytes} bytes written): File too large (EFBIG)" in desc, desc
+    assert pending == BIG >> 13
+
+
+def _append_only(tmp_path):
+    return os.open(tmp_path / "appended", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+
+
+def _sealed(seals):
+    def make(tmp_path):
+        fd = os.memfd_create("sealed", os.MFD_ALLOW_SEALING)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        return fd
+
+    return make
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (_append_only, "was opened with O_APPEND"),
+        (_sealed(fcntl.F_SEAL_WRITE), "is sealed against writing (EPERM)"),
+        (_sealed(handlers.F_SEAL_FUTURE_WRITE), "is sealed against writing (EPERM)"),
+        (_sealed(fcntl.F_SEAL_GROW), "sealed against growing at 0 bytes; the bitmap needs 2048"),
+    ],
+    ids=["O_APPEND", "F_SEAL_WRITE", "F_SEAL_FUTURE_WRITE", "F_SEAL_GROW"],
+)
+def test_a_descriptor_that_cannot_take_the_bitmap_is_refused_before_anything_is_harvested(
+    tmp_path, make, says
+):
+    async def main():
+        ctx = await make_context(tmp_path, BIG)
+        vm = ctx.service.vm("v")
+        ctx.fds.hold([make(tmp_path)])
+        ctx.fds.claim("bits")
+        generation = vm.backend.generation
+        with pytest.raises(GenericError, match="descriptor 'bits'") as refused:
+            await handlers.dirty_log_get(ctx, get_args("fd", "bits"))
+        unchanged = (vm.backend.generation, vm.consumer("c").pending_pages()) == (generation, 0)
+        ctx.fds.close("bits")
+        await ctx.service.shutdown()
+        return str(refused.value), unchanged
+
+    desc, unchanged = asyncio.run(main())
+    assert says in desc
+    assert unchanged, "the slot was harvested for an answer that could not be written"
 
 
 @pytest.mark.parametrize("npages", [0, 1, 63, 64, 65, 130, 1000, 4096, 100_003, 3_000_001])

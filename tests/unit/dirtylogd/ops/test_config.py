@@ -37,6 +37,7 @@ def test_toml_then_flags(tmp_path):
         ('metrics-listen = "localhost"\n', "metrics-listen must be HOST:PORT"),
         ('allow-gid = ["no-such-group-x"]\n', "no group named 'no-such-group-x'"),
         ("max-reply-bytes = 0\n", "max-reply-bytes must be a positive integer"),
+        ("max-consumers = 0\n", "max-consumers must be a positive integer"),
         ("socket = \n", "not valid TOML"),
     ],
 )
@@ -54,3 +55,11 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 
 def test_listen_none_disables_metrics():
     assert parse_listen("none") is None and parse_listen("") is None
+
+
+def test_consumers_per_vm_default_to_64_from_toml_or_flag(tmp_path):
+    assert load([], env={}).max_consumers == 64
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("max-consumers = 8\n")
+    assert load(["--config", str(cfg)], env={}).max_consumers == 8
+    assert load(["--config", str(cfg), "--max-consumers", "3"], env={}).max_consumers == 3
