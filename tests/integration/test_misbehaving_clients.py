@@ -4,7 +4,10 @@ Each must cost the daemon bounded memory, cost other clients nothing, and cost i
 consumer nothing: an answer that was not fully written goes back to the consumer.
 """
 
+import array
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -205,3 +208,61 @@ def test_descriptors_are_bounded_per_connection_and_closed_with_it(fresh_daemon,
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def send_rights(raw: Raw, message: dict, fd: int, count: int) -> None:
+    """One sendmsg carrying ``count`` references to ``fd`` (the kernel takes up to 253)."""
+    rights = array.array("i", [fd] * count).tobytes()
+    raw.sock.sendmsg(
+        [json.dumps(message).encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)]
+    )
+
+
+def test_every_descriptor_that_arrives_is_held_or_closed_even_when_the_kernel_truncates(
+    fresh_daemon, tmp_path
+):
+    """Messages carrying more descriptors than the daemon's buffer (MSG_CTRUNC): the ones that
+    arrived are held up to the limit and the rest closed, so the fd table stays bounded."""
+    d = fresh_daemon(metrics=False)
+    process = psutil.Process(d.proc.pid)
+    baseline = settled_fds(process)
+    target = tmp_path / "target"
+    target.write_bytes(b"")
+    fd = os.open(target, os.O_RDWR)
+    try:
+        with Raw(d.socket) as raw:
+            raw.negotiate()
+            connected = process.num_fds()
+            most = connected
+            for i in range(60):  # without the fix, 16 leaked per message: 960 in all
+                send_rights(raw, {"execute": "query-version"}, fd, 20 if i % 2 else 253)
+                assert "too many file descriptors" in raw.recv()["error"]["desc"]
+                assert "return" in raw.recv()  # the command itself still runs
+                most = max(most, process.num_fds())
+            assert most <= connected + 16  # at most the limit is ever held
+            held = [
+                n
+                for n in os.listdir(f"/proc/{d.proc.pid}/fd")
+                if os.readlink(f"/proc/{d.proc.pid}/fd/{n}") == str(target)
+            ]
+            assert len(held) == 16
+            for n in held:  # nothing the daemon starts would inherit them
+                info = Path(f"/proc/{d.proc.pid}/fdinfo/{n}").read_text()
+                flags = next(v for k, v in re.findall(r"(\w+):\s+(\S+)", info) if k == "flags")
+                assert int(flags, 8) & os.O_CLOEXEC
+            # The held ones are still usable: getfd names the oldest, closefd frees it.
+            assert raw.ask({"execute": "getfd", "arguments": {"fdname": "kept"}}) == {"return": {}}
+            assert raw.ask({"execute": "closefd", "arguments": {"fdname": "kept"}}) == {
+                "return": {}
+            }
+            assert process.num_fds() == connected + 15
+        deadline = time.monotonic() + 10
+        while process.num_fds() != baseline and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process.num_fds() == baseline  # every one of them closed with the connection
+        with Raw(d.socket) as after:  # and a new client passes a descriptor as usual
+            after.negotiate()
+            after.send({"execute": "getfd", "arguments": {"fdname": "f"}}, [fd])
+            assert after.recv() == {"return": {}}
+    finally:
+        os.close(fd)

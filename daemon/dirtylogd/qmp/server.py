@@ -191,11 +191,16 @@ class QmpServer:
         if not await conn.send(greeting()):
             return
         decoder = JsonStreamDecoder(self.limits.max_message_bytes)
+        warned = False
         while True:
-            data, received = await _recv_with_fds(conn.sock)
-            truncated = -1 in received
-            received = [fd for fd in received if fd >= 0]
-            if truncated or (received and conn.fds.hold(received)):
+            data, received, truncated = await _recv_with_fds(conn.sock)
+            # Every descriptor that arrived is held or closed here, before anything can fail
+            # or wait, whether or not the kernel dropped others (MSG_CTRUNC).
+            refused = conn.fds.hold(received)
+            if truncated and not warned:  # once: a flood of them must not flood the log
+                log.warning("a client sent more descriptors than one message may carry")
+                warned = True
+            if truncated or refused:
                 await conn.send(
                     error(
                         f"too many file descriptors: at most {self.limits.max_held_fds} may be "
@@ -247,13 +252,18 @@ class QmpServer:
         return tuple(self._connections)
 
 
-async def _recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """recvmsg on a non-blocking socket; returns (data, descriptors). b'' means EOF."""
+async def _recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int], bool]:
+    """recvmsg on a non-blocking socket: (data, descriptors, truncated). b'' means EOF.
+
+    ``truncated``: the message carried more descriptors than fit (MSG_CTRUNC); the kernel closed
+    those, and the caller owns every one returned. They arrive close-on-exec, so nothing the
+    daemon ever starts inherits a client's descriptor.
+    """
     loop = asyncio.get_running_loop()
     cmsg_space = socket.CMSG_SPACE(MAX_HELD_FDS * array.array("i").itemsize)
     while True:
         try:
-            data, ancdata, flags, _ = sock.recvmsg(RECV_BYTES, cmsg_space)
+            data, ancdata, flags, _ = sock.recvmsg(RECV_BYTES, cmsg_space, socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             ready = loop.create_future()
             loop.add_reader(sock.fileno(), ready.set_result, None)
@@ -263,14 +273,11 @@ async def _recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
                 loop.remove_reader(sock.fileno())
             continue
         except (ConnectionResetError, OSError):
-            return b"", []
+            return b"", [], False
         fds: list[int] = []
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 arr = array.array("i")
                 arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
                 fds.extend(arr)
-        if flags & socket.MSG_CTRUNC:  # the kernel dropped the descriptors that did not fit
-            log.warning("a client sent more descriptors than one message may carry")
-            fds.append(-1)
-        return data, fds
+        return data, fds, bool(flags & socket.MSG_CTRUNC)
