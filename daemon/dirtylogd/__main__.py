@@ -43,7 +43,14 @@ async def run(config: Config) -> None:
         new_session,
         telemetry,
         PeerPolicy(frozenset(config.allow_uid), frozenset(config.allow_gid)),
-        Limits(config.max_message_bytes, config.max_reply_bytes, max_clients=config.max_clients),
+        Limits(
+            config.max_message_bytes,
+            config.max_reply_bytes,
+            max_clients=config.max_clients,
+            negotiation_timeout=config.negotiation_timeout,
+            max_clients_per_uid=config.max_clients_per_uid,
+            reserved_clients=config.reserved_clients,
+        ),
         events,
     )
     # Signals first: a SIGTERM that arrives while VMs are restored, or just after the socket

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import grp
 import logging
+import math
 import os
 import pwd
 import tomllib
@@ -21,6 +22,16 @@ from dirtylogd import __version__
 # which is full, later exporters above 10000) and not in /etc/services.
 DEFAULT_METRICS_LISTEN = "127.0.0.1:8742"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Clients (qemu.qmp, qmp-shell, dirtylogctl) negotiate right after the greeting, in
+# milliseconds; 10 s is a wide margin on a loaded host, and an idle connection lets its slot go
+# within 10 s.
+DEFAULT_NEGOTIATION_TIMEOUT = 10.0
+# A quarter of --max-clients: a migration tool needs a connection or two per VM, so 64 covers
+# dozens of concurrent migrations by one user, while at least four users fill the daemon
+# before anyone is refused for the general limit.
+DEFAULT_MAX_CLIENTS_PER_UID = 64
+# Room for an operator's few sessions (dirtylogctl, qmp-shell, a monitor) when the rest is full.
+DEFAULT_RESERVED_CLIENTS = 8
 
 
 class ConfigError(Exception):
@@ -40,6 +51,9 @@ class Config:
     max_message_bytes: int = 1 << 20
     max_reply_bytes: int = 8 << 20
     max_clients: int = 256
+    negotiation_timeout: float = DEFAULT_NEGOTIATION_TIMEOUT
+    max_clients_per_uid: int = DEFAULT_MAX_CLIENTS_PER_UID
+    reserved_clients: int = DEFAULT_RESERVED_CLIENTS
 
 
 def default_paths(euid: int, env: dict[str, str]) -> tuple[str, str]:
@@ -113,6 +127,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-clients", type=int, metavar="N", help="connected QMP clients at once (256)"
     )
+    p.add_argument(
+        "--max-clients-per-uid",
+        type=int,
+        metavar="N",
+        help=f"connections one user may hold ({DEFAULT_MAX_CLIENTS_PER_UID}); root and the "
+        "daemon's own user are not limited per user",
+    )
+    p.add_argument(
+        "--reserved-clients",
+        type=int,
+        metavar="N",
+        help=f"slots on top of --max-clients that only root and the daemon's own user may take "
+        f"({DEFAULT_RESERVED_CLIENTS}), so they get in while others fill the daemon",
+    )
+    p.add_argument(
+        "--negotiation-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a client that has not sent qmp_capabilities this long after connecting is told "
+        f"so and disconnected ({DEFAULT_NEGOTIATION_TIMEOUT:g})",
+    )
     p.add_argument("--version", action="version", version=f"dirtylogd {__version__}")
     return p
 
@@ -163,6 +198,15 @@ def _resolve(s: dict[str, Any], env: dict[str, str]) -> Config:
         max_message_bytes=_positive(s.get("max-message-bytes", 1 << 20), "max-message-bytes"),
         max_reply_bytes=_positive(s.get("max-reply-bytes", 8 << 20), "max-reply-bytes"),
         max_clients=_positive(s.get("max-clients", 256), "max-clients"),
+        negotiation_timeout=_seconds(
+            s.get("negotiation-timeout", DEFAULT_NEGOTIATION_TIMEOUT), "negotiation-timeout"
+        ),
+        max_clients_per_uid=_positive(
+            s.get("max-clients-per-uid", DEFAULT_MAX_CLIENTS_PER_UID), "max-clients-per-uid"
+        ),
+        reserved_clients=_at_least_zero(
+            s.get("reserved-clients", DEFAULT_RESERVED_CLIENTS), "reserved-clients"
+        ),
     )
     return config
 
@@ -212,6 +256,21 @@ def _positive(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{key} must be a positive integer, not {value!r}")
     return value
+
+
+def _at_least_zero(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{key} must be an integer of 0 or more, not {value!r}")
+    return value
+
+
+def _seconds(value: Any, key: str) -> float:
+    """A positive, finite duration; TOML may give it as an integer or a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key} must be a number of seconds, not {value!r}")
+    if not 0 < value < math.inf:
+        raise ConfigError(f"{key} must be more than 0 seconds and finite, not {value!r}")
+    return float(value)
 
 
 def configure_logging(level: str) -> None:

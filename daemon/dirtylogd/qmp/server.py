@@ -6,6 +6,12 @@ request order, one command at a time: a client that stops reading stops being re
 socket buffers are its only queue). A reply that is not fully written — the peer vanished, was
 dropped, or the daemon is stopping — runs its undo, so its consumer loses nothing. Peers are
 checked (dirtylogd.qmp.peers) before any greeting.
+
+Slots are bounded three ways, so that neither idle nor greedy clients can lock others out: a
+connection must finish capabilities negotiation within ``negotiation_timeout`` or is closed; one
+uid may hold at most ``max_clients_per_uid``; and ``reserved_clients`` slots past
+``max_clients`` are kept for root and the daemon's own user (who are not limited per uid), so
+the operator can always get in to look. Every refusal tells the peer why and is counted.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 from dirtylogd.qmp.events import EventHub
 from dirtylogd.qmp.fds import MAX_HELD_FDS, FdRegistry
 from dirtylogd.qmp.framing import JsonStreamDecoder, MessageTooLarge, encode
-from dirtylogd.qmp.peers import PeerPolicy, peer_of
+from dirtylogd.qmp.peers import Peer, PeerPolicy, peer_of
 from dirtylogd.qmp.session import Phase, Session, error, event, greeting
 from dirtylogd.qmp.telemetry import ServerTelemetry
 
@@ -33,6 +39,9 @@ RECV_BYTES = 1 << 16
 # in-flight reply is undone) rather than letting the queue grow without bound.
 MAX_EVENT_BACKLOG = 256
 ACCEPT_RETRY_SECONDS = 0.1
+# How long the parting error of a connection being closed may wait for room in its socket: a
+# peer that is not reading does not get to keep the slot by not reading the farewell either.
+FAREWELL_SECONDS = 1.0
 
 
 @dataclass
@@ -41,6 +50,9 @@ class Limits:
     max_reply_bytes: int = 8 << 20
     max_held_fds: int = MAX_HELD_FDS
     max_clients: int = 256
+    negotiation_timeout: float = 10.0
+    max_clients_per_uid: int = 64
+    reserved_clients: int = 8
 
 
 @dataclass(eq=False)
@@ -48,19 +60,28 @@ class Connection:
     sock: socket.socket
     session: Session
     fds: FdRegistry
+    peer: Peer
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     task: asyncio.Task[None] | None = None
     events: set[asyncio.Task[Any]] = field(default_factory=set)  # queued event writes
+    # A write was cancelled part-way: the stream may end inside a message, so nothing more
+    # may be written to it.
+    torn: bool = False
 
     async def send(self, message: dict[str, Any]) -> bool:
         """Write one message; False if the peer is gone."""
         loop = asyncio.get_running_loop()
         async with self.write_lock:
+            if self.torn:
+                return False
             try:
                 await loop.sock_sendall(self.sock, encode(message))
                 return True
             except OSError:
                 return False
+            except asyncio.CancelledError:
+                self.torn = True
+                raise
 
 
 # Makes the session of a new connection, given the descriptors that connection holds.
@@ -152,25 +173,19 @@ class QmpServer:
         if reason is not None:
             self.telemetry.refused_peers += 1
             log.warning("refused a client: %s", reason)
-            with contextlib.suppress(OSError):
-                await asyncio.get_running_loop().sock_sendall(
-                    sock, encode(error(f"access denied: {reason}"))
-                )
-            sock.close()
+            await _turn_away(sock, f"access denied: {reason}")
             return
-        if len(self._connections) >= self.limits.max_clients:
-            self.telemetry.dropped_clients["too-many-clients"] += 1
-            log.warning("refused %s: %d clients connected", peer, len(self._connections))
-            with contextlib.suppress(OSError):
-                await asyncio.get_running_loop().sock_sendall(
-                    sock,
-                    encode(error(f"too many clients: at most {self.limits.max_clients}")),
-                )
-            sock.close()
+        full = self._no_room_for(peer)
+        if full is not None:
+            label, text = full
+            self.telemetry.dropped_clients[label] += 1
+            log.warning("refused %s: %s (%d clients connected)", peer, text, len(self._connections))
+            await _turn_away(sock, text)
             return
+        # From here to the add below nothing waits, so no other peer can take the slot between.
         fds = FdRegistry(self.limits.max_held_fds)
         session = self.new_session(fds)
-        conn = Connection(sock, session, fds, task=asyncio.current_task())
+        conn = Connection(sock, session, fds, peer, task=asyncio.current_task())
         self._connections.add(conn)
         self.telemetry.clients += 1
         try:
@@ -187,7 +202,58 @@ class QmpServer:
             await asyncio.gather(*conn.events, asyncio.sleep(0), return_exceptions=True)
             sock.close()
 
+    def _no_room_for(self, peer: Peer) -> tuple[str, str] | None:
+        """None if ``peer`` may have a slot now, else (the reason counted, what the peer is told).
+
+        Root and the daemon's own user may also take the reserved slots, and are not limited
+        per uid: they can stop the daemon anyway, and must be able to get in while others fill
+        it. Everyone else is limited per uid first, so one user cannot take every slot."""
+        limits = self.limits
+        connected = len(self._connections)
+        if self.policy.privileged(peer):
+            if connected < limits.max_clients + limits.reserved_clients:
+                return None
+            text = f"too many clients: at most {limits.max_clients}"
+            if limits.reserved_clients:
+                text += (
+                    f", and the {limits.reserved_clients} kept for root and the daemon's own "
+                    "user are in use too"
+                )
+            return "too-many-clients", text
+        same_uid = sum(1 for c in self._connections if c.peer.uid == peer.uid)
+        if same_uid >= limits.max_clients_per_uid:
+            return (
+                "too-many-from-uid",
+                f"too many connections from uid {peer.uid}: at most {limits.max_clients_per_uid}",
+            )
+        if connected >= limits.max_clients:
+            return "too-many-clients", f"too many clients: at most {limits.max_clients}"
+        return None
+
     async def _converse(self, conn: Connection) -> None:
+        """Serve one connection; one that has not negotiated in time is told so and closed."""
+        timeout = self.limits.negotiation_timeout
+        try:
+            async with asyncio.timeout(timeout) as negotiation:
+                await self._exchange(conn, negotiation)
+        except TimeoutError:
+            if not negotiation.expired():
+                raise
+            self.telemetry.dropped_clients["negotiation-timeout"] += 1
+            log.warning("closing %s: no capabilities negotiation within %g s", conn.peer, timeout)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    conn.send(
+                        error(
+                            f"capabilities negotiation not completed within {timeout:g} s "
+                            "(send qmp_capabilities first); closing the connection"
+                        )
+                    ),
+                    FAREWELL_SECONDS,
+                )
+
+    async def _exchange(self, conn: Connection, negotiation: asyncio.Timeout) -> None:
+        """Greeting, then requests and replies; lifts ``negotiation`` once it is complete."""
         if not await conn.send(greeting()):
             return
         decoder = JsonStreamDecoder(self.limits.max_message_bytes)
@@ -222,6 +288,8 @@ class QmpServer:
                         reply.undo()
                 if not sent:
                     return
+                if conn.session.phase is Phase.COMMAND and negotiation.when() is not None:
+                    negotiation.reschedule(None)  # negotiated: from here on it may idle
 
     # --- events -------------------------------------------------------------------------------
     def broadcast(self, name: str, data: dict[str, Any]) -> None:
@@ -250,6 +318,18 @@ class QmpServer:
     @property
     def connections(self) -> Iterable[Connection]:
         return tuple(self._connections)
+
+
+async def _turn_away(sock: socket.socket, why: str) -> None:
+    """Tell a peer that gets no slot why, and close its socket."""
+    try:
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(
+                asyncio.get_running_loop().sock_sendall(sock, encode(error(why))),
+                FAREWELL_SECONDS,
+            )
+    finally:
+        sock.close()
 
 
 async def _recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int], bool]:
