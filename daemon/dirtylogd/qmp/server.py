@@ -7,6 +7,10 @@ socket buffers are its only queue). A reply that is not fully written — the pe
 dropped, or the daemon is stopping — runs its undo, so its consumer loses nothing. Peers are
 checked (dirtylogd.qmp.peers) before any greeting.
 
+The socket is bound (:meth:`QmpServer.bind`) before the VMs are restored and accepted on
+(:meth:`QmpServer.start`) after, so a live daemon already on the path is found before anything
+is touched: its socket is never taken over, only a stale one whose daemon is gone is replaced.
+
 Slots are bounded three ways, so that neither idle nor greedy clients can lock others out: a
 connection must finish capabilities negotiation within ``negotiation_timeout`` or is closed; one
 uid may hold at most ``max_clients_per_uid``; and ``reserved_clients`` slots past
@@ -22,6 +26,7 @@ import contextlib
 import logging
 import os
 import socket
+import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,6 +107,7 @@ class QmpServer:
         self.policy = policy
         self.limits = limits
         self.path: str | None = None
+        self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we bound
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._connections: set[Connection] = set()
@@ -109,26 +115,36 @@ class QmpServer:
         events.subscribe(self.broadcast)
 
     # --- listening ------------------------------------------------------------------------------
-    async def start(self, path: str | None, inherited: socket.socket | None = None) -> None:
-        """Listen on ``inherited`` (socket activation) or bind ``path`` with mode 0660."""
+    def bind(self, path: str | None, inherited: socket.socket | None = None) -> None:
+        """Listen on ``inherited`` (socket activation) or bind ``path`` with mode 0660.
+
+        Connections wait in the backlog until :meth:`start`. A socket at ``path`` that a live
+        process answers on is not taken over (:class:`SocketInUse`); only a stale one, whose
+        daemon is gone, is replaced. An inherited socket is ours by definition."""
         if inherited is not None:
             sock = inherited
         else:
             assert path is not None
             os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            _clear_stale_socket(path)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             old = os.umask(0o117)  # the socket is born 0660, never briefly wider
             try:
                 sock.bind(path)
+            except BaseException:
+                sock.close()
+                raise
             finally:
                 os.umask(old)
+            self._listener, self.path, self._bound = sock, path, _identity(path)  # close() undoes
             os.chmod(path, 0o660)
             sock.listen(64)
-            self.path = path
         sock.setblocking(False)
         self._listener = sock
+
+    def start(self) -> None:
+        """Accept connections on the bound socket."""
+        assert self._listener is not None, "bind() first"
         self._accept_task = asyncio.create_task(self._accept_loop())
 
     async def close(self) -> None:
@@ -142,8 +158,15 @@ class QmpServer:
         if self._listener is not None:
             self._listener.close()
         if self.path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            # Only our own socket: were the path someone else's by now, it is theirs to remove.
+            found = _identity(self.path)
+            if found is not None and found == self._bound:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+            elif found is not None:
+                log.warning(
+                    "left %s in place: it is no longer the socket this daemon bound", self.path
+                )
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -318,6 +341,64 @@ class QmpServer:
     @property
     def connections(self) -> Iterable[Connection]:
         return tuple(self._connections)
+
+
+class SocketInUse(Exception):
+    """A live process answers on the socket path: another daemon is serving it."""
+
+
+# How long the start-up probe waits for a connection to the existing socket to be accepted.
+PROBE_SECONDS = 2.0
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _clear_stale_socket(path: str) -> None:
+    """Remove a socket left by a daemon that is gone; refuse if a live one answers on it.
+
+    Unlinking a live daemon's socket would leave it running, with its VMs, but unreachable.
+    Whether anyone listens is asked the only reliable way, by connecting: refused (or the file
+    gone) means stale. A connection accepted, or a full backlog, means someone is there; its
+    pid, from SO_PEERCRED, goes into the message."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketInUse(f"{path} exists and is not a socket; not replacing it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+        probe.settimeout(PROBE_SECONDS)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("replacing the stale socket %s (nothing listens on it)", path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        except (BlockingIOError, TimeoutError):  # EAGAIN: a listener whose backlog is full
+            raise SocketInUse(
+                f"another process is listening on {path} (its backlog is full); not taking "
+                "over its socket: stop that daemon first, or choose another --socket"
+            ) from None
+        except OSError as exc:
+            raise SocketInUse(
+                f"cannot tell whether a daemon serves {path} ({exc.strerror}); not replacing it"
+            ) from None
+        try:
+            pid = peer_of(probe).pid
+        except OSError:
+            pid = 0
+    holder = f" (pid {pid})" if pid > 0 else ""
+    raise SocketInUse(
+        f"another daemon{holder} is serving {path}; not taking over its socket: stop that "
+        "daemon first, or choose another --socket"
+    )
 
 
 async def _turn_away(sock: socket.socket, why: str) -> None:
