@@ -303,6 +303,8 @@ class QmpServer:
                     await conn.send(error(f"{item.desc}; closing the connection"))
                     return
                 reply = await conn.session.handle(item)
+                if conn.session.phase is Phase.COMMAND and negotiation.when() is not None:
+                    negotiation.reschedule(None)  # negotiated: from here on it may idle
                 sent = False
                 try:
                     sent = await conn.send(reply.message)
@@ -311,8 +313,6 @@ class QmpServer:
                         reply.undo()
                 if not sent:
                     return
-                if conn.session.phase is Phase.COMMAND and negotiation.when() is not None:
-                    negotiation.reschedule(None)  # negotiated: from here on it may idle
 
     # --- events -------------------------------------------------------------------------------
     def broadcast(self, name: str, data: dict[str, Any]) -> None:
