@@ -14,14 +14,14 @@ import sys
 
 from dirtylogd import __version__
 from dirtylogd.api.dispatch import BoundCommands
-from dirtylogd.ops import systemd
+from dirtylogd.ops import instance, systemd
 from dirtylogd.ops.config import Config, ConfigError, configure_logging, load
 from dirtylogd.ops.demo import start_demo
 from dirtylogd.ops.metrics import make_registry, serve
 from dirtylogd.qmp.events import EventHub
 from dirtylogd.qmp.fds import FdRegistry
 from dirtylogd.qmp.peers import PeerPolicy
-from dirtylogd.qmp.server import Limits, QmpServer
+from dirtylogd.qmp.server import Limits, QmpServer, SocketInUse
 from dirtylogd.qmp.session import Session
 from dirtylogd.qmp.telemetry import ServerTelemetry
 from dirtylogd.service.registry import Service
@@ -30,7 +30,21 @@ from dirtylogd.service.store import StateStore
 log = logging.getLogger("dirtylogd")
 
 
+def owned_directories(config: Config) -> list[tuple[str, str]]:
+    """The directories one daemon must have to itself: the VM records and the RAM files."""
+    owned = [(config.runtime_dir, "runtime directory")]
+    if config.state_dir:
+        owned.insert(0, (config.state_dir, "state directory"))
+    return owned
+
+
 async def run(config: Config) -> None:
+    # Before anything is read from them: a second daemon must not restore the same VMs.
+    with instance.holding(owned_directories(config)):
+        await _serve(config)
+
+
+async def _serve(config: Config) -> None:
     state = StateStore(config.state_dir) if config.state_dir else None
     events = EventHub()
     service = Service(config.runtime_dir, state, events.publish, config.max_consumers)
@@ -43,7 +57,14 @@ async def run(config: Config) -> None:
         new_session,
         telemetry,
         PeerPolicy(frozenset(config.allow_uid), frozenset(config.allow_gid)),
-        Limits(config.max_message_bytes, config.max_reply_bytes, max_clients=config.max_clients),
+        Limits(
+            config.max_message_bytes,
+            config.max_reply_bytes,
+            max_clients=config.max_clients,
+            negotiation_timeout=config.negotiation_timeout,
+            max_clients_per_uid=config.max_clients_per_uid,
+            reserved_clients=config.reserved_clients,
+        ),
         events,
     )
     # Signals first: a SIGTERM that arrives while VMs are restored, or just after the socket
@@ -55,15 +76,19 @@ async def run(config: Config) -> None:
     background: list[asyncio.Task[None]] = []
     metrics_server = None
     try:
-        await service.restore()  # before listening: a client that can connect finds every VM
+        # Bound before the VMs are restored, so that a live daemon on the socket is found
+        # before anything is touched; clients wait in the backlog until start() below, and
+        # then find every VM.
+        inherited = systemd.listen_socket()
+        server.bind(config.socket, inherited)
+        await service.restore()
         if config.demo:
             background.append(await start_demo(service))
         if config.metrics_listen is not None:
             host, port = config.metrics_listen
             metrics_server = serve(make_registry(service, telemetry), host, port)
             log.info("metrics on http://%s:%d/metrics", host, port)
-        inherited = systemd.listen_socket()
-        await server.start(config.socket, inherited)
+        server.start()
         where = "the socket systemd passed" if inherited else config.socket
         interval = systemd.watchdog_interval()
         if interval:
@@ -92,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.log_level)
     try:
         asyncio.run(run(config))
-    except OSError as exc:
+    except (OSError, instance.DirectoryInUse, SocketInUse) as exc:
         log.error("%s", exc)
         return 1
     with contextlib.suppress(Exception):

@@ -328,11 +328,7 @@ def test_descriptors_sent_with_messages_are_checked_and_all_closed_with_their_co
 
 
 # A message with more than 16 descriptors: the kernel installs 16 and drops the rest
-# (MSG_CTRUNC); on this branch qmp/server.py then neither holds nor closes the 16 it got, so
-# they leak. Fixed by the wire10 branch: once it is merged, remove the xfail mark below.
-@pytest.mark.xfail(
-    strict=False, reason="descriptors of a truncated message leak (fixed by the wire10 branch)"
-)
+# (MSG_CTRUNC); the 16 that arrived must be held or closed all the same.
 @settings(fuzz_fds, max_examples=max(EXAMPLES // 5, 10), phases=[Phase.explicit, Phase.generate])
 @given(conversation=fd_conversations(over_16=True))
 def test_descriptors_past_16_in_one_message_are_all_closed_with_their_connection(

@@ -4,17 +4,25 @@ Each must cost the daemon bounded memory, cost other clients nothing, and cost i
 consumer nothing: an answer that was not fully written goes back to the consumer.
 """
 
+import array
+import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
+from tests.conftest import need
+
+from .daemon_proc import Daemon
 from .raw import Raw
 
 MiB = 1 << 20
@@ -122,7 +130,8 @@ def test_a_client_process_killed_mid_answer_loses_nothing(big_vm):
 
 
 def test_clients_past_the_limit_are_turned_away_and_the_next_is_served(fresh_daemon):
-    d = fresh_daemon("--max-clients", "2")
+    # The tests run as root, who may also take the reserved slots: none here.
+    d = fresh_daemon("--max-clients", "2", "--reserved-clients", "0")
     first, second = Raw(d.socket), Raw(d.socket)
     first.negotiate()
     second.negotiate()
@@ -137,6 +146,173 @@ def test_clients_past_the_limit_are_turned_away_and_the_next_is_served(fresh_dae
         fourth.negotiate()
     second.close()
     assert d.metric('dirtylogd_qmp_dropped_clients_total{reason="too-many-clients"}') == 1
+
+
+def everything_until_closed(raw: Raw) -> list:
+    """Every message the daemon sent before it closed the connection."""
+    messages = []
+    try:
+        while True:
+            messages.append(raw.recv())
+    except (EOFError, ConnectionResetError):  # reset: closed with our requests unread
+        raw.close()
+        return messages
+
+
+def test_a_client_that_does_not_negotiate_in_time_is_told_and_its_slot_freed(fresh_daemon):
+    """Idle or chattering, a connection that has not sent qmp_capabilities within the
+    timeout gets an error saying so and is closed; a negotiated one may idle."""
+    d = fresh_daemon("--negotiation-timeout", "0.5")
+    negotiated = Raw(d.socket)
+    negotiated.negotiate()
+    started = time.monotonic()
+    idle, chatty = Raw(d.socket), Raw(d.socket)
+    assert "QMP" in idle.recv() and "QMP" in chatty.recv()
+    while time.monotonic() - started < 1.0:  # activity does not extend the deadline
+        try:
+            chatty.send({"execute": "query-version"})
+        except OSError:
+            break
+        time.sleep(0.1)
+    timed_out = {
+        "error": {
+            "class": "GenericError",
+            "desc": "capabilities negotiation not completed within 0.5 s "
+            "(send qmp_capabilities first); closing the connection",
+        }
+    }
+    assert everything_until_closed(idle) == [timed_out]
+    *answers, last = everything_until_closed(chatty)
+    assert last == timed_out
+    assert answers and {a["error"]["class"] for a in answers} == {"CommandNotFound"}
+    assert 0.4 < time.monotonic() - started < 5
+    assert negotiated.ask({"execute": "query-version"})["return"]  # past the timeout: served
+    negotiated.close()
+    assert d.metric('dirtylogd_qmp_dropped_clients_total{reason="negotiation-timeout"}') == 2
+    assert "no capabilities negotiation within 0.5 s" in d.output()
+
+
+def test_a_flood_of_idle_connections_lasts_only_the_negotiation_timeout(fresh_daemon):
+    """Every slot, reserved ones too, taken by connections that never negotiate: refused
+    while they last, and they last the timeout, not forever."""
+    d = fresh_daemon("--max-clients", "24", "--reserved-clients", "8", "--negotiation-timeout", "1")
+    started = time.monotonic()
+    flood = [Raw(d.socket) for _ in range(32)]
+    for c in flood:
+        assert "QMP" in c.recv()
+    with Raw(d.socket) as late:
+        assert late.recv()["error"]["desc"] == (
+            "too many clients: at most 24, and the 8 kept for root and the daemon's own user "
+            "are in use too"
+        )
+    for c in flood:
+        [farewell] = everything_until_closed(c)
+        assert "capabilities negotiation not completed" in farewell["error"]["desc"]
+    with Raw(d.socket) as after:
+        after.negotiate()
+    assert time.monotonic() - started < 5
+
+
+class AsUser:
+    """Connections of another uid: a forked child becomes ``uid``, opens ``count`` connections
+    one after another, reports each one's first message, and holds them until closed."""
+
+    def __init__(self, path: str, count: int, uid: int = 65534) -> None:
+        report_r, report_w = os.pipe()
+        self._hold_r, self._hold_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # child: no pytest machinery from here on
+            try:
+                os.close(report_r)
+                os.close(self._hold_w)
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+                held = []
+                for _ in range(count):
+                    s = socket.socket(socket.AF_UNIX)
+                    s.settimeout(10)
+                    try:
+                        s.connect(path)
+                        line = s.recv(4096).split(b"\r\n")[0].decode()
+                    except OSError as exc:
+                        line = json.dumps({"client-error": str(exc)})
+                    held.append(s)
+                    os.write(report_w, line.encode() + b"\n")
+                os.close(report_w)  # the parent reads to the end
+                os.read(self._hold_r, 1)  # until the parent closes its end
+            finally:
+                os._exit(0)
+        os.close(report_w)
+        os.close(self._hold_r)
+        with os.fdopen(report_r) as f:
+            self.first = [json.loads(line) for line in f.read().splitlines()]
+
+    def close(self) -> None:
+        os.close(self._hold_w)
+        os.waitpid(self.pid, 0)
+
+
+@pytest.fixture
+def public():
+    """Start daemons whose socket another user can reach (pytest's directories are 0700)."""
+    need(os.geteuid() == 0, "needs root to run clients as another user")
+    base = Path(tempfile.mkdtemp(prefix="dirtylogd-public-"))
+    base.chmod(0o755)
+    made = []
+
+    def start(*extra: str) -> Daemon:
+        d = Daemon(base / str(len(made)), "--allow-uid", "nobody", *extra)
+        made.append(d)
+        os.chmod(d.socket, 0o666)
+        return d
+
+    yield start
+    for d in made:
+        d.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_one_user_cannot_take_more_than_its_share_of_slots_and_root_still_gets_in(public):
+    d = public("--max-clients-per-uid", "3")
+    nobody = AsUser(d.socket, 4)
+    try:
+        assert all("QMP" in m for m in nobody.first[:3])
+        assert nobody.first[3] == {
+            "error": {
+                "class": "GenericError",
+                "desc": "too many connections from uid 65534: at most 3",
+            }
+        }
+        with d.client() as root:  # root is not limited per uid, and there is room
+            assert root("query-version")["package"].startswith("dirtylogd")
+    finally:
+        nobody.close()
+    assert d.metric('dirtylogd_qmp_dropped_clients_total{reason="too-many-from-uid"}') == 1
+    assert "refused uid 65534" in d.output()
+    deadline = time.monotonic() + 10
+    while d.metric("dirtylogd_qmp_clients") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    again = AsUser(d.socket, 1)  # its slots came back with its connections
+    again.close()
+    assert "QMP" in again.first[0]
+
+
+def test_root_is_served_through_the_reserved_slots_when_others_fill_the_daemon(public):
+    d = public("--max-clients", "4", "--reserved-clients", "2")
+    nobody = AsUser(d.socket, 5)  # four idle connections fill --max-clients
+    try:
+        assert all("QMP" in m for m in nobody.first[:4])
+        assert nobody.first[4]["error"]["desc"] == "too many clients: at most 4"
+        with d.client() as root, d.client() as also_root:  # the two reserved slots
+            assert root("query-version") == also_root("query-version")
+            with Raw(d.socket) as third:
+                assert third.recv()["error"]["desc"].startswith(
+                    "too many clients: at most 4, and the 2 kept for root"
+                )
+    finally:
+        nobody.close()
+    assert d.metric('dirtylogd_qmp_dropped_clients_total{reason="too-many-clients"}') == 2
 
 
 def test_running_out_of_descriptors_pauses_accepting_but_never_stops_it(fresh_daemon):
@@ -205,3 +381,61 @@ def test_descriptors_are_bounded_per_connection_and_closed_with_it(fresh_daemon,
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def send_rights(raw: Raw, message: dict, fd: int, count: int) -> None:
+    """One sendmsg carrying ``count`` references to ``fd`` (the kernel takes up to 253)."""
+    rights = array.array("i", [fd] * count).tobytes()
+    raw.sock.sendmsg(
+        [json.dumps(message).encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)]
+    )
+
+
+def test_every_descriptor_that_arrives_is_held_or_closed_even_when_the_kernel_truncates(
+    fresh_daemon, tmp_path
+):
+    """Messages carrying more descriptors than the daemon's buffer (MSG_CTRUNC): the ones that
+    arrived are held up to the limit and the rest closed, so the fd table stays bounded."""
+    d = fresh_daemon(metrics=False)
+    process = psutil.Process(d.proc.pid)
+    baseline = settled_fds(process)
+    target = tmp_path / "target"
+    target.write_bytes(b"")
+    fd = os.open(target, os.O_RDWR)
+    try:
+        with Raw(d.socket) as raw:
+            raw.negotiate()
+            connected = process.num_fds()
+            most = connected
+            for i in range(60):  # without the fix, 16 leaked per message: 960 in all
+                send_rights(raw, {"execute": "query-version"}, fd, 20 if i % 2 else 253)
+                assert "too many file descriptors" in raw.recv()["error"]["desc"]
+                assert "return" in raw.recv()  # the command itself still runs
+                most = max(most, process.num_fds())
+            assert most <= connected + 16  # at most the limit is ever held
+            held = [
+                n
+                for n in os.listdir(f"/proc/{d.proc.pid}/fd")
+                if os.readlink(f"/proc/{d.proc.pid}/fd/{n}") == str(target)
+            ]
+            assert len(held) == 16
+            for n in held:  # nothing the daemon starts would inherit them
+                info = Path(f"/proc/{d.proc.pid}/fdinfo/{n}").read_text()
+                flags = next(v for k, v in re.findall(r"(\w+):\s+(\S+)", info) if k == "flags")
+                assert int(flags, 8) & os.O_CLOEXEC
+            # The held ones are still usable: getfd names the oldest, closefd frees it.
+            assert raw.ask({"execute": "getfd", "arguments": {"fdname": "kept"}}) == {"return": {}}
+            assert raw.ask({"execute": "closefd", "arguments": {"fdname": "kept"}}) == {
+                "return": {}
+            }
+            assert process.num_fds() == connected + 15
+        deadline = time.monotonic() + 10
+        while process.num_fds() != baseline and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process.num_fds() == baseline  # every one of them closed with the connection
+        with Raw(d.socket) as after:  # and a new client passes a descriptor as usual
+            after.negotiate()
+            after.send({"execute": "getfd", "arguments": {"fdname": "f"}}, [fd])
+            assert after.recv() == {"return": {}}
+    finally:
+        os.close(fd)

@@ -127,6 +127,43 @@ def test_socket_activation_starts_the_daemon_on_first_connect(tmp_path):
     assert "listening on the socket systemd passed" in output
 
 
+def test_a_socket_activated_daemon_still_has_its_directories_to_itself(tmp_path):
+    """The inherited socket is not probed (it is ours), but the state directory is locked."""
+    activate = need_tool("systemd-socket-activate")
+    sock, state = str(tmp_path / "activated.sock"), str(tmp_path / "state")
+    daemon = [sys.executable, "-m", "dirtylogd", "--state-dir", state, "--metrics-listen", "none"]
+    # systemd-socket-activate passes no environment of its own accord: keep the import path.
+    keep = ["-E", "PYTHONPATH"] if "PYTHONPATH" in os.environ else []
+    proc = subprocess.Popen(
+        [activate, *keep, "-l", sock, *daemon, "--runtime-dir", str(tmp_path / "vms")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with Qmp(sock) as q:
+            assert q("query-version")["package"].startswith("dirtylogd")
+            holder = Path(state, "dirtylogd.lock").read_text().strip()
+            elsewhere = ["--socket", f"{tmp_path}/other.sock", "--runtime-dir", f"{tmp_path}/x"]
+            second = subprocess.run(
+                [*daemon, *elsewhere],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, output
+    assert second.returncode == 1, second.stderr
+    assert f"the state directory {state} is in use by another dirtylogd (pid {holder})" in (
+        second.stderr
+    )
+
+
 def test_ready_status_watchdog_and_stopping_reach_the_notify_socket(tmp_path):
     notify_path = str(tmp_path / "notify")
     sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -2,9 +2,14 @@
 
 import base64
 import json
+import os
 import signal
 import socket
+import subprocess
+import sys
 import time
+
+import pytest
 
 from .daemon_proc import Daemon
 from .raw import Raw
@@ -211,3 +216,95 @@ def test_a_restart_with_a_lower_consumer_limit_keeps_every_saved_consumer(tmp_pa
             q("consumer-add", vm="many", name="new")
     finally:
         assert d.stop() == 0
+
+
+def start_another(socket_path: str, state_dir: str, runtime_dir: str):
+    """Run a second daemon to completion (it must refuse to start); its CompletedProcess."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dirtylogd",
+            "--socket",
+            socket_path,
+            "--state-dir",
+            state_dir,
+            "--runtime-dir",
+            runtime_dir,
+            "--metrics-listen",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=10,  # refusing takes well under a second; one that starts serves forever
+    )
+
+
+def test_a_second_daemon_never_takes_over_a_live_daemons_socket(tmp_path):
+    d = Daemon(tmp_path / "first", metrics=False)
+    try:
+        with d.client() as q:
+            q("vm-create", name="mine", memslots=[{"slot": 0, "guest-phys-addr": 0, "size": MiB}])
+        before = os.stat(d.socket).st_ino
+        other = tmp_path / "second"
+        second = start_another(d.socket, str(other / "state"), str(other / "vms"))
+        assert second.returncode == 1, second.stderr
+        assert f"another daemon (pid {d.proc.pid}) is serving {d.socket}" in second.stderr
+        assert os.stat(d.socket).st_ino == before  # not unlinked, not re-bound
+        with d.client() as q:  # the first still answers, with its VM
+            assert [v["name"] for v in q("query-vms")] == ["mine"]
+    finally:
+        assert d.stop() == 0
+
+
+@pytest.mark.parametrize("shared", ["state directory", "runtime directory"])
+def test_a_second_daemon_on_the_same_directories_is_refused_naming_the_lock(tmp_path, shared):
+    """Two daemons must never restore the same VMs onto the same RAM files."""
+    d = Daemon(tmp_path / "first", metrics=False)
+    try:
+        with d.client() as q:
+            q("vm-create", name="mine", memslots=[{"slot": 0, "guest-phys-addr": 0, "size": MiB}])
+            q("sim-write-pages", vm="mine", gfns=[3], value=7)
+        other = tmp_path / "second"
+        state = d.state_dir if shared == "state directory" else str(other / "state")
+        runtime = d.runtime_dir if shared == "runtime directory" else str(other / "vms")
+        second = start_another(str(other / "qmp.sock"), state, runtime)
+        assert second.returncode == 1, second.stderr
+        directory = state if shared == "state directory" else runtime
+        assert (
+            f"the {shared} {directory} is in use by another dirtylogd (pid {d.proc.pid}), "
+            f"which holds {directory}/dirtylogd.lock" in second.stderr
+        )
+        assert "listening" not in second.stderr and "restored" not in second.stderr
+        assert not (other / "qmp.sock").exists()
+        with d.client() as q:  # the first is untouched: same VM, same pending page
+            assert dirty(q, "mine")[0] == [3]
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_stale_socket_left_by_a_killed_daemon_does_not_prevent_a_restart(tmp_path):
+    d = Daemon(tmp_path, metrics=False)
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    d.log.close()
+    assert os.path.exists(d.socket)  # stale: nothing listens on it, the lock went with the pid
+    d = Daemon(tmp_path, metrics=False)
+    try:
+        with d.client() as q:
+            assert q("query-version")["package"].startswith("dirtylogd")
+        assert "replacing the stale socket" in d.output()
+        with open(os.path.join(d.state_dir, "dirtylogd.lock")) as f:
+            assert f.read() == f"{d.proc.pid}\n"
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_file_that_is_not_a_socket_is_never_replaced(tmp_path):
+    (tmp_path / "qmp.sock").write_text("someone's data")
+    refused = start_another(
+        str(tmp_path / "qmp.sock"), str(tmp_path / "state"), str(tmp_path / "vms")
+    )
+    assert refused.returncode == 1
+    assert "qmp.sock exists and is not a socket; not replacing it" in refused.stderr
+    assert (tmp_path / "qmp.sock").read_text() == "someone's data"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import grp
 import logging
+import math
 import os
 import pwd
 import tomllib
@@ -22,6 +23,16 @@ from dirtylogd.service.vm import DEFAULT_MAX_CONSUMERS
 # which is full, later exporters above 10000) and not in /etc/services.
 DEFAULT_METRICS_LISTEN = "127.0.0.1:8742"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Clients (qemu.qmp, qmp-shell, dirtylogctl) negotiate right after the greeting, in
+# milliseconds; 10 s is a wide margin on a loaded host, and an idle connection lets its slot go
+# within 10 s.
+DEFAULT_NEGOTIATION_TIMEOUT = 10.0
+# A quarter of --max-clients: a migration tool needs a connection or two per VM, so 64 covers
+# dozens of concurrent migrations by one user, while at least four users fill the daemon
+# before anyone is refused for the general limit.
+DEFAULT_MAX_CLIENTS_PER_UID = 64
+# Room for an operator's few sessions (dirtylogctl, qmp-shell, a monitor) when the rest is full.
+DEFAULT_RESERVED_CLIENTS = 8
 
 
 class ConfigError(Exception):
@@ -43,6 +54,9 @@ class Config:
     max_clients: int = 256
     # --- consumers per VM ---
     max_consumers: int = DEFAULT_MAX_CONSUMERS  # besides 'default'; see service/vm.py
+    negotiation_timeout: float = DEFAULT_NEGOTIATION_TIMEOUT
+    max_clients_per_uid: int = DEFAULT_MAX_CLIENTS_PER_UID
+    reserved_clients: int = DEFAULT_RESERVED_CLIENTS
 
 
 def default_paths(euid: int, env: dict[str, str]) -> tuple[str, str]:
@@ -124,6 +138,27 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"consumers a VM may have besides 'default' ({DEFAULT_MAX_CONSUMERS}); "
         "restored ones are kept, new ones past it refused",
     )
+    p.add_argument(
+        "--max-clients-per-uid",
+        type=int,
+        metavar="N",
+        help=f"connections one user may hold ({DEFAULT_MAX_CLIENTS_PER_UID}); root and the "
+        "daemon's own user are not limited per user",
+    )
+    p.add_argument(
+        "--reserved-clients",
+        type=int,
+        metavar="N",
+        help=f"slots on top of --max-clients that only root and the daemon's own user may take "
+        f"({DEFAULT_RESERVED_CLIENTS}), so they get in while others fill the daemon",
+    )
+    p.add_argument(
+        "--negotiation-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a client that has not sent qmp_capabilities this long after connecting is told "
+        f"so and disconnected ({DEFAULT_NEGOTIATION_TIMEOUT:g})",
+    )
     p.add_argument("--version", action="version", version=f"dirtylogd {__version__}")
     return p
 
@@ -176,6 +211,15 @@ def _resolve(s: dict[str, Any], env: dict[str, str]) -> Config:
         max_clients=_positive(s.get("max-clients", 256), "max-clients"),
         # --- consumers per VM ---
         max_consumers=_positive(s.get("max-consumers", DEFAULT_MAX_CONSUMERS), "max-consumers"),
+        negotiation_timeout=_seconds(
+            s.get("negotiation-timeout", DEFAULT_NEGOTIATION_TIMEOUT), "negotiation-timeout"
+        ),
+        max_clients_per_uid=_positive(
+            s.get("max-clients-per-uid", DEFAULT_MAX_CLIENTS_PER_UID), "max-clients-per-uid"
+        ),
+        reserved_clients=_at_least_zero(
+            s.get("reserved-clients", DEFAULT_RESERVED_CLIENTS), "reserved-clients"
+        ),
     )
     return config
 
@@ -225,6 +269,21 @@ def _positive(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{key} must be a positive integer, not {value!r}")
     return value
+
+
+def _at_least_zero(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{key} must be an integer of 0 or more, not {value!r}")
+    return value
+
+
+def _seconds(value: Any, key: str) -> float:
+    """A positive, finite duration; TOML may give it as an integer or a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key} must be a number of seconds, not {value!r}")
+    if not 0 < value < math.inf:
+        raise ConfigError(f"{key} must be more than 0 seconds and finite, not {value!r}")
+    return float(value)
 
 
 def configure_logging(level: str) -> None:

@@ -23,7 +23,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from dirtylogd import __version__
-from dirtylogd.qmp.telemetry import ServerTelemetry
+from dirtylogd.qmp.telemetry import DROP_REASONS, ServerTelemetry
 from dirtylogd.service.registry import Service
 
 P = "dirtylogd_"
@@ -144,7 +144,7 @@ class DirtylogdCollector(Collector):
             "Clients disconnected or turned away by the server's limits",
             labels=["reason"],
         )
-        for reason in ("too-many-clients", "not-reading"):
+        for reason in DROP_REASONS:
             dropped.add_metric([reason], self.server.dropped_clients[reason])
         yield from (requests, clients, refused, dropped)
 

@@ -7,6 +7,7 @@ connection may hold only a few, named or not, so a client cannot pin the daemon'
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import deque
 
@@ -26,7 +27,7 @@ class FdRegistry:
         refused = 0
         for fd in fds:
             if len(self._held) + len(self._named) >= self.max_held:
-                os.close(fd)
+                _close(fd)
                 refused += 1
             else:
                 self._held.append(fd)
@@ -53,6 +54,13 @@ class FdRegistry:
 
     def close_all(self) -> None:
         for fd in [*self._held, *self._named.values()]:
-            os.close(fd)
+            _close(fd)
         self._held.clear()
         self._named.clear()
+
+
+def _close(fd: int) -> None:
+    """Close a client's descriptor. Linux frees the number even when close reports an error
+    (EIO from a network file, say), so an error must not stop the others from being closed."""
+    with contextlib.suppress(OSError):
+        os.close(fd)

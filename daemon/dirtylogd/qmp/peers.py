@@ -58,9 +58,13 @@ class PeerPolicy:
     allow_uids: frozenset[int] = frozenset()
     allow_gids: frozenset[int] = frozenset()
 
+    def privileged(self, peer: Peer) -> bool:
+        """Root or the daemon's own user: may use the reserved slots, not limited per uid."""
+        return peer.uid in (0, os.geteuid())
+
     def refusal(self, peer: Peer) -> str | None:
         """None if the peer may connect, else the reason it may not."""
-        if peer.uid in (0, os.geteuid()) or peer.uid in self.allow_uids:
+        if self.privileged(peer) or peer.uid in self.allow_uids:
             return None
         if self.allow_gids & (peer.groups | {peer.gid}):
             return None

@@ -6,6 +6,16 @@ request order, one command at a time: a client that stops reading stops being re
 socket buffers are its only queue). A reply that is not fully written — the peer vanished, was
 dropped, or the daemon is stopping — runs its undo, so its consumer loses nothing. Peers are
 checked (dirtylogd.qmp.peers) before any greeting.
+
+The socket is bound (:meth:`QmpServer.bind`) before the VMs are restored and accepted on
+(:meth:`QmpServer.start`) after, so a live daemon already on the path is found before anything
+is touched: its socket is never taken over, only a stale one whose daemon is gone is replaced.
+
+Slots are bounded three ways, so that neither idle nor greedy clients can lock others out: a
+connection must finish capabilities negotiation within ``negotiation_timeout`` or is closed; one
+uid may hold at most ``max_clients_per_uid``; and ``reserved_clients`` slots past
+``max_clients`` are kept for root and the daemon's own user (who are not limited per uid), so
+the operator can always get in to look. Every refusal tells the peer why and is counted.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import contextlib
 import logging
 import os
 import socket
+import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +34,7 @@ from typing import Any
 from dirtylogd.qmp.events import EventHub
 from dirtylogd.qmp.fds import MAX_HELD_FDS, FdRegistry
 from dirtylogd.qmp.framing import JsonStreamDecoder, MessageTooLarge, encode
-from dirtylogd.qmp.peers import PeerPolicy, peer_of
+from dirtylogd.qmp.peers import Peer, PeerPolicy, peer_of
 from dirtylogd.qmp.session import Phase, Session, error, event, greeting
 from dirtylogd.qmp.telemetry import ServerTelemetry
 
@@ -33,6 +44,9 @@ RECV_BYTES = 1 << 16
 # in-flight reply is undone) rather than letting the queue grow without bound.
 MAX_EVENT_BACKLOG = 256
 ACCEPT_RETRY_SECONDS = 0.1
+# How long the parting error of a connection being closed may wait for room in its socket: a
+# peer that is not reading does not get to keep the slot by not reading the farewell either.
+FAREWELL_SECONDS = 1.0
 
 
 @dataclass
@@ -41,6 +55,9 @@ class Limits:
     max_reply_bytes: int = 8 << 20
     max_held_fds: int = MAX_HELD_FDS
     max_clients: int = 256
+    negotiation_timeout: float = 10.0
+    max_clients_per_uid: int = 64
+    reserved_clients: int = 8
 
 
 @dataclass(eq=False)
@@ -48,19 +65,28 @@ class Connection:
     sock: socket.socket
     session: Session
     fds: FdRegistry
+    peer: Peer
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     task: asyncio.Task[None] | None = None
     events: set[asyncio.Task[Any]] = field(default_factory=set)  # queued event writes
+    # A write was cancelled part-way: the stream may end inside a message, so nothing more
+    # may be written to it.
+    torn: bool = False
 
     async def send(self, message: dict[str, Any]) -> bool:
         """Write one message; False if the peer is gone."""
         loop = asyncio.get_running_loop()
         async with self.write_lock:
+            if self.torn:
+                return False
             try:
                 await loop.sock_sendall(self.sock, encode(message))
                 return True
             except OSError:
                 return False
+            except asyncio.CancelledError:
+                self.torn = True
+                raise
 
 
 # Makes the session of a new connection, given the descriptors that connection holds.
@@ -81,6 +107,7 @@ class QmpServer:
         self.policy = policy
         self.limits = limits
         self.path: str | None = None
+        self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we bound
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._connections: set[Connection] = set()
@@ -88,26 +115,36 @@ class QmpServer:
         events.subscribe(self.broadcast)
 
     # --- listening ------------------------------------------------------------------------------
-    async def start(self, path: str | None, inherited: socket.socket | None = None) -> None:
-        """Listen on ``inherited`` (socket activation) or bind ``path`` with mode 0660."""
+    def bind(self, path: str | None, inherited: socket.socket | None = None) -> None:
+        """Listen on ``inherited`` (socket activation) or bind ``path`` with mode 0660.
+
+        Connections wait in the backlog until :meth:`start`. A socket at ``path`` that a live
+        process answers on is not taken over (:class:`SocketInUse`); only a stale one, whose
+        daemon is gone, is replaced. An inherited socket is ours by definition."""
         if inherited is not None:
             sock = inherited
         else:
             assert path is not None
             os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            _clear_stale_socket(path)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             old = os.umask(0o117)  # the socket is born 0660, never briefly wider
             try:
                 sock.bind(path)
+            except BaseException:
+                sock.close()
+                raise
             finally:
                 os.umask(old)
+            self._listener, self.path, self._bound = sock, path, _identity(path)  # close() undoes
             os.chmod(path, 0o660)
             sock.listen(64)
-            self.path = path
         sock.setblocking(False)
         self._listener = sock
+
+    def start(self) -> None:
+        """Accept connections on the bound socket."""
+        assert self._listener is not None, "bind() first"
         self._accept_task = asyncio.create_task(self._accept_loop())
 
     async def close(self) -> None:
@@ -121,8 +158,15 @@ class QmpServer:
         if self._listener is not None:
             self._listener.close()
         if self.path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            # Only our own socket: were the path someone else's by now, it is theirs to remove.
+            found = _identity(self.path)
+            if found is not None and found == self._bound:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+            elif found is not None:
+                log.warning(
+                    "left %s in place: it is no longer the socket this daemon bound", self.path
+                )
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -152,25 +196,19 @@ class QmpServer:
         if reason is not None:
             self.telemetry.refused_peers += 1
             log.warning("refused a client: %s", reason)
-            with contextlib.suppress(OSError):
-                await asyncio.get_running_loop().sock_sendall(
-                    sock, encode(error(f"access denied: {reason}"))
-                )
-            sock.close()
+            await _turn_away(sock, f"access denied: {reason}")
             return
-        if len(self._connections) >= self.limits.max_clients:
-            self.telemetry.dropped_clients["too-many-clients"] += 1
-            log.warning("refused %s: %d clients connected", peer, len(self._connections))
-            with contextlib.suppress(OSError):
-                await asyncio.get_running_loop().sock_sendall(
-                    sock,
-                    encode(error(f"too many clients: at most {self.limits.max_clients}")),
-                )
-            sock.close()
+        full = self._no_room_for(peer)
+        if full is not None:
+            label, text = full
+            self.telemetry.dropped_clients[label] += 1
+            log.warning("refused %s: %s (%d clients connected)", peer, text, len(self._connections))
+            await _turn_away(sock, text)
             return
+        # From here to the add below nothing waits, so no other peer can take the slot between.
         fds = FdRegistry(self.limits.max_held_fds)
         session = self.new_session(fds)
-        conn = Connection(sock, session, fds, task=asyncio.current_task())
+        conn = Connection(sock, session, fds, peer, task=asyncio.current_task())
         self._connections.add(conn)
         self.telemetry.clients += 1
         try:
@@ -187,15 +225,71 @@ class QmpServer:
             await asyncio.gather(*conn.events, asyncio.sleep(0), return_exceptions=True)
             sock.close()
 
+    def _no_room_for(self, peer: Peer) -> tuple[str, str] | None:
+        """None if ``peer`` may have a slot now, else (the reason counted, what the peer is told).
+
+        Root and the daemon's own user may also take the reserved slots, and are not limited
+        per uid: they can stop the daemon anyway, and must be able to get in while others fill
+        it. Everyone else is limited per uid first, so one user cannot take every slot."""
+        limits = self.limits
+        connected = len(self._connections)
+        if self.policy.privileged(peer):
+            if connected < limits.max_clients + limits.reserved_clients:
+                return None
+            text = f"too many clients: at most {limits.max_clients}"
+            if limits.reserved_clients:
+                text += (
+                    f", and the {limits.reserved_clients} kept for root and the daemon's own "
+                    "user are in use too"
+                )
+            return "too-many-clients", text
+        same_uid = sum(1 for c in self._connections if c.peer.uid == peer.uid)
+        if same_uid >= limits.max_clients_per_uid:
+            return (
+                "too-many-from-uid",
+                f"too many connections from uid {peer.uid}: at most {limits.max_clients_per_uid}",
+            )
+        if connected >= limits.max_clients:
+            return "too-many-clients", f"too many clients: at most {limits.max_clients}"
+        return None
+
     async def _converse(self, conn: Connection) -> None:
+        """Serve one connection; one that has not negotiated in time is told so and closed."""
+        timeout = self.limits.negotiation_timeout
+        try:
+            async with asyncio.timeout(timeout) as negotiation:
+                await self._exchange(conn, negotiation)
+        except TimeoutError:
+            if not negotiation.expired():
+                raise
+            self.telemetry.dropped_clients["negotiation-timeout"] += 1
+            log.warning("closing %s: no capabilities negotiation within %g s", conn.peer, timeout)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    conn.send(
+                        error(
+                            f"capabilities negotiation not completed within {timeout:g} s "
+                            "(send qmp_capabilities first); closing the connection"
+                        )
+                    ),
+                    FAREWELL_SECONDS,
+                )
+
+    async def _exchange(self, conn: Connection, negotiation: asyncio.Timeout) -> None:
+        """Greeting, then requests and replies; lifts ``negotiation`` once it is complete."""
         if not await conn.send(greeting()):
             return
         decoder = JsonStreamDecoder(self.limits.max_message_bytes)
+        warned = False
         while True:
-            data, received = await _recv_with_fds(conn.sock)
-            truncated = -1 in received
-            received = [fd for fd in received if fd >= 0]
-            if truncated or (received and conn.fds.hold(received)):
+            data, received, truncated = await _recv_with_fds(conn.sock)
+            # Every descriptor that arrived is held or closed here, before anything can fail
+            # or wait, whether or not the kernel dropped others (MSG_CTRUNC).
+            refused = conn.fds.hold(received)
+            if truncated and not warned:  # once: a flood of them must not flood the log
+                log.warning("a client sent more descriptors than one message may carry")
+                warned = True
+            if truncated or refused:
                 await conn.send(
                     error(
                         f"too many file descriptors: at most {self.limits.max_held_fds} may be "
@@ -209,6 +303,8 @@ class QmpServer:
                     await conn.send(error(f"{item.desc}; closing the connection"))
                     return
                 reply = await conn.session.handle(item)
+                if conn.session.phase is Phase.COMMAND and negotiation.when() is not None:
+                    negotiation.reschedule(None)  # negotiated: from here on it may idle
                 sent = False
                 try:
                     sent = await conn.send(reply.message)
@@ -247,13 +343,88 @@ class QmpServer:
         return tuple(self._connections)
 
 
-async def _recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """recvmsg on a non-blocking socket; returns (data, descriptors). b'' means EOF."""
+class SocketInUse(Exception):
+    """A live process answers on the socket path: another daemon is serving it."""
+
+
+# How long the start-up probe waits for a connection to the existing socket to be accepted.
+PROBE_SECONDS = 2.0
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _clear_stale_socket(path: str) -> None:
+    """Remove a socket left by a daemon that is gone; refuse if a live one answers on it.
+
+    Unlinking a live daemon's socket would leave it running, with its VMs, but unreachable.
+    Whether anyone listens is asked the only reliable way, by connecting: refused (or the file
+    gone) means stale. A connection accepted, or a full backlog, means someone is there; its
+    pid, from SO_PEERCRED, goes into the message."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketInUse(f"{path} exists and is not a socket; not replacing it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+        probe.settimeout(PROBE_SECONDS)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("replacing the stale socket %s (nothing listens on it)", path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        except (BlockingIOError, TimeoutError):  # EAGAIN: a listener whose backlog is full
+            raise SocketInUse(
+                f"another process is listening on {path} (its backlog is full); not taking "
+                "over its socket: stop that daemon first, or choose another --socket"
+            ) from None
+        except OSError as exc:
+            raise SocketInUse(
+                f"cannot tell whether a daemon serves {path} ({exc.strerror}); not replacing it"
+            ) from None
+        try:
+            pid = peer_of(probe).pid
+        except OSError:
+            pid = 0
+    holder = f" (pid {pid})" if pid > 0 else ""
+    raise SocketInUse(
+        f"another daemon{holder} is serving {path}; not taking over its socket: stop that "
+        "daemon first, or choose another --socket"
+    )
+
+
+async def _turn_away(sock: socket.socket, why: str) -> None:
+    """Tell a peer that gets no slot why, and close its socket."""
+    try:
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(
+                asyncio.get_running_loop().sock_sendall(sock, encode(error(why))),
+                FAREWELL_SECONDS,
+            )
+    finally:
+        sock.close()
+
+
+async def _recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int], bool]:
+    """recvmsg on a non-blocking socket: (data, descriptors, truncated). b'' means EOF.
+
+    ``truncated``: the message carried more descriptors than fit (MSG_CTRUNC); the kernel closed
+    those, and the caller owns every one returned. They arrive close-on-exec, so nothing the
+    daemon ever starts inherits a client's descriptor.
+    """
     loop = asyncio.get_running_loop()
     cmsg_space = socket.CMSG_SPACE(MAX_HELD_FDS * array.array("i").itemsize)
     while True:
         try:
-            data, ancdata, flags, _ = sock.recvmsg(RECV_BYTES, cmsg_space)
+            data, ancdata, flags, _ = sock.recvmsg(RECV_BYTES, cmsg_space, socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             ready = loop.create_future()
             loop.add_reader(sock.fileno(), ready.set_result, None)
@@ -263,14 +434,11 @@ async def _recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
                 loop.remove_reader(sock.fileno())
             continue
         except (ConnectionResetError, OSError):
-            return b"", []
+            return b"", [], False
         fds: list[int] = []
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 arr = array.array("i")
                 arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
                 fds.extend(arr)
-        if flags & socket.MSG_CTRUNC:  # the kernel dropped the descriptors that did not fit
-            log.warning("a client sent more descriptors than one message may carry")
-            fds.append(-1)
-        return data, fds
+        return data, fds, bool(flags & socket.MSG_CTRUNC)

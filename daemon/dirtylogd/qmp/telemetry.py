@@ -5,6 +5,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+# Why a client was turned away or disconnected: the label values of dropped_clients, all of
+# which the metrics export (also while still zero, so alerts can rate() them).
+DROP_REASONS = ("too-many-clients", "too-many-from-uid", "negotiation-timeout", "not-reading")
+
 
 @dataclass
 class ServerTelemetry:

@@ -38,6 +38,11 @@ def test_toml_then_flags(tmp_path):
         ('allow-gid = ["no-such-group-x"]\n', "no group named 'no-such-group-x'"),
         ("max-reply-bytes = 0\n", "max-reply-bytes must be a positive integer"),
         ("max-consumers = 0\n", "max-consumers must be a positive integer"),
+        ("negotiation-timeout = 0\n", "negotiation-timeout must be more than 0 seconds"),
+        ("negotiation-timeout = inf\n", "negotiation-timeout must be more than 0 seconds"),
+        ('negotiation-timeout = "10"\n', "negotiation-timeout must be a number of seconds"),
+        ("max-clients-per-uid = 0\n", "max-clients-per-uid must be a positive integer"),
+        ("reserved-clients = -1\n", "reserved-clients must be an integer of 0 or more"),
         ("socket = \n", "not valid TOML"),
     ],
 )
@@ -63,3 +68,19 @@ def test_consumers_per_vm_default_to_64_from_toml_or_flag(tmp_path):
     cfg.write_text("max-consumers = 8\n")
     assert load(["--config", str(cfg)], env={}).max_consumers == 8
     assert load(["--config", str(cfg), "--max-consumers", "3"], env={}).max_consumers == 3
+
+
+def test_slots_cannot_be_locked_up_by_default():
+    """Idle connections are closed within 30 s; one user may not take every slot; the
+    operator has slots of their own."""
+    c = load([], env={})
+    assert 0 < c.negotiation_timeout <= 30
+    assert c.max_clients_per_uid < c.max_clients
+    assert c.reserved_clients > 0
+
+
+def test_connection_limits_from_toml_and_flags(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("negotiation-timeout = 2\nmax-clients-per-uid = 5\nreserved-clients = 0\n")
+    c = load(["--config", str(cfg), "--negotiation-timeout", "0.25"], env={})
+    assert (c.negotiation_timeout, c.max_clients_per_uid, c.reserved_clients) == (0.25, 5, 0)

@@ -31,3 +31,11 @@ def test_policy_refuses_everyone_else_with_who_they_are():
     s = stranger(groups=frozenset({3}))
     reason = PeerPolicy(allow_gids=frozenset({7})).refusal(s)
     assert reason == f"uid {s.uid} (gid 500, pid 1234) is not allowed (--allow-uid/--allow-gid)"
+
+
+def test_only_root_and_the_daemons_own_user_are_privileged():
+    """They alone may take the reserved slots; an allowed user is admitted, not privileged."""
+    policy = PeerPolicy(allow_uids=frozenset({stranger().uid}))
+    assert policy.privileged(Peer(1, 0, 0, frozenset()))
+    assert policy.privileged(Peer(1, os.geteuid(), 0, frozenset()))
+    assert not policy.privileged(stranger())
