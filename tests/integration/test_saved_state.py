@@ -168,13 +168,13 @@ def fill(directory):
 
 
 def test_state_changing_commands_are_all_or_nothing_on_a_full_disk(tmp_path):
-    with tiny_tmpfs(tmp_path / "state"):
+    with tiny_tmpfs(tmp_path / "state" / "vms"):
         d = Daemon(tmp_path, metrics=False)
         try:
             with d.client() as q:
                 setup_vm(q)
                 before = q("query-vms")
-                fill(tmp_path / "state")
+                fill(tmp_path / "state" / "vms")
                 for command, args in [
                     ("vm-create", {"name": "new", "memslots": []}),
                     ("consumer-add", {"vm": "keep", "name": "late"}),
@@ -219,19 +219,23 @@ def test_state_changing_commands_are_all_or_nothing_on_a_full_disk(tmp_path):
                 leftovers = [p for p in os.listdir(tmp_path / "state" / "vms") if ".tmp" in p]
                 assert leftovers == []
                 assert dirty(q, "keep", "slow")[0] == [1, 2, 3, 7]  # its bits are still there
-                os.unlink(tmp_path / "state" / "filler")
+                os.unlink(tmp_path / "state" / "vms" / "filler")
                 q("consumer-add", vm="keep", name="late")  # with room, it works
         finally:
             d.stop()
 
 
 def test_stop_and_cont_take_effect_without_a_disk_and_mark_the_record_unclean(tmp_path):
-    with tiny_tmpfs(tmp_path / "state"):
+    # The records' directory is the mount: the daemon's lock file, open for writing one level
+    # up, would keep a remount read-only from succeeding.
+    with tiny_tmpfs(tmp_path / "state" / "vms"):
         d = Daemon(tmp_path)
         try:
             with d.client() as q:
                 setup_vm(q)
-                subprocess.run(["mount", "-o", "remount,ro", str(tmp_path / "state")], check=True)
+                subprocess.run(
+                    ["mount", "-o", "remount,ro", str(tmp_path / "state" / "vms")], check=True
+                )
                 q("stop", vm="keep")
                 assert [e["event"] for e in q.pull_events()] == ["STOP"]
                 assert next(v for v in q("query-vms") if v["name"] == "keep")["paused"]
@@ -239,7 +243,9 @@ def test_stop_and_cont_take_effect_without_a_disk_and_mark_the_record_unclean(tm
                 assert cls == "GenericError" and "(EROFS)" in desc and "the VM stays" in desc
                 q("cont", vm="keep")
                 assert d.metric('dirtylogd_state_write_failures_total{vm="keep"}') >= 2
-                subprocess.run(["mount", "-o", "remount,rw", str(tmp_path / "state")], check=True)
+                subprocess.run(
+                    ["mount", "-o", "remount,rw", str(tmp_path / "state" / "vms")], check=True
+                )
         finally:
             assert d.stop() == 0
         record = json.loads((tmp_path / "state" / "vms" / "keep.json").read_text())
