@@ -225,6 +225,26 @@ def test_state_changing_commands_are_all_or_nothing_on_a_full_disk(tmp_path):
             d.stop()
 
 
+def test_a_graceful_save_that_meets_a_full_disk_costs_no_vm_and_no_page(tmp_path):
+    with tiny_tmpfs(tmp_path / "state" / "vms"):
+        d = Daemon(tmp_path, metrics=False)
+        with d.client() as q:
+            setup_vm(q)
+            fill(tmp_path / "state" / "vms")
+        assert d.stop() == 0  # SIGTERM: the save fails, the daemon still stops cleanly
+        assert "could not be saved" in d.output_after_stop()
+        os.unlink(tmp_path / "state" / "vms" / "filler")
+        assert not [p for p in os.listdir(tmp_path / "state" / "vms") if ".tmp" in p]
+        d = Daemon(tmp_path, metrics=False)
+        try:
+            with d.client() as q:
+                assert [v["status"] for v in q("query-vms")] == ["ok"]
+                for consumer in ("default", "slow", "mp"):
+                    assert all_pages(q, consumer), consumer  # unclean: every page dirty
+        finally:
+            d.stop()
+
+
 def test_stop_and_cont_take_effect_without_a_disk_and_mark_the_record_unclean(tmp_path):
     # The records' directory is the mount: the daemon's lock file, open for writing one level
     # up, would keep a remount read-only from succeeding.
