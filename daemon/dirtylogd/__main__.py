@@ -80,13 +80,21 @@ async def _serve(config: Config) -> None:
         # before anything is touched; clients wait in the backlog until start() below, and
         # then find every VM.
         inherited = systemd.listen_socket()
-        server.bind(config.socket, inherited)
+        try:
+            server.bind(config.socket, inherited)
+        except OSError as exc:
+            raise instance.unusable(f"the socket {config.socket}", exc, "--socket PATH") from None
         await service.restore()
         if config.demo:
             background.append(await start_demo(service))
         if config.metrics_listen is not None:
             host, port = config.metrics_listen
-            metrics_server = serve(make_registry(service, telemetry), host, port)
+            try:
+                metrics_server = serve(make_registry(service, telemetry), host, port)
+            except OSError as exc:
+                raise instance.unusable(
+                    f"{host}:{port} for metrics", exc, "--metrics-listen HOST:PORT, or 'none'"
+                ) from None
             log.info("metrics on http://%s:%d/metrics", host, port)
         server.start()
         where = "the socket systemd passed" if inherited else config.socket
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.log_level)
     try:
         asyncio.run(run(config))
-    except (OSError, instance.DirectoryInUse, SocketInUse) as exc:
+    except (OSError, instance.DirectoryInUse, instance.StartupError, SocketInUse) as exc:
         log.error("%s", exc)
         return 1
     with contextlib.suppress(Exception):

@@ -14,6 +14,7 @@ The descriptor is close-on-exec, so no child could keep it alive.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 from collections.abc import Iterable, Iterator
@@ -23,6 +24,23 @@ LOCK_NAME = "dirtylogd.lock"
 
 class DirectoryInUse(Exception):
     """Another process holds the lock of a directory this daemon needs for itself."""
+
+
+class StartupError(Exception):
+    """Something the daemon needs at start cannot be had; the text names the flag to change."""
+
+
+# The flag that chooses each directory, for errors that must say what to do next.
+FLAGS = {"state directory": "--state-dir", "runtime directory": "--runtime-dir"}
+
+
+def unusable(what: str, exc: OSError, flag: str) -> StartupError:
+    """'cannot use the state directory X: Permission denied (EACCES); choose another with ...'"""
+    name = errno.errorcode.get(exc.errno or 0, "")
+    return StartupError(
+        f"cannot use {what}: {exc.strerror or exc}{f' ({name})' if name else ''}; "
+        f"choose another with {flag}"
+    )
 
 
 def lock_directory(directory: str, role: str) -> int:
@@ -60,7 +78,12 @@ def holding(directories: Iterable[tuple[str, str]]) -> Iterator[None]:
     (flock would refuse this process its own second lock)."""
     roles: dict[str, tuple[str, list[str]]] = {}
     for directory, role in directories:
-        os.makedirs(directory, mode=0o750, exist_ok=True)
+        try:
+            os.makedirs(directory, mode=0o750, exist_ok=True)
+        except OSError as exc:
+            flag = FLAGS.get(role, "its flag")
+            hint = f"{flag} (or 'none')" if flag == "--state-dir" else flag
+            raise unusable(f"the {role} {directory}", exc, hint) from None
         real = os.path.realpath(directory)
         roles.setdefault(real, (directory, []))[1].append(role)
     with contextlib.ExitStack() as held:
