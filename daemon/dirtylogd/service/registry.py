@@ -460,8 +460,8 @@ class Service:
                 vm, slot, as_id, guest_phys_addr, size, log_dirty_pages
             )
         except BaseException:
-            if ahead:
-                await self._record_or_mark(vm)  # the record said what did not happen
+            if ahead:  # the record said what may not have happened: write what did
+                await self._record_or_mark(vm)
             raise
         if ahead:
             return
@@ -481,14 +481,18 @@ class Service:
         log_dirty_pages: bool,
     ) -> MemslotChange:
         flags = KVM_MEM_LOG_DIRTY_PAGES if log_dirty_pages else 0
-        change = await self._call(
-            vm,
-            vm.backend.set_user_memory_region,
-            make_slot_id(as_id, slot),
-            flags,
-            guest_phys_addr,
-            size,
+        slot_id = make_slot_id(as_id, slot)
+        job = asyncio.ensure_future(
+            self._call(vm, vm.backend.set_user_memory_region, slot_id, flags, guest_phys_addr, size)
         )
+        try:
+            change = await asyncio.shield(job)
+        except asyncio.CancelledError:
+            # The backend's thread goes on and may change the slot: the VM's view follows it,
+            # or a client that went away would leave the two disagreeing.
+            with contextlib.suppress(Exception):
+                vm.apply_memslot_change(await job)
+            raise
         vm.apply_memslot_change(change)
         return change
 

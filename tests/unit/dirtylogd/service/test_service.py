@@ -197,3 +197,34 @@ def test_vm_remove_waits_for_calls_in_flight_and_refuses_later_ones(tmp_path):
         await service.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_memslot_change_whose_caller_went_away_keeps_the_vm_and_backend_agreeing(tmp_path):
+    """The client of a memslot-set disconnects while the backend is changing the slot: the
+    change lands in the backend (its thread runs on), so the VM's view must follow it."""
+
+    async def main():
+        service = Service(str(tmp_path / "vms"))
+        await service.create_vm("v", [], "softmmu", True)
+        vm = service.vm("v")
+        inside, release = threading.Event(), threading.Event()
+        real = vm.backend.set_user_memory_region
+
+        def slow(*args):
+            inside.set()
+            release.wait(10)
+            return real(*args)
+
+        vm.backend.set_user_memory_region = slow
+        change = asyncio.ensure_future(service.set_memslot(vm, 3, 0, 0, 4 * MiB, True))
+        await asyncio.to_thread(inside.wait, 10)
+        change.cancel()  # the client went away
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await change
+        assert 3 in vm.slots and vm.backend.memslots.get(3) is not None
+        await service.write_pages(vm, [5], 1, "guest", False)
+        assert (await service.get_dirty_log(vm, 3, 0, "default")).bitmap.pages().tolist() == [5]
+        await service.shutdown()
+
+    asyncio.run(main())
