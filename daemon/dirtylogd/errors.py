@@ -10,6 +10,8 @@ A failed command changes nothing; handlers raise these before any side effect, o
 
 from __future__ import annotations
 
+import errno
+
 
 class QmpError(Exception):
     """An error reply. ``desc`` is for people: it says what was wrong and what to do."""
@@ -34,3 +36,9 @@ class CommandNotFound(QmpError):
 
 class DeviceNotFound(QmpError):
     error_class = "DeviceNotFound"
+
+
+def oserror_text(exc: OSError) -> str:
+    """'No space left on device (ENOSPC)': the text and the errno's name."""
+    name = errno.errorcode.get(exc.errno or 0, f"errno {exc.errno}")
+    return f"{exc.strerror or exc} ({name})"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from dirtylogd.service.store import StoredRecord
@@ -18,6 +19,24 @@ from dirtylogd.service.vm import DEFAULT_CONSUMER, VmState
 from kvmshim.backends import BACKENDS, WorkloadSpec
 
 RECORD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class UnavailableVm:
+    """A VM the state store has a record of but the daemon cannot serve (restore policy)."""
+
+    name: str
+    status: str  # "ram-lost" (its RAM file is gone, e.g. after a reboot) or "unrestorable"
+    reason: str
+    record: str  # the record's path, kept until vm-remove
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "reason": self.reason,
+            "record": self.record,
+        }
 
 
 class RecordError(Exception):
@@ -156,3 +175,19 @@ def parse_record(stored: StoredRecord) -> dict[str, Any]:
     if data.get("workload") is not None and not isinstance(data["workload"], dict):
         raise RecordError("'workload' is neither null nor an object")
     return data
+
+
+def record_with(
+    vm: VmState, slot: int, as_id: int, size: int, log_dirty_pages: bool
+) -> dict[str, Any]:
+    """The VM's record as it will be once a slot is deleted (size 0) or stops logging."""
+    record = vm_record(vm)
+    kept = []
+    for m in record["memslots"]:
+        if (m["slot"], m["as-id"]) == (slot, as_id):
+            if size == 0:
+                continue
+            m = {**m, "log-dirty-pages": log_dirty_pages}
+        kept.append(m)
+    record["memslots"] = kept
+    return record

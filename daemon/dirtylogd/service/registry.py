@@ -17,19 +17,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
-from dirtylogd.errors import DeviceNotFound, GenericError, QmpError
-from dirtylogd.service.records import RecordError, parse_record, vm_record
+from dirtylogd.errors import DeviceNotFound, GenericError, QmpError, oserror_text
+from dirtylogd.service.records import (
+    RecordError,
+    UnavailableVm,
+    parse_record,
+    record_with,
+    vm_record,
+)
 from dirtylogd.service.revive import give_back_pending, revive, save_stopped, write_stopped
 from dirtylogd.service.store import StateStore
 from dirtylogd.service.vm import DEFAULT_CONSUMER, DEFAULT_MAX_CONSUMERS, Taken, VmState
@@ -52,24 +56,6 @@ def from_kvm(exc: KvmError, vm: str) -> QmpError:
 
 def _no_events(name: str, data: dict[str, Any]) -> None:
     """The sink of a service nobody listens to (tests, tools)."""
-
-
-@dataclass(frozen=True)
-class UnavailableVm:
-    """A VM the state store has a record of but the daemon cannot serve (restore policy)."""
-
-    name: str
-    status: str  # "ram-lost" (its RAM file is gone, e.g. after a reboot) or "unrestorable"
-    reason: str
-    record: str  # the record's path, kept until vm-remove
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "status": self.status,
-            "reason": self.reason,
-            "record": self.record,
-        }
 
 
 class Service:
@@ -118,7 +104,7 @@ class Service:
         except OSError as exc:
             self.state_write_failures[vm.name] += 1
             raise GenericError(
-                f"cannot record vm '{vm.name}' in {self.state.directory}: {_oserror(exc)}; "
+                f"cannot record vm '{vm.name}' in {self.state.directory}: {oserror_text(exc)}; "
                 "nothing was changed"
             ) from None
 
@@ -135,7 +121,7 @@ class Service:
                 "vm %s: its record could not be written (%s); a restart will report "
                 "every page dirty",
                 vm.name,
-                _oserror(exc),
+                oserror_text(exc),
             )
 
     def _store(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
@@ -266,7 +252,7 @@ class Service:
                 log.error(
                     "vm %s could not be saved (%s): the next start reports every page dirty",
                     vm.name,
-                    _oserror(exc),
+                    oserror_text(exc),
                 )
             await asyncio.to_thread(vm.backend.close, True)
         self.vms.clear()
@@ -395,7 +381,7 @@ class Service:
         except OSError as exc:
             raise GenericError(
                 f"cannot remove the record of vm '{name}' from {self.state.directory}: "
-                f"{_oserror(exc)}; the VM stays"
+                f"{oserror_text(exc)}; the VM stays"
             ) from None
 
     async def query_vms(self) -> list[dict[str, Any]]:
@@ -454,7 +440,7 @@ class Service:
             )
         )
         if ahead:
-            await self._record(vm, _record_with(vm, slot, as_id, size, log_dirty_pages))
+            await self._record(vm, record_with(vm, slot, as_id, size, log_dirty_pages))
         try:
             change = await self._set_memslot(
                 vm, slot, as_id, guest_phys_addr, size, log_dirty_pages
@@ -645,25 +631,3 @@ def _log_store_failure(done: asyncio.Future[Any]) -> None:
     """A store call that failed is logged even if nobody awaits it (or its awaiter left)."""
     if not done.cancelled() and done.exception() is not None:
         log.error("the state store failed: %r", done.exception())
-
-
-def _oserror(exc: OSError) -> str:
-    """'No space left on device (ENOSPC)': the text and the errno's name."""
-    name = errno.errorcode.get(exc.errno or 0, f"errno {exc.errno}")
-    return f"{exc.strerror or exc} ({name})"
-
-
-def _record_with(
-    vm: VmState, slot: int, as_id: int, size: int, log_dirty_pages: bool
-) -> dict[str, Any]:
-    """The VM's record as it will be once a slot is deleted (size 0) or stops logging."""
-    record = vm_record(vm)
-    kept = []
-    for m in record["memslots"]:
-        if (m["slot"], m["as-id"]) == (slot, as_id):
-            if size == 0:
-                continue
-            m = {**m, "log-dirty-pages": log_dirty_pages}
-        kept.append(m)
-    record["memslots"] = kept
-    return record
