@@ -1,7 +1,8 @@
 """dirtylogctl: the command-line client, built on QEMU's own qemu.qmp library.
 
 Exit codes: 0 success, 2 usage error, 3 the daemon refused the command (QMP error),
-4 no connection to the daemon, 1 anything else.
+4 no connection to the daemon, 130 interrupted (Ctrl-C), 141 standard output closed (see
+dirtylogctl.output), 1 anything else; migrate adds 5 (verified but different).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import base64
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import sys
@@ -20,10 +22,12 @@ from typing import Any
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 
-from dirtylogctl import migrate_cli
+from dirtylogctl import connection, migrate_cli, output
+from dirtylogctl.argtypes import finite_float, positive_float
 from dirtylogctl.paths import SOCKET_ENV, default_socket, socket_path
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_QMP, EXIT_CONNECT = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED, EXIT_STDOUT_CLOSED = migrate_cli.EXIT_INTERRUPTED, output.EXIT_STDOUT_CLOSED
 _SIZE = re.compile(r"(?i)^(0x[0-9a-f]+|\d+)\s*([kmgt]i?b?)?$")
 _UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -40,8 +44,11 @@ def size(text: str) -> int:
 def slot_spec(text: str) -> dict[str, Any]:
     """SLOT:GPA:SIZE[:nolog] for vm create."""
     parts = text.split(":")
+    form = f"memslot must be SLOT:GPA:SIZE[:nolog], not {text!r}"
     if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "nolog"):
-        raise argparse.ArgumentTypeError(f"memslot must be SLOT:GPA:SIZE[:nolog], not {text!r}")
+        raise argparse.ArgumentTypeError(form)
+    if not parts[0].isascii() or not parts[0].isdigit():
+        raise argparse.ArgumentTypeError(f"{form}: SLOT is a number")
     return {
         "slot": int(parts[0]),
         "guest-phys-addr": size(parts[1]),
@@ -80,10 +87,7 @@ class Ctl:
         return code if isinstance(code, int) else EXIT_OK
 
     def show(self, value: Any, human: str | None = None) -> None:
-        if self.as_json or human is None:
-            print(json.dumps(value, indent=2))
-        else:
-            print(human)
+        output.write(json.dumps(value, indent=2) if self.as_json or human is None else human)
 
     async def _object(
         self, command: str, arguments: Mapping[str, object] | None = None
@@ -192,6 +196,8 @@ class Ctl:
             )
             self.show(result, human)
             return
+        if output.stdout_gone():  # the GET takes the pages: only for output someone will read
+            raise output.StdoutClosed
         result = await self._object("dirty-log-get", {**base, "encoding": "ranges"})
         spans = [f"{f}" if n == 1 else f"{f}-{f + n - 1}" for f, n in result["ranges"]]
         shown = ", ".join(spans[:32]) + (
@@ -300,10 +306,26 @@ class Ctl:
 
     async def cmd_qmp(self, a: argparse.Namespace) -> None:
         try:
-            arguments = json.loads(a.arguments) if a.arguments else {}
-        except json.JSONDecodeError as exc:
+            arguments = _strict_json(a.arguments) if a.arguments else {}
+        except ValueError as exc:
             raise UsageError(f"arguments are not JSON: {exc}") from None
-        print(json.dumps(await self.qmp.execute(a.command, arguments), indent=2))
+        output.write(json.dumps(await self.qmp.execute(a.command, arguments), indent=2))
+
+
+def _strict_json(text: str) -> Any:
+    """JSON as the daemon parses it: Python's json also takes NaN, Infinity and 1e400 (as inf),
+    which would go out as NaN/Infinity — not JSON — and cost the connection."""
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON value")
+
+    def number(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"{text} is beyond the range of a double")
+        return value
+
+    return json.loads(text, parse_constant=constant, parse_float=number)
 
 
 class UsageError(Exception):
@@ -386,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"daemon socket (default ${SOCKET_ENV} or {fallback})",
     )
     p.add_argument("--json", action="store_true", help="print the daemon's JSON answers")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a connection")
+    p.add_argument(
+        "--timeout", type=positive_float, default=30.0, help="seconds to wait for a connection"
+    )
     sub = p.add_subparsers(dest="family", required=True, metavar="COMMAND")
 
     def cmd(
@@ -475,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--vcpus", type=int, default=1)
     q.add_argument("--pattern", choices=("random", "sequential", "hot-set"), default="random")
     q.add_argument("--seed", type=int)
-    q.add_argument("--dma-share", type=float, default=0.0, help="share of device writes")
+    q.add_argument("--dma-share", type=finite_float, default=0.0, help="share of device writes")
     q.add_argument("--dma-unreported", action="store_true", help="do not report device writes")
     cmd(wl, "stop", "workload_stop", "stop storing").add_argument("vm")
 
@@ -488,14 +512,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _main(args: argparse.Namespace) -> int:
+    """Run one command; Ctrl-C (the cancellation asyncio.run turns SIGINT into) is exit 130."""
+    try:
+        return await _connected(args)
+    except asyncio.CancelledError:
+        print("dirtylogctl: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+async def _connected(args: argparse.Namespace) -> int:
     client = QMPClient("dirtylogctl")
     try:
         await asyncio.wait_for(client.connect(args.socket), args.timeout)
     except (ConnectError, OSError, TimeoutError) as exc:
-        print(f"dirtylogctl: cannot talk to dirtylogd at {args.socket}: {exc}", file=sys.stderr)
+        explained = connection.explain(args.socket, exc, args.timeout)
+        print(f"dirtylogctl: {explained}", file=sys.stderr)
         return EXIT_CONNECT
     try:
         return await Ctl(client, args.json).run(args)
+    except output.StdoutClosed:  # nobody reads: no message, and not a lost daemon
+        output.discard_stdout()
+        return EXIT_STDOUT_CLOSED
     except ExecuteError as exc:
         print(f"dirtylogctl: {exc.error_class}: {exc.error.error.desc}", file=sys.stderr)
         return EXIT_QMP
@@ -512,14 +549,21 @@ async def _main(args: argparse.Namespace) -> int:
         print(f"dirtylogctl: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
-        await client.disconnect()
+        # The outcome is decided; qemu.qmp re-raises a failure of its reader here (a reply it
+        # could not match), which would otherwise end the command in a traceback.
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await client.disconnect()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.handler == "migrate_receive":  # needs no daemon
         return migrate_cli.run_receive(args)
-    return asyncio.run(_main(args))
+    try:
+        return asyncio.run(_main(args))
+    except KeyboardInterrupt:  # a second Ctrl-C while the first was being handled
+        print("dirtylogctl: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

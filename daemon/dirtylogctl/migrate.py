@@ -11,8 +11,9 @@
    downtime reported is the time actually spent between ``stop`` and that acknowledgement.
 4. ``verify``: compare the destination with the paused source, page by page.
 
-On any failure the source is resumed if we stopped it; on success it stays stopped (as QEMU's
-source does) unless asked to resume.
+On any failure — Ctrl-C included, which cancels the driver at its next await (the copy
+awaits between frames, so within one frame) — the source is resumed if we stopped it and our
+consumer is removed; on success it stays stopped (as QEMU's source does) unless asked to resume.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -138,6 +140,10 @@ class MigrationError(Exception):
     """The migration did not complete; the text says why and what happened to the source."""
 
 
+class VmUnavailable(MigrationError):
+    """The daemon has no usable VM of that name: nothing was started, nothing was touched."""
+
+
 @dataclass
 class _Slot:
     slot: int
@@ -149,10 +155,30 @@ class _Slot:
     sent: DirtyBitmap  # pages sent at least once
 
 
+DESTINATION_FORM = "tcp:HOST:PORT (port 1-65535) or a file path"
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def tcp_address(destination: str) -> tuple[str, int] | None:
+    """(host, port) of ``tcp:HOST:PORT``, None for a file path; ValueError names the form.
+
+    Checked before anything is asked of the daemon, so a typo is a usage error, not a
+    traceback half-way through a migration. An IPv6 host may be bracketed: tcp:[::1]:7700."""
+    if not destination:
+        raise ValueError(f"the destination must be {DESTINATION_FORM}, not empty")
+    if not destination.startswith("tcp:"):
+        return None
+    host, _, port = destination[4:].rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not _PORT.fullmatch(port) or not 0 < int(port) < 65536:
+        raise ValueError(f"the destination must be {DESTINATION_FORM}, not {destination!r}")
+    return host, int(port)
+
+
 def open_sink(destination: str) -> Sink:
-    if destination.startswith("tcp:"):
-        host, _, port = destination[4:].rpartition(":")
-        return TcpSink(host.strip("[]"), int(port))
+    address = tcp_address(destination)
+    if address is not None:
+        return TcpSink(*address)
     return FileSink(destination)
 
 
@@ -170,19 +196,27 @@ class Migration:
         self.stats = Stats()
         self.consumer = f"migrate-{os.getpid()}"
         self._stopped_by_us = False
+        self._consumer_added = False  # set before asking: a cancelled ask may have succeeded
         self._fd = -1
+
+    @property
+    def source_stopped(self) -> bool:
+        """The driver stopped the source and has not resumed it (a resume failed)."""
+        return self._stopped_by_us
 
     async def run(self) -> Stats:
         started = time.monotonic()
-        sink = open_sink(self.o.destination)
+        sink: Sink | None = None
         ram_map = None
         try:
-            slots, ram_map = await self._setup(sink)
+            vm = await self._find_vm()  # before the destination hears of it
+            sink = open_sink(self.o.destination)
+            slots, ram_map = await self._setup(vm, sink)
             self.stats.setup_time = time.monotonic() - started
             await self._precopy(slots, sink)
             await self._switch_over(slots, sink)
             if self.o.verify:
-                self.stats.differing_pages = self._verify(slots, sink)
+                self.stats.differing_pages = await self._verify(slots, sink)
             self.stats.status = "completed"
             if self.o.resume:
                 await self._cont()
@@ -235,13 +269,17 @@ class Migration:
         self.progress.note("reconnected to the daemon")
 
     # --- setup ----------------------------------------------------------------------------------
-    async def _setup(self, sink: Sink) -> tuple[list[_Slot], np.memmap]:
-        vms = {v["name"]: v for v in await self._execute("query-vms")}
+    async def _find_vm(self) -> dict[str, Any]:
+        """The VM as query-vms describes it; VmUnavailable if there is none to migrate."""
+        vms: dict[str, dict[str, Any]] = {v["name"]: v for v in await self._execute("query-vms")}
         vm = vms.get(self.o.vm)
         if vm is None:
-            raise MigrationError(f"no VM named '{self.o.vm}'")
+            raise VmUnavailable(f"DeviceNotFound: no VM named '{self.o.vm}'")
         if vm.get("status", "ok") != "ok":
-            raise MigrationError(f"vm '{self.o.vm}' cannot be migrated: {vm.get('reason')}")
+            raise VmUnavailable(f"vm '{self.o.vm}' cannot be used: {vm.get('reason')}")
+        return vm
+
+    async def _setup(self, vm: dict[str, Any], sink: Sink) -> tuple[list[_Slot], np.memmap]:
         if "ram-path" not in vm:
             raise MigrationError(f"vm '{self.o.vm}' has no RAM file a migration could read")
         ram = np.memmap(vm["ram-path"], dtype=np.uint8, mode="r")
@@ -258,6 +296,7 @@ class Migration:
             for m in vm["memslots"]
         ]
         self.stats.total_bytes = sum(s.npages for s in slots) * PAGE_SIZE
+        self._consumer_added = True
         await self._execute(
             "consumer-add",
             {"vm": self.o.vm, "name": self.consumer, "manual-protect": True, "initially-set": True},
@@ -283,7 +322,7 @@ class Migration:
                     return
             await self._clear(slots, dirty)
             harvested = time.monotonic() - t0
-            last = self._copy(number, slots, dirty, sink, harvested)
+            last = await self._copy(number, slots, dirty, sink, harvested)
             bandwidth = last.bandwidth
             self.progress.round_done(self.stats, last)
         self.progress.note(
@@ -293,14 +332,16 @@ class Migration:
 
     async def _switch_over(self, slots: list[_Slot], sink: Sink) -> None:
         stopped = time.monotonic()
+        self._stopped_by_us = True  # before asking: a stop cancelled in flight may have happened
         await self._execute("stop", {"vm": self.o.vm})
-        self._stopped_by_us = True
         dirty = await self._get(slots)
         await self._clear(slots, dirty)
         for s in slots:  # no dirty log: the whole slot goes now, with the vCPUs stopped
             if not s.logged:
                 dirty[s.slot] = DirtyBitmap.ones(s.npages)
-        last = self._copy(len(self.stats.rounds), slots, dirty, sink, time.monotonic() - stopped)
+        last = await self._copy(
+            len(self.stats.rounds), slots, dirty, sink, time.monotonic() - stopped
+        )
         sink.finish(self.stats.pages_sent)
         self.stats.downtime = time.monotonic() - stopped
         self.stats.remaining = 0
@@ -353,7 +394,7 @@ class Migration:
                 },
             )
 
-    def _copy(
+    async def _copy(
         self,
         number: int,
         slots: list[_Slot],
@@ -372,7 +413,7 @@ class Migration:
                 chunk = pages[start : start + MAX_PAGES_PER_FRAME]
                 sink.send_pages(s.gpa + chunk * PAGE_SIZE, s.region[chunk])
                 sent += chunk.size
-                self._throttle(sent * PAGE_SIZE, t0)
+                await self._throttle(sent * PAGE_SIZE, t0)
             s.sent |= bitmap
         elapsed = time.monotonic() - t0
         self.stats.pages_sent += sent
@@ -382,34 +423,38 @@ class Migration:
         self.stats.rounds.append(last)
         return last
 
-    def _throttle(self, sent_bytes: int, since: float) -> None:
+    async def _throttle(self, sent_bytes: int, since: float) -> None:
+        """Wait off any lead over the bandwidth cap; always a point where Ctrl-C gets in."""
+        ahead = 0.0
         if self.o.max_bandwidth:
             ahead = sent_bytes / self.o.max_bandwidth - (time.monotonic() - since)
-            if ahead > 0:
-                time.sleep(ahead)
+        await asyncio.sleep(max(ahead, 0.0))
 
     # --- the end --------------------------------------------------------------------------------
-    def _verify(self, slots: list[_Slot], sink: Sink) -> list[int]:
+    async def _verify(self, slots: list[_Slot], sink: Sink) -> list[int]:
         differing: list[int] = []
         for s in slots:
             for start in range(0, s.npages, MAX_VERIFY_PAGES):
                 idx = np.arange(start, min(start + MAX_VERIFY_PAGES, s.npages))
                 gpas = s.gpa + idx * PAGE_SIZE
                 differing += sink.verify(gpas, np.ascontiguousarray(s.region[idx]))
+                await asyncio.sleep(0)  # let Ctrl-C in between batches
         return sorted(differing)
 
     async def _cont(self) -> None:
         await self._execute("cont", {"vm": self.o.vm})
         self._stopped_by_us = False
 
-    async def _cleanup(self, sink: Sink, ram_map: np.memmap | None) -> None:
+    async def _cleanup(self, sink: Sink | None, ram_map: np.memmap | None) -> None:
         try:
-            await self._execute("consumer-remove", {"vm": self.o.vm, "name": self.consumer})
+            if self._consumer_added:
+                await self._execute("consumer-remove", {"vm": self.o.vm, "name": self.consumer})
             if self._fd >= 0:
                 await self._execute("closefd", {"fdname": self.consumer})
         except Exception:  # the migration's own outcome matters more than tidying up
             pass
         if self._fd >= 0:
             os.close(self._fd)
-        sink.close()
+        if sink is not None:
+            sink.close()
         del ram_map

@@ -1,43 +1,59 @@
-"""dirtylogctl migrate / migrate-receive: progress display, summary, exit codes."""
+"""dirtylogctl migrate / migrate-receive: progress display, summary, exit codes.
+
+A migration's product is the image, its exit code says how it went (0, 1, 3 no such VM, 5
+verified but different, 130 interrupted); its standard output is a report. So a closed stdout
+(``| head``) drops the report and lets the migration finish: aborting would cost the work done
+for the sake of lines nobody reads.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import sys
-from typing import Any, TextIO
+from typing import Any
 
 from qemu.qmp import QMPClient
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from dirtylogctl.migrate import Migration, MigrationError, Options, Round, Stats
+from dirtylogctl import output
+from dirtylogctl.argtypes import non_negative_float, non_negative_int, positive_float
+from dirtylogctl.migrate import (
+    DESTINATION_FORM,
+    Migration,
+    MigrationError,
+    Options,
+    Round,
+    Stats,
+    VmUnavailable,
+    tcp_address,
+)
 from dirtylogctl.stream import serve_once
 from dirtylogctl.wireformat import PAGE_SIZE, StreamError
 
-EXIT_OK, EXIT_FAILED, EXIT_DIFFERENT = 0, 1, 5
+EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_DIFFERENT = 0, 1, 3, 5
+EXIT_INTERRUPTED = 128 + 2  # 128 + SIGINT, what a shell reports for a tool Ctrl-C killed
 MiB = 1 << 20
 
 
 class PlainProgress:
-    """One line per round, for logs and pipes."""
-
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
+    """One line per round, for logs and pipes; once nobody reads them, none."""
 
     def round_done(self, stats: Stats, last: Round) -> None:
-        print(
+        self.note(
             f"round {last.number}: {last.dirty_pages} pages ({last.bytes / MiB:.1f} MiB) in "
             f"{last.copy_seconds * 1e3:.0f} ms, {last.bandwidth * 8 / 1e6:.0f} Mbit/s; "
             f"harvest {last.harvest_seconds * 1e3:.1f} ms; remaining "
-            f"{stats.remaining // PAGE_SIZE} pages",
-            file=self.out,
-            flush=True,
+            f"{stats.remaining // PAGE_SIZE} pages"
         )
 
     def note(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+        with contextlib.suppress(output.StdoutClosed):
+            output.write(text)
 
 
 class LiveProgress:
@@ -140,14 +156,22 @@ async def run_migrate(client: QMPClient, args: argparse.Namespace) -> int:
     elif sys.stdout.isatty():
         progress = LiveProgress(Console())
     else:
-        progress = PlainProgress(sys.stdout)
+        progress = PlainProgress()
     migration = Migration(client, options, progress, connect)
     try:
         stats = await migration.run()
+    except VmUnavailable as exc:  # refused before anything happened, like any other command
+        print(f"dirtylogctl: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     except (MigrationError, StreamError) as exc:
-        resumed = "the source VM is running" if not migration._stopped_by_us else "check the VM"
-        print(f"dirtylogctl: migration failed: {exc}; {resumed}", file=sys.stderr)
+        print(f"dirtylogctl: migration failed: {exc}; {_source(migration)}", file=sys.stderr)
         return EXIT_FAILED
+    except asyncio.CancelledError:  # Ctrl-C: the driver has resumed the source and tidied up
+        print(
+            f"dirtylogctl: migration of {args.vm} interrupted; {_source(migration)}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     finally:
         if isinstance(progress, LiveProgress):
             progress.stop()
@@ -156,10 +180,28 @@ async def run_migrate(client: QMPClient, args: argparse.Namespace) -> int:
     if args.json:
         doc = stats.to_json()
         doc["notes"] = progress.notes
-        print(json.dumps(doc, indent=2))
+        report = json.dumps(doc, indent=2)
     else:
-        print(summary(args.vm, stats, options.downtime_limit))
+        report = summary(args.vm, stats, options.downtime_limit)
+    with contextlib.suppress(output.StdoutClosed):
+        output.write(report)
     return EXIT_DIFFERENT if stats.differing_pages else EXIT_OK
+
+
+def _source(migration: Migration) -> str:
+    """What became of the source, for the line that says the migration did not finish."""
+    if migration.source_stopped:
+        return f"the source VM is still stopped (resume it: dirtylogctl cont {migration.o.vm})"
+    return "the source VM is running"
+
+
+def destination(text: str) -> str:
+    """argparse type: tcp:HOST:PORT or a file path, checked before the daemon is asked."""
+    try:
+        tcp_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {DESTINATION_FORM}, not {text!r}") from None
+    return text
 
 
 def run_receive(args: argparse.Namespace) -> int:
@@ -188,10 +230,12 @@ def run_receive(args: argparse.Namespace) -> int:
 def add_parsers(sub: Any, cmd: Any, size: Any) -> None:
     q = cmd(sub, "migrate", "migrate", "pre-copy a VM's memory to a file or a migrate-receive")
     q.add_argument("vm")
-    q.add_argument("destination", help="a file, or tcp:HOST:PORT of a migrate-receive")
+    q.add_argument(
+        "destination", type=destination, help="a file, or tcp:HOST:PORT of a migrate-receive"
+    )
     q.add_argument(
         "--downtime-limit",
-        type=float,
+        type=positive_float,
         default=300.0,
         metavar="MS",
         help="switch over once the rest fits this much time (default 300 ms)",
@@ -204,7 +248,7 @@ def add_parsers(sub: Any, cmd: Any, size: Any) -> None:
     )
     q.add_argument(
         "--max-rounds",
-        type=int,
+        type=non_negative_int,
         default=30,
         help="switch over after this many rounds even without converging",
     )
@@ -220,7 +264,7 @@ def add_parsers(sub: Any, cmd: Any, size: Any) -> None:
     )
     q.add_argument(
         "--reconnect-timeout",
-        type=float,
+        type=non_negative_float,
         default=30.0,
         metavar="SECONDS",
         help="how long to wait for a restarted daemon (default 30)",

@@ -79,6 +79,20 @@ CASES: list[Case] = [
         has_id=False,
     ),
     Case(
+        "an id beyond a double (1e400)",
+        b'{"execute": "query-vms", "id": 1e400}',
+        "GenericError",
+        "JSON parse error, number 1e400 is not a finite number (beyond a double's range)",
+        has_id=False,
+    ),
+    Case(
+        "an argument beyond a double (the finite id is echoed)",
+        b'{"execute": "sim-read", "id": 7, "arguments": {"vm": "witness", "guest-phys-addr": '
+        b'-1e400, "length": 8}}',
+        "GenericError",
+        "JSON parse error, number -1e400 is not a finite number (beyond a double's range)",
+    ),
+    Case(
         "invalid UTF-8",
         b'{"execute": "query-vms", "id": "\xc3\x28"}',
         "GenericError",

@@ -12,6 +12,11 @@ import socket
 from typing import Any
 
 
+def _not_json(name: str) -> Any:
+    """Python's json accepts Infinity and NaN; JSON, and so a QMP client, does not."""
+    raise ValueError(f"the daemon sent {name}, which is not JSON")
+
+
 class Raw:
     def __init__(self, path: str, timeout: float = 10.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX)
@@ -26,7 +31,7 @@ class Raw:
                 raise EOFError(self.buf)
             self.buf += chunk
         line, self.buf = self.buf.split(b"\r\n", 1)
-        return json.loads(line)
+        return json.loads(line, parse_constant=_not_json)
 
     def send(self, raw: bytes | dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
         data = raw if isinstance(raw, bytes) else json.dumps(raw).encode()

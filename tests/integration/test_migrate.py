@@ -338,3 +338,108 @@ def test_migration_to_a_receiver_in_another_network_namespace(daemon, running_vm
                 ipr.link("del", index=index)
         nsmod.remove(name)
     assert name not in nsmod.listnetns()
+
+
+CTL = [sys.executable, "-m", "dirtylogctl.cli"]
+
+
+def _consumers(qmp, name):
+    return [c["name"] for c in vm_state(qmp, name)["consumers"]]
+
+
+def _wait_for(predicate, what, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def vm_with_an_unlogged_slot(qmp):
+    """4 MiB logged and 64 MiB without dirty logging: the 64 MiB go at switch-over, with the
+    source stopped, which makes the stopped phase long enough to interrupt."""
+    name = f"mig-{uuid.uuid4().hex[:8]}"
+    qmp(
+        "vm-create",
+        name=name,
+        backend="softmmu",
+        memslots=[
+            {"slot": 0, "guest-phys-addr": 0, "size": 4 * MiB},
+            {"slot": 1, "guest-phys-addr": 1 << 30, "size": 64 * MiB, "log-dirty-pages": False},
+        ],
+    )
+    yield name
+    qmp("vm-remove", vm=name)
+
+
+@pytest.mark.parametrize("phase", ["during a round", "with the source stopped"])
+def test_ctrl_c_stops_a_migration_within_a_second_and_leaves_the_source_running(
+    daemon, qmp, running_vm, vm_with_an_unlogged_slot, tmp_path, phase
+):
+    """SIGINT used to wait for the round's copy (time.sleep under a bandwidth cap) and end in a
+    traceback. Now: exit 130 at once, one line, the source running, our consumer gone."""
+    vm = running_vm() if phase == "during a round" else vm_with_an_unlogged_slot
+    sender = subprocess.Popen(
+        [
+            *CTL,
+            "-s",
+            daemon.socket,
+            "migrate",
+            vm,
+            str(tmp_path / "image"),
+            "--max-bandwidth",
+            "8M",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        if phase == "during a round":  # round 0 alone takes 8 s at 8 MB/s
+            _wait_for(lambda: len(_consumers(qmp, vm)) == 2, "the migration's consumer")
+            time.sleep(0.5)
+        else:  # 64 MiB at 8 MB/s after stop
+            _wait_for(lambda: vm_state(qmp, vm)["paused"], "the switch-over")
+            time.sleep(0.3)
+        assert sender.poll() is None, sender.communicate()
+        interrupted = time.monotonic()
+        sender.send_signal(signal.SIGINT)
+        _, err = sender.communicate(timeout=30)
+        took = time.monotonic() - interrupted
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
+    assert sender.returncode == 130, err
+    assert took < 1.5, took
+    assert err == f"dirtylogctl: migration of {vm} interrupted; the source VM is running\n"
+    state = vm_state(qmp, vm)
+    assert state["paused"] is False
+    assert _consumers(qmp, vm) == ["default"]
+
+
+def test_migrating_a_vm_that_does_not_exist_is_refused_with_exit_3(daemon, tmp_path):
+    """Not exit 1 with "the source VM is running" about a VM that is not there."""
+    out = ctl(daemon, "migrate", "nosuch", str(tmp_path / "x.img"))
+    assert out.returncode == 3
+    assert out.stderr == "dirtylogctl: DeviceNotFound: no VM named 'nosuch'\n"
+    assert not (tmp_path / "x.img").exists()
+
+
+def test_a_migration_whose_report_nobody_reads_still_completes(daemon, qmp, running_vm, tmp_path):
+    """The image is the product and the exit code says how it went; the progress lines and the
+    summary are a report, dropped without a word when stdout's reader has gone."""
+    vm = running_vm(pps=5_000)
+    r, w = os.pipe()
+    os.close(r)
+    sender = subprocess.run(
+        [*CTL, "-s", daemon.socket, "migrate", vm, str(tmp_path / "image"), "--verify", "--resume"],
+        stdout=w,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+    )
+    os.close(w)
+    assert (sender.returncode, sender.stderr) == (0, "")
+    assert (tmp_path / "image").stat().st_size > 0
+    assert vm_state(qmp, vm)["paused"] is False and _consumers(qmp, vm) == ["default"]

@@ -1,6 +1,7 @@
 """QMP as qmp-spec.rst defines it, over a raw unix socket to a real daemon."""
 
 import os
+import time
 
 import pytest
 
@@ -51,6 +52,43 @@ def test_id_is_echoed_exactly(raw, id_):
     raw.ask({"execute": "qmp_capabilities"})
     assert raw.ask({"execute": "query-version", "id": id_})["id"] == id_
     assert raw.ask({"execute": "no-such-command", "id": id_})["id"] == id_
+
+
+@pytest.mark.parametrize(
+    ("message", "id_"),
+    [
+        (b'{"execute": "query-version", "id": 1e400}', None),
+        (b'{"execute": "query-version", "id": -1e400}', None),
+        (b'{"execute": "query-version", "id": [1, 1e999]}', None),
+        (b'{"execute": "query-vms", "id": 3, "arguments": {"x": 1e400}}', 3),
+        (b'{"execute": "query-vms", "id": 1e308}', 1e308),
+    ],
+)
+def test_every_reply_is_valid_json_whatever_numbers_the_request_holds(raw, message, id_):
+    """1e400 is JSON, but no double: it is refused by name (Raw parses strictly, so an
+    "Infinity" would fail here), with the id echoed whenever the id is itself finite."""
+    raw.negotiate()
+    reply = raw.ask(message)
+    if id_ == 1e308:
+        assert reply == {"return": reply["return"], "id": 1e308}
+    else:
+        assert reply["error"]["desc"].endswith("is not a finite number (beyond a double's range)")
+        assert reply.get("id") == id_ and ("id" in reply) == (id_ is not None)
+    assert raw.ask({"execute": "query-version", "id": 9})["id"] == 9  # still served
+
+
+def test_a_top_level_number_split_from_its_end_does_not_swallow_the_next_command(raw):
+    """The same bytes in one read and in two get the same two replies."""
+    raw.negotiate()
+    for chunks in (
+        [b'42 {"execute": "query-version", "id": 1}'],
+        [b"42", b' {"execute": "query-version", "id": 1}'],
+    ):
+        for chunk in chunks:
+            raw.send(chunk)
+            time.sleep(0.05)  # separate reads
+        assert raw.recv()["error"]["desc"] == "QMP input must be a JSON object"
+        assert raw.recv()["id"] == 1
 
 
 def test_no_id_in_the_reply_when_the_request_had_none(raw):

@@ -88,7 +88,7 @@ class Session:
 
     async def handle(self, item: Any) -> Reply:
         if isinstance(item, ParseError):
-            return self._error(GenericError(item.desc), _NO_ID)
+            return self._error(GenericError(item.desc), item.id if item.has_id else _NO_ID)
         if not isinstance(item, dict):
             return self._error(GenericError("QMP input must be a JSON object"), _NO_ID)
         id_ = item.get("id", _NO_ID)

@@ -1,6 +1,7 @@
 """The migration wire format: what a receiver accepts, what it refuses and with which words,
 and that the sender keeps to the limits the receiver checks."""
 
+import asyncio
 import contextlib
 import io
 import json
@@ -254,7 +255,7 @@ def test_the_sender_splits_pages_into_frames_of_the_receivers_limit():
     migration = Migration(None, Options("vm1", "/dev/null"), progress=None)
     sink = RecordingSink()
     s = slot(npages)
-    migration._copy(0, [s], {0: DirtyBitmap.ones(npages)}, sink, 0.0)
+    asyncio.run(migration._copy(0, [s], {0: DirtyBitmap.ones(npages)}, sink, 0.0))
     assert sink.frames == [MAX_PAGES_PER_FRAME, MAX_PAGES_PER_FRAME, 3]
     assert s.sent.count() == npages and migration.stats.unique_pages_sent == npages
 
@@ -262,5 +263,5 @@ def test_the_sender_splits_pages_into_frames_of_the_receivers_limit():
 def test_the_sender_verifies_in_steps_of_the_receivers_limit():
     migration = Migration(None, Options("vm1", "/dev/null"), progress=None)
     sink = RecordingSink()
-    migration._verify([slot(MAX_VERIFY_PAGES + 1)], sink)
+    asyncio.run(migration._verify([slot(MAX_VERIFY_PAGES + 1)], sink))
     assert sink.verified == [MAX_VERIFY_PAGES, 1]

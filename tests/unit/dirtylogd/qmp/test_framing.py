@@ -27,31 +27,52 @@ def test_brackets_and_escaped_quotes_inside_strings_do_not_count():
     assert out == [{"a": '}]"{[', "b": ["x\\"]}, {"c": 1}]
 
 
-messages = st.lists(
-    st.dictionaries(
-        st.text(max_size=5),
-        st.recursive(
-            st.none() | st.booleans() | st.integers() | st.text(max_size=8),
-            lambda inner: (
-                st.lists(inner, max_size=3)
-                | st.dictionaries(st.text(max_size=3), inner, max_size=3)
-            ),
-            max_leaves=6,
-        ),
-        max_size=4,
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
     ),
-    min_size=1,
-    max_size=4,
+    max_leaves=6,
 )
+# Top-level values of every kind: commands, and the scalars and arrays a peer may send instead.
+top_level = st.dictionaries(st.text(max_size=5), json_values, max_size=4) | json_values
+WHITESPACE = ["", " ", "\n", "\r\n", "\t "]
 
 
-@given(messages, st.data())
-def test_any_split_of_the_stream_yields_the_same_values(msgs, data):
-    stream = b"".join(json.dumps(m, ensure_ascii=data.draw(st.booleans())).encode() for m in msgs)
+def _bare(value):
+    """A number or keyword: it ends only where the next byte says so."""
+    return not isinstance(value, str | list | dict)
+
+
+@given(st.lists(top_level, min_size=1, max_size=5), st.data())
+def test_framing_does_not_depend_on_how_the_bytes_are_split(values, data):
+    """Objects, arrays, strings, numbers and keywords at top level, back to back or spaced, in
+    any split into reads, decode exactly as sent — as they do in one read."""
+    parts = []
+    for i, value in enumerate(values):
+        parts.append(json.dumps(value, ensure_ascii=data.draw(st.booleans())))
+        following = values[i + 1] if i + 1 < len(values) else None
+        needs_space = _bare(value) and (following is None or _bare(following))
+        spaces = WHITESPACE[1:] if needs_space else WHITESPACE
+        parts.append(data.draw(st.sampled_from(spaces)))
+    stream = "".join(parts).encode()
     cuts = sorted(data.draw(st.sets(st.integers(0, len(stream)), max_size=6)))
     chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
     out, dec = feed_all(chunks)
-    assert out == msgs
+    assert out == values
+    assert feed_all([stream])[0] == values
+    assert dec.pending == 0
+
+
+@pytest.mark.parametrize("scalar", [b"42", b"-1.5e3", b"true", b"false", b"null"])
+def test_a_top_level_scalar_ending_in_a_later_read_does_not_swallow_the_next_command(scalar):
+    """(null decoded to None, which the decoder once took for "nothing yet".)"""
+    out, dec = feed_all([scalar, b' {"execute":"query-version","id":1}'])
+    assert out == [json.loads(scalar), {"execute": "query-version", "id": 1}]
     assert dec.pending == 0
 
 
@@ -99,6 +120,30 @@ def test_oversized_message_is_fatal_after_the_messages_before_it():
 def test_unfinished_message_over_the_limit_is_fatal():
     dec = JsonStreamDecoder(max_message=64)
     assert dec.feed(b'{"data":"' + b"x" * 100) == [MessageTooLarge(64)]
+
+
+def _strict(raw: bytes):
+    """json.loads that refuses Infinity and NaN, as a conforming JSON parser does."""
+    return json.loads(raw, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+
+
+@pytest.mark.parametrize(
+    "number",
+    ["1e400", "-1e400", "1" + "0" * 400 + ".0", "2e308"],
+    ids=["1e400", "-", "long", "2e308"],
+)
+def test_a_number_beyond_a_double_is_a_parse_error_that_still_echoes_a_finite_id(number):
+    in_id = f'{{"execute":"x","id":{number}}}'
+    in_arguments = f'{{"execute":"x","id":"a","arguments":{{"n":[{number}]}}}}'
+    out, _ = feed_all([(in_id + in_arguments).encode()])
+    assert [type(item) for item in out] == [ParseError, ParseError]
+    assert "is not a finite number" in out[0].desc and not out[0].has_id
+    assert out[1].has_id and out[1].id == "a"
+
+
+def test_output_is_always_json_even_with_a_non_finite_number_in_it():
+    raw = encode({"return": {"rate": float("inf"), "x": [float("nan"), -float("inf"), 1.5]}})
+    assert _strict(raw) == {"return": {"rate": None, "x": [None, None, 1.5]}}
 
 
 def test_output_is_ascii_json_with_crlf():
