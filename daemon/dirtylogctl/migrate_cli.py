@@ -32,7 +32,7 @@ from dirtylogctl.migrate import (
     VmUnavailable,
     tcp_address,
 )
-from dirtylogctl.stream import serve_once
+from dirtylogctl.stream import IDLE_TIMEOUT, serve_once
 from dirtylogctl.wireformat import PAGE_SIZE, StreamError
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_DIFFERENT = 0, 1, 3, 5
@@ -204,14 +204,34 @@ def destination(text: str) -> str:
     return text
 
 
+def listen_address(text: str) -> tuple[str, int]:
+    """--listen HOST:PORT ([::1]:PORT for IPv6; an empty HOST is every address)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port 0-65535, not {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
 def run_receive(args: argparse.Namespace) -> int:
-    host, _, port = args.listen.rpartition(":")
+    host, port = args.listen
 
     def ready(bound: int) -> None:
-        print(f"listening on {host or '0.0.0.0'}:{bound}", flush=True)
+        print(f"listening on {host}:{bound}", flush=True)
+
+    def dropped(peer: str, reason: StreamError) -> None:
+        line = f"dirtylogctl: dropped {peer}: {reason}; still listening"
+        print(line, file=sys.stderr, flush=True)
 
     try:
-        got = serve_once(host.strip("[]") or "0.0.0.0", int(port), args.output, ready)
+        got = serve_once(
+            host,
+            port,
+            args.output,
+            ready,
+            idle_timeout=args.idle_timeout,
+            max_image_bytes=args.max_image_size,
+            dropped=dropped,
+        )
     except (StreamError, OSError) as exc:
         print(f"dirtylogctl: receive failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -270,5 +290,24 @@ def add_parsers(sub: Any, cmd: Any, size: Any) -> None:
         help="how long to wait for a restarted daemon (default 30)",
     )
     q = cmd(sub, "migrate-receive", "migrate_receive", "receive one migration over TCP")
-    q.add_argument("--listen", required=True, metavar="HOST:PORT")
-    q.add_argument("--output", required=True, metavar="FILE", help="the image to write")
+    q.add_argument("--listen", required=True, type=listen_address, metavar="HOST:PORT")
+    q.add_argument(
+        "--output",
+        required=True,
+        metavar="FILE",
+        help="the image; replaced only once a migration's pages are all synced",
+    )
+    q.add_argument(
+        "--idle-timeout",
+        type=positive_float,
+        default=IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help=f"drop a peer silent this long, or without a complete header by then "
+        f"(default {IDLE_TIMEOUT:g})",
+    )
+    q.add_argument(
+        "--max-image-size",
+        type=size,
+        metavar="BYTES",
+        help="refuse a migration whose slots need more, e.g. 64G (default: the free space)",
+    )

@@ -6,6 +6,12 @@ file or to a ``migrate-receive`` over TCP; :func:`receive` applies a stream to a
 answers the sender. A frame whose checksum does not match, or a stream that ends inside a
 frame, is an error — never a silently wrong image. The destination image is a sparse file
 addressed by guest-physical address.
+
+``migrate-receive`` listens without authentication, so :func:`serve_once` expects hostile
+peers: no peer's bytes cost it more memory than a few of the largest frames, or end it with
+anything but a one-line StreamError; a silent peer is dropped after an idle timeout; a peer
+that never sends a valid header is dropped without ending it; and ``--output`` is replaced
+only by a complete image.
 """
 
 from __future__ import annotations
@@ -16,14 +22,41 @@ import io
 import mmap
 import os
 import socket
+import stat
+import sys
+import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol, assert_never
+from typing import TYPE_CHECKING, BinaryIO, Protocol, assert_never
 
 import numpy as np
 
 from dirtylogctl import wireformat as wf
 from dirtylogctl.wireformat import PAGE_SIZE, Header, Kind, StreamError
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+
+def _why(exc: OSError) -> str:
+    """An OSError as one line: its text and the errno's name, e.g. "No space left on device
+    (ENOSPC)"."""
+    code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    return f"{exc.strerror or exc} ({code})"
+
+
+def _merge(spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(offset, length) spans as sorted, disjoint [start, end) byte ranges."""
+    merged: list[tuple[int, int]] = []
+    for offset, length in sorted(spans):
+        if length <= 0:
+            continue
+        if merged and offset <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], offset + length))
+        else:
+            merged.append((offset, offset + length))
+    return merged
 
 
 class Image:
@@ -35,56 +68,84 @@ class Image:
     A store into a mapped page the file system has no room for is SIGBUS — the process dies
     with no word of why. So the space of every slot (``slots``: (offset, length) pairs; by
     default the whole image) is reserved before anything is written: a full file system is a
-    clear error at the start, and a page outside the reserved slots is refused.
+    clear error at the start, and a page outside the reserved slots is refused. The image's
+    size comes from a peer, so what it costs this process is bounded by the number of slots,
+    not their size: the slots are kept as ranges (not a flag per page), and space the file
+    system does not have is refused before any is reserved.
     """
 
     def __init__(
-        self, path: str, size: int, slots: Sequence[tuple[int, int]] | None = None
+        self,
+        path: str,
+        size: int,
+        slots: Sequence[tuple[int, int]] | None = None,
+        label: str | None = None,
     ) -> None:
         self.path = path
+        self.label = label or path  # how errors name it: a receiver writes under another name
         self.npages = -(-size // PAGE_SIZE)
+        if self.npages * PAGE_SIZE > sys.maxsize:  # ftruncate and mmap take a signed size
+            raise StreamError(
+                f"an image reaching {size:#x} is larger than a file can be ({sys.maxsize:#x})"
+            )
         spans = [(0, self.npages * PAGE_SIZE)] if slots is None else list(slots)
+        for offset, length in spans:
+            if offset < 0 or length < 0 or offset + length > self.npages * PAGE_SIZE:
+                raise StreamError(f"slot [{offset:#x}, +{length:#x}) lies outside the image")
+        self.ranges = _merge(spans)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(self.fd, self.npages * PAGE_SIZE)
-            self._reserve(spans)
-            self.map = mmap.mmap(self.fd, max(self.npages, 1) * PAGE_SIZE)
+            self._reserve()
+            # mmap refuses a length of 0: an image without pages has no mapping
+            self.map = mmap.mmap(self.fd, self.npages * PAGE_SIZE) if self.npages else None
         except BaseException:
             os.close(self.fd)
             with contextlib.suppress(OSError):
                 os.unlink(path)  # give back what a partial reservation took
             raise
-        self.pages = np.frombuffer(self.map, np.uint8).reshape(-1, PAGE_SIZE)[: self.npages]
-        self.reserved = np.zeros(self.npages, dtype=bool)
-        for offset, length in spans:
-            self.reserved[offset // PAGE_SIZE : -(-(offset + length) // PAGE_SIZE)] = True
+        self.pages = (
+            np.frombuffer(self.map, np.uint8).reshape(-1, PAGE_SIZE)
+            if self.map is not None
+            else np.zeros((0, PAGE_SIZE), np.uint8)
+        )
+        self._starts = np.array([start // PAGE_SIZE for start, _ in self.ranges], np.int64)
+        self._ends = np.array([-(-end // PAGE_SIZE) for _, end in self.ranges], np.int64)
 
-    def _reserve(self, spans: Sequence[tuple[int, int]]) -> None:
-        """Allocate every span's blocks (posix_fallocate), or StreamError naming the errno."""
-        for offset, length in spans:
-            if offset < 0 or length < 0 or offset + length > self.npages * PAGE_SIZE:
-                raise StreamError(f"slot [{offset:#x}, +{length:#x}) lies outside the image")
-            if not length:
-                continue
+    def _reserve(self) -> None:
+        """Allocate every slot's blocks (posix_fallocate), or StreamError naming the errno.
+        An image larger than the file system's free space is refused before any is taken, so
+        a peer's absurd size does not fill the disk for a moment (nor delay the error)."""
+        total = sum(end - start for start, end in self.ranges)
+        stats = os.fstatvfs(self.fd)
+        free = stats.f_bavail * stats.f_frsize
+        if total > free:
+            raise StreamError(
+                f"cannot reserve the {total} bytes of the image {self.label}: "
+                f"{os.strerror(errno.ENOSPC)} (ENOSPC): only {free} bytes are free"
+            )
+        for start, end in self.ranges:
             try:
-                os.posix_fallocate(self.fd, offset, length)
+                os.posix_fallocate(self.fd, start, end - start)
             except OSError as exc:
-                total = sum(n for _, n in spans)
-                code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
                 raise StreamError(
-                    f"cannot reserve the {total} bytes of the image {self.path}: "
-                    f"{exc.strerror} ({code})"
+                    f"cannot reserve the {total} bytes of the image {self.label}: {_why(exc)}"
                 ) from None
+
+    def _inside(self, rows: np.ndarray) -> np.ndarray:
+        """Which pages (numbers) lie in a reserved slot: only those may be stored."""
+        if not self._starts.size:
+            return np.zeros(rows.shape, bool)
+        which = np.searchsorted(self._starts, rows, side="right") - 1
+        result: np.ndarray = (which >= 0) & (rows < self._ends[np.maximum(which, 0)])
+        return result
 
     def write(self, gpas: np.ndarray, data: np.ndarray) -> None:
         rows = gpas // PAGE_SIZE
-        if rows.size and (
-            rows.max() >= self.npages or rows.min() < 0 or not self.reserved[rows].all()
-        ):
-            outside = gpas[(rows < 0) | (rows >= self.npages)]
-            if not outside.size:
-                outside = gpas[~self.reserved[rows]]
-            raise StreamError(f"a page at {int(outside[0]):#x} lies outside the image's slots")
+        inside = self._inside(rows)
+        if not inside.all():
+            first = int(gpas[~inside][0]) % (1 << 64)  # as sent: a u64 read as int64
+            raise StreamError(f"a page at {first:#x} lies outside the image's slots")
         self.pages[rows] = data.reshape(-1, PAGE_SIZE)
 
     def read(self, gpas: np.ndarray) -> np.ndarray:
@@ -95,19 +156,21 @@ class Image:
         return out
 
     def sync(self) -> None:
-        self.map.flush()
+        if self.map is not None:
+            self.map.flush()
         os.fsync(self.fd)
 
     def close(self) -> None:
         del self.pages
-        self.map.close()
+        if self.map is not None:
+            self.map.close()
         os.close(self.fd)
 
 
-def image_for(path: str, header: Header) -> Image:
+def image_for(path: str, header: Header, label: str | None = None) -> Image:
     """The image a stream with ``header`` needs, with the space of its slots reserved."""
     slots = [(s.gpa, s.npages * header.page_size) for s in header.slots]
-    return Image(path, header.image_bytes(), slots)
+    return Image(path, header.image_bytes(), slots, label)
 
 
 # --- the sending side ---------------------------------------------------------------------------
@@ -245,33 +308,52 @@ def receive(
 
     Raises StreamError, after answering ERR with the same text, for a header this receiver
     does not accept, a checksum mismatch, a frame out of limits or order, or a stream that
-    ends before DONE or inside a frame.
+    ends before DONE or inside a frame — and for anything else that stops it (a lost
+    connection, an image that cannot be made or stored): a peer's bytes can end a receive
+    only with a StreamError, whose one line says why.
     """
     stats = Received()
+    in_header = True
 
-    def whole(data: bytes | None, n: int) -> bytes:
-        if data is None or len(data) < n:
-            where = "before DONE" if not stats.done else f"inside frame {stats.frames}"
+    def some(n: int) -> bytes:
+        try:
+            return conn.read(n) or b""
+        except OSError as exc:
+            raise StreamError(f"lost the connection to the sender: {exc}") from None
+
+    def whole(data: bytes, n: int) -> bytes:
+        if len(data) < n:
+            if in_header:
+                where = "inside its header"
+            else:
+                where = "before DONE" if not stats.done else f"inside frame {stats.frames}"
             raise StreamError(f"the stream ended {where}")
         return data
 
     def read(n: int) -> bytes:
-        return whole(conn.read(n), n)
+        return whole(some(n), n)
+
+    def reply(data: bytes) -> None:
+        try:
+            answer(data)
+        except OSError as exc:
+            raise StreamError(f"cannot answer the sender: {exc}") from None
 
     try:
         header = wf.read_header(read)
+        in_header = False
         try:
             image = open_image(header)
         except OSError as exc:
             raise StreamError(f"cannot create the image: {exc}") from None
         while True:
-            head = conn.read(wf.FRAME_HEAD.size)
+            head = some(wf.FRAME_HEAD.size)
             if not head and stats.done:
                 return stats  # a clean end: the sender closed after DONE
             stats.frames += 1
             head = whole(head, wf.FRAME_HEAD.size)
             frame = wf.read_frame(head, read, stats.frames, stats.done)
-            _apply(frame, image, stats, answer)
+            _apply(frame, image, stats, reply)
     except StreamError as exc:
         with contextlib.suppress(OSError):  # the other end may be gone already
             answer(wf.encode_err(str(exc)))
@@ -287,12 +369,21 @@ def _apply(
         image.write(gpas, data)
         stats.pages += frame.count
     elif frame.kind is Kind.DONE:
-        image.sync()
+        try:
+            image.sync()
+        except OSError as exc:
+            raise StreamError(f"cannot store the image: {exc}") from None
         stats.done = True
         answer(wf.encode_ack(stats.pages))
     elif frame.kind is Kind.VERIFY:
         key, gpas, digests = frame.verify()
-        bad = gpas[wf.page_digests(image.read(gpas), key) != digests]
+        # A PAGES frame's worth at a time: the frame names up to 64 MiB of pages, and reading
+        # and hashing them at once would cost that much memory twice over.
+        differ = np.zeros(gpas.size, dtype=bool)
+        for at in range(0, gpas.size, wf.MAX_PAGES_PER_FRAME):
+            part = slice(at, at + wf.MAX_PAGES_PER_FRAME)
+            differ[part] = wf.page_digests(image.read(gpas[part]), key) != digests[part]
+        bad = gpas[differ]
         stats.verified_pages += frame.count
         stats.differing += int(bad.size)
         answer(wf.encode_diff(bad))
@@ -300,23 +391,179 @@ def _apply(
         assert_never(frame.kind)  # a new Kind needs its case here
 
 
-def serve_once(
-    host: str, port: int, output: str, ready: Callable[[int], None] | None = None
+# --- migrate-receive ----------------------------------------------------------------------------
+IDLE_TIMEOUT = 30.0
+"""Seconds a receiver waits for a connected peer's next bytes, and for its whole header. A
+sender is silent longest while it reconnects to a restarted daemon (a restart takes a second
+or two; it gives up after its --reconnect-timeout, 30 s); its own socket timeout is 30 s too."""
+
+
+def check_output(output: str) -> str:
+    """Where the image will be renamed to (symlinks resolved), once a file could be created
+    beside it: an output that cannot be written is an error before any peer is waited for."""
+    path = os.path.realpath(output)
+    if os.path.isdir(path):
+        raise StreamError(f"cannot write the image {output}: it is a directory")
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+        raise StreamError(f"cannot write the image {output}: it is not a regular file")
+    directory, name = os.path.split(path)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=directory)
+    except OSError as exc:
+        raise StreamError(f"cannot write the image {output}: {_why(exc)}") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+class StagedImage:
+    """An image written beside ``output`` under a temporary name, renamed over it once the
+    sender's DONE is synced: until then ``output`` keeps whatever it held, so a peer that is
+    refused, goes silent or breaks off never costs the operator an existing file."""
+
+    def __init__(self, output: str, header: Header) -> None:
+        self.output = output
+        self.directory, name = os.path.split(output)
+        try:
+            fd, self.temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=self.directory)
+        except OSError as exc:  # the directory went away or became read-only since
+            raise StreamError(f"cannot create the image {output}: {_why(exc)}") from None
+        os.close(fd)
+        self.published = False
+        try:
+            self.image = image_for(self.temp, header, label=output)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(self.temp)
+            raise
+
+    def write(self, gpas: np.ndarray, data: np.ndarray) -> None:
+        self.image.write(gpas, data)
+
+    def read(self, gpas: np.ndarray) -> np.ndarray:
+        return self.image.read(gpas)
+
+    def sync(self) -> None:
+        """Sync, then put the image in place (once): the ACK that follows means both."""
+        self.image.sync()
+        if not self.published:
+            os.replace(self.temp, self.output)
+            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)  # the rename itself survives a crash
+            finally:
+                os.close(fd)
+            self.published = True
+
+    def close(self) -> None:
+        self.image.close()
+        if not self.published:
+            with contextlib.suppress(OSError):
+                os.unlink(self.temp)
+
+
+def receive_image(
+    conn: BinaryIO,
+    answer: Callable[[bytes], None],
+    output: str,
+    max_image_bytes: int | None = None,
+    started: Callable[[], None] | None = None,
 ) -> Received:
-    """Accept one migration on HOST:PORT and write its image to ``output``."""
+    """:func:`receive` into a :class:`StagedImage` that replaces ``output`` (a path from
+    :func:`check_output`) at DONE. ``started`` is called once the header is valid, before the
+    image is made; an image whose slots need more than ``max_image_bytes`` is refused."""
+    staged: list[StagedImage] = []
+
+    def open_image(header: Header) -> StagedImage:
+        if started is not None:
+            started()
+        need = sum(s.npages for s in header.slots) * header.page_size
+        if max_image_bytes is not None and need > max_image_bytes:
+            raise StreamError(
+                f"the image needs {need} bytes for its slots, over the receiver's limit of "
+                f"{max_image_bytes} (--max-image-size)"
+            )
+        staged.append(StagedImage(output, header))
+        return staged[-1]
+
+    try:
+        return receive(conn, open_image, answer)
+    finally:
+        for image in staged:
+            image.close()
+
+
+class _Peer(io.RawIOBase):
+    """A connected peer's socket, read with a receiver's patience: ``idle`` seconds for any
+    bytes, and until the deadline for all of its header. Running out of either, or losing the
+    connection, is a StreamError."""
+
+    def __init__(self, sock: socket.socket, idle: float) -> None:
+        super().__init__()
+        self.sock, self.idle = sock, idle
+        self.deadline: float | None = time.monotonic() + idle
+        self.begun = False  # its header was valid: it is the migration
+        sock.settimeout(idle)  # replies too: a peer that reads nothing cannot hold a send
+
+    def started(self) -> None:
+        self.begun, self.deadline = True, None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        wait = self.idle
+        if self.deadline is not None:
+            wait = min(wait, self.deadline - time.monotonic())
+        try:
+            if wait <= 0:
+                raise TimeoutError
+            self.sock.settimeout(wait)
+            return self.sock.recv_into(buffer)
+        except TimeoutError:
+            if wait < self.idle:  # the header's deadline came first
+                raise StreamError(
+                    f"no complete stream header within {self.idle:g} s of connecting"
+                ) from None
+            raise StreamError(f"nothing from the sender for {self.idle:g} s") from None
+        except OSError as exc:
+            raise StreamError(f"lost the connection to the sender: {exc}") from None
+
+
+def serve_once(
+    host: str,
+    port: int,
+    output: str,
+    ready: Callable[[int], None] | None = None,
+    *,
+    idle_timeout: float = IDLE_TIMEOUT,
+    max_image_bytes: int | None = None,
+    dropped: Callable[[str, StreamError], None] | None = None,
+) -> Received:
+    """Receive one migration on HOST:PORT into ``output``, which must be writable before
+    anything listens.
+
+    A connection is the migration once its header is valid: its outcome is returned, or
+    raised as StreamError. A connection that never gets that far — silent for
+    ``idle_timeout``, not a migration stream, a header this receiver refuses — is answered
+    ERR, closed, reported to ``dropped``, and the next one is accepted: without
+    authentication anyone can connect, and a stray or hostile peer must neither end the
+    receiver nor hold it for longer than ``idle_timeout``.
+    """
+    target = check_output(output)
     with socket.create_server((host, port)) as server:
         if ready is not None:
             ready(server.getsockname()[1])
-        conn, _peer = server.accept()
-    images: list[Image] = []
-
-    def open_image(header: Header) -> Image:
-        images.append(image_for(output, header))
-        return images[-1]
-
-    try:
-        with conn, io.BufferedReader(conn.makefile("rb", buffering=0), 1 << 20) as stream:
-            return receive(stream, open_image, conn.sendall)
-    finally:
-        for image in images:
-            image.close()
+        while True:
+            conn, address = server.accept()
+            peer = _Peer(conn, idle_timeout)
+            try:
+                with conn, io.BufferedReader(peer, 1 << 20) as stream:
+                    return receive_image(
+                        stream, conn.sendall, target, max_image_bytes, peer.started
+                    )
+            except StreamError as exc:
+                if peer.begun:
+                    raise
+                if dropped is not None:
+                    dropped(f"{address[0]}:{address[1]}", exc)

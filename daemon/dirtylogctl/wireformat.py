@@ -6,9 +6,11 @@ Format version 1. Every integer is little-endian.
     stream = MAGIC, header, frame ... DONE frame, VERIFY frame ...   (then the sender closes)
 
     MAGIC    8 bytes   b"DLGMIG1\\n"
-    header   u32       length of the JSON that follows (at most MAX_HEADER_BYTES)
+    header   u32       length of the JSON that follows (at most MAX_HEADER_BYTES, 128 KiB)
              JSON      {"version": 1, "page-size": 4096, "vm": "NAME",
                         "slots": [{"slot": N, "guest-phys-addr": GPA, "npages": N}, ...]}
+                       at most MAX_SLOTS (1024) slots; "slot" is KVM's u32 slot field; each
+                       slot a page-aligned range of the 64-bit guest-physical address space
 
     frame    +---------+-----------+---------+-------------------+-------------------------+
              | u8 kind | u32 count | u64 aux | payload           | u32 CRC-32 of all bytes |
@@ -20,6 +22,8 @@ Format version 1. Every integer is little-endian.
     2 DONE      0                 pages sent   none                                  any time
     3 VERIFY    pages (16384)     0            u64 key, then count (u64 gpa,         after DONE
                                                u64 page digest) pairs
+    Every gpa is page-aligned. The count is checked before the payload is read, so no frame
+    costs a receiver more than the largest one the format allows (a PAGES frame, ~1 MiB).
 
     replies (receiver to sender): a 4-byte tag, then
     b"ACK "  u64 pages written                    to DONE: the image is synced
@@ -35,6 +39,7 @@ receiver of the previous version would misread the new stream.
 from __future__ import annotations
 
 import json
+import reprlib
 import struct
 import zlib
 from collections.abc import Callable
@@ -47,7 +52,13 @@ import numpy as np
 VERSION = 1
 MAGIC = b"DLGMIG1\n"
 PAGE_SIZE = 4096
-MAX_HEADER_BYTES = 1 << 20
+# The header is JSON, and parsing JSON costs up to ~25 bytes of Python objects per byte
+# ("[{},{},..."): 128 KiB keeps a hostile header near 3 MiB, a few PAGES frames, and still
+# holds MAX_SLOTS slots at their widest (~90 bytes each). QEMU uses at most a few hundred
+# memslots (vhost-user: 509); dirtylogd's vm-create takes 512.
+MAX_HEADER_BYTES = 128 << 10
+MAX_SLOTS = 1024
+MAX_SLOT_FIELD = (1 << 32) - 1  # KVM's u32 slot: address space in bits 16-31, id in 0-15
 MAX_PAGES_PER_FRAME = 256  # 1 MiB of pages: a frame is also the unit of throttling
 MAX_VERIFY_PAGES = 16384  # 256 KiB of (gpa, digest) pairs standing for 64 MiB of pages
 MAX_ERR_BYTES = 4096
@@ -116,9 +127,17 @@ class Frame:
     aux: int
     payload: bytes
 
+    def addresses(self) -> np.ndarray:
+        """The guest addresses a PAGES or VERIFY frame names, as sent (u64); none for DONE."""
+        if self.kind is Kind.PAGES:
+            return np.frombuffer(self.payload, "<u8", self.count)
+        if self.kind is Kind.VERIFY:
+            return np.frombuffer(self.payload, "<u8", 2 * self.count, 8)[::2]
+        return np.zeros(0, "<u8")
+
     def pages(self) -> tuple[np.ndarray, np.ndarray]:
         """PAGES: the guest addresses (int64) and the page bytes, ``(count, PAGE_SIZE)``."""
-        gpas = np.frombuffer(self.payload, "<u8", self.count).astype(np.int64)
+        gpas = self.addresses().astype(np.int64)
         data = np.frombuffer(self.payload, np.uint8, self.count * PAGE_SIZE, 8 * self.count)
         return gpas, data.reshape(-1, PAGE_SIZE)
 
@@ -171,7 +190,13 @@ def read_frame(head: bytes, read: Read, number: int, done: bool) -> Frame:
     (crc,) = CRC.unpack(read(CRC.size))
     if zlib.crc32(payload, zlib.crc32(head)) != crc:
         raise StreamError(f"frame {number}: checksum mismatch")
-    return Frame(kind, count, aux, payload)
+    frame = Frame(kind, count, aux, payload)
+    unaligned = frame.addresses()[frame.addresses() % PAGE_SIZE != 0]
+    if unaligned.size:  # a page at 0x1001 would otherwise land on the page at 0x1000
+        raise StreamError(
+            f"frame {number}: {kind.name} names {int(unaligned[0]):#x}, not a page address"
+        )
+    return frame
 
 
 # --- the header ---------------------------------------------------------------------------------
@@ -197,7 +222,13 @@ class Header:
 
 
 def encode_header(header: Header) -> bytes:
-    """MAGIC, then the length-prefixed JSON header."""
+    """MAGIC, then the length-prefixed JSON header; StreamError if the format cannot carry it
+    (a VM of more than MAX_SLOTS memslots), so the sender says why instead of being refused."""
+    if len(header.slots) > MAX_SLOTS:
+        raise StreamError(
+            f"the VM has {len(header.slots)} memslots; format version {VERSION} carries at most "
+            f"{MAX_SLOTS}"
+        )
     doc = {
         "version": header.version,
         "page-size": header.page_size,
@@ -207,6 +238,11 @@ def encode_header(header: Header) -> bytes:
         ],
     }
     meta = json.dumps(doc).encode()
+    if len(meta) > MAX_HEADER_BYTES:
+        raise StreamError(
+            f"the stream header would be {len(meta)} bytes; format version {VERSION} carries at "
+            f"most {MAX_HEADER_BYTES}"
+        )
     return MAGIC + HEADER_LENGTH.pack(len(meta)) + meta
 
 
@@ -228,6 +264,8 @@ def decode_header(meta: bytes) -> Header:
         doc = json.loads(meta)
     except ValueError as exc:  # UnicodeDecodeError is a ValueError too
         raise StreamError(f"bad stream header: not JSON ({exc})") from None
+    except RecursionError:  # "[[[[..." nested deeper than the parser's stack
+        raise StreamError("bad stream header: JSON nested too deeply") from None
     if not isinstance(doc, dict):
         raise StreamError(f"bad stream header: expected a JSON object, got {type(doc).__name__}")
     if "version" not in doc:
@@ -253,14 +291,24 @@ def decode_header(meta: bytes) -> Header:
     slots = doc.get("slots")
     if not isinstance(slots, list):
         raise StreamError("bad stream header: 'slots' must be a list")
+    if len(slots) > MAX_SLOTS:
+        raise StreamError(f"bad stream header: {len(slots)} slots, over the limit of {MAX_SLOTS}")
     return Header(vm, tuple(_slot(i, s) for i, s in enumerate(slots)), version, page_size)
 
 
-def _int(doc: dict[str, Any], name: str, where: str = "") -> int:
+def _int(doc: dict[str, Any], name: str, where: str = "", most: int | None = None) -> int:
+    """A non-negative integer member; the error shows at most a short repr of what was sent
+    (a header may be 128 KiB of one value, and the reason goes to stderr and into ERR)."""
     value = doc.get(name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or value < 0
+        or (most is not None and value > most)
+    ):
+        kind = "a non-negative integer" if most is None else f"an integer from 0 to {most}"
         raise StreamError(
-            f"bad stream header: '{where}{name}' must be a non-negative integer, not {value!r}"
+            f"bad stream header: '{where}{name}' must be {kind}, not {reprlib.repr(value)}"
         )
     return value
 
@@ -270,12 +318,15 @@ def _slot(index: int, doc: object) -> SlotInfo:
     if not isinstance(doc, dict):
         raise StreamError(f"bad stream header: slots[{index}] must be an object")
     slot = SlotInfo(
-        _int(doc, "slot", where), _int(doc, "guest-phys-addr", where), _int(doc, "npages", where)
+        _int(doc, "slot", where, MAX_SLOT_FIELD),
+        _int(doc, "guest-phys-addr", where),
+        _int(doc, "npages", where),
     )
     if slot.gpa % PAGE_SIZE or slot.gpa + slot.npages * PAGE_SIZE > 1 << 64:
+        at = f"{slot.gpa:#x}" if slot.gpa < 1 << 64 else reprlib.repr(slot.gpa)
         raise StreamError(
-            f"bad stream header: slot {slot.slot} at {slot.gpa:#x} with {slot.npages} pages "
-            f"is not a page-aligned range of the 64-bit address space"
+            f"bad stream header: slot {slot.slot} at {at} with {reprlib.repr(slot.npages)} "
+            f"pages is not a page-aligned range of the 64-bit address space"
         )
     return slot
 
@@ -290,7 +341,7 @@ def encode_diff(gpas: np.ndarray) -> bytes:
 
 
 def encode_err(reason: str) -> bytes:
-    text = reason.encode()[:MAX_ERR_BYTES]
+    text = reason.encode(errors="replace")[:MAX_ERR_BYTES]
     return ERR + U32.pack(len(text)) + text
 
 

@@ -1,21 +1,34 @@
 """dirtylogctl migrate against a real daemon: byte-identical results, the I/O gap, failures,
-convergence, and a receiver on another (network-namespace) host."""
+convergence, a receiver on another (network-namespace) host, and a receiver's hostile peers."""
 
 import json
 import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 import uuid
 from contextlib import contextmanager, suppress
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from dirtylogctl.wireformat import (
+    MAX_VERIFY_PAGES,
+    PAGE_SIZE,
+    Header,
+    SlotInfo,
+    done_frame,
+    encode_header,
+    page_digests,
+    pages_frame,
+    verify_frame,
+)
 from tests.conftest import need
 
 from .full_fs import tiny_tmpfs
@@ -131,8 +144,11 @@ def test_fast_workload_stops_at_max_rounds_and_says_so(daemon, qmp, running_vm, 
     assert vm_state(qmp, vm)["paused"] is False  # --resume
 
 
+RECEIVE = [sys.executable, "-m", "dirtylogctl.cli", "migrate-receive"]
+
+
 @contextmanager
-def receiver(output, host="127.0.0.1", netns=None):
+def receiver(output, host="127.0.0.1", netns=None, extra=()):
     """dirtylogctl migrate-receive on an ephemeral port (optionally inside a network namespace)."""
     preexec = None
     if netns is not None:
@@ -142,16 +158,7 @@ def receiver(output, host="127.0.0.1", netns=None):
             nsmod.setns(netns, flags=0)
 
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dirtylogctl.cli",
-            "migrate-receive",
-            "--listen",
-            f"{host}:0",
-            "--output",
-            str(output),
-        ],
+        [*RECEIVE, "--listen", f"{host}:0", "--output", str(output), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -176,24 +183,32 @@ def test_tcp_migration_to_migrate_receive(daemon, running_vm, tmp_path):
         assert doc["verify"]["differing-pages"] == 0
         assert proc.wait(30) == 0
         assert "received" in proc.stdout.read()
+    # the image, written under a temporary name, is in place: slot 1 ends at 8 GiB + 16 MiB
+    assert [p.name for p in tmp_path.iterdir()] == ["remote.img"]
+    assert (tmp_path / "remote.img").stat().st_size == (8 << 30) + 16 * MiB
 
 
 def test_the_sender_is_told_why_the_receiver_refused_the_stream(tmp_path):
+    """A header the receiver does not speak: the sender gets the reason (not "Broken pipe"),
+    and the receiver drops that peer and waits for the next — the real sender may follow."""
     from dirtylogctl.stream import TcpSink
-    from dirtylogctl.wireformat import Header, StreamError
+    from dirtylogctl.wireformat import StreamError
 
     reason = "stream format version 2 is not supported (this receiver speaks version 1)"
     with receiver(tmp_path / "never.img") as (proc, port):
         sink = TcpSink("127.0.0.1", port)
         sink.start(Header("t", (), version=2))
-        assert proc.wait(30) == 1  # refused and gone: the pages below meet a closed socket
-        assert reason in proc.stderr.read()
         pages = np.zeros((256, 4096), np.uint8)
         with pytest.raises(StreamError, match=re.escape(f"refused the stream: {reason}")):
             for _ in range(64):
                 sink.send_pages(np.arange(256) * 4096, pages)
             sink.finish(64 * 256)
         sink.close()
+        line = proc.stderr.readline()
+        assert re.fullmatch(
+            rf"dirtylogctl: dropped 127\.0\.0\.1:\d+: {re.escape(reason)}; still listening\n", line
+        )
+        assert proc.poll() is None
 
 
 class FlippingProxy(threading.Thread):
@@ -443,3 +458,259 @@ def test_a_migration_whose_report_nobody_reads_still_completes(daemon, qmp, runn
     assert (sender.returncode, sender.stderr) == (0, "")
     assert (tmp_path / "image").stat().st_size > 0
     assert vm_state(qmp, vm)["paused"] is False and _consumers(qmp, vm) == ["default"]
+
+
+# --- hostile peers: migrate-receive listens without authentication -----------------------------
+def exchange(port, data, timeout=30.0):
+    """Send ``data`` as a peer, close the sending side, and return every byte answered."""
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as peer:
+        with suppress(OSError):  # a receiver that refuses early may reset the rest
+            peer.sendall(data)
+            peer.shutdown(socket.SHUT_WR)
+        with suppress(OSError):
+            while chunk := peer.recv(65536):
+                answer += chunk
+    return answer
+
+
+def one_line(text):
+    """The receiver's stderr is one line, and not a traceback."""
+    assert text.count("\n") == 1 and text.endswith("\n") and "Traceback" not in text, text
+    return text.rstrip("\n")
+
+
+def test_an_idle_peer_is_dropped_after_the_idle_timeout_and_the_migration_behind_it_succeeds(
+    daemon, running_vm, tmp_path
+):
+    """A peer that connects and sends nothing holds the receiver for --idle-timeout (here 2 s),
+    then is told why and dropped; the sender queued behind it migrates, verified."""
+    vm = running_vm()
+    with receiver(tmp_path / "remote.img", extra=("--idle-timeout", "2")) as (proc, port):
+        idle = socket.create_connection(("127.0.0.1", port))
+        connected = time.monotonic()
+        heard: list[tuple[float, bytes]] = []
+
+        def listen():
+            idle.settimeout(60)
+            data = b""
+            while chunk := idle.recv(4096):
+                data += chunk
+            heard.append((time.monotonic() - connected, data))
+
+        listener = threading.Thread(target=listen, daemon=True)
+        listener.start()
+        out, doc = migrate(daemon, vm, f"tcp:127.0.0.1:{port}", "--verify")
+        assert out.returncode == 0, out.stderr
+        assert doc["verify"]["differing-pages"] == 0
+        assert proc.wait(30) == 0
+        listener.join(10)
+        held, said = heard[0]
+        reason = "no complete stream header within 2 s of connecting"
+        assert 1.8 < held < 10 and said.endswith(reason.encode()), (held, said)
+        err = one_line(proc.stderr.read())
+        assert re.fullmatch(
+            rf"dirtylogctl: dropped 127\.0\.0\.1:\d+: {re.escape(reason)}; still listening", err
+        )
+        idle.close()
+
+
+def test_a_peer_trickling_its_header_is_dropped_at_the_idle_timeout_all_the_same(tmp_path):
+    """A byte every 0.5 s never trips a 2 s idle timeout; the header must be complete 2 s
+    after connecting, so the peer is dropped then, and a real stream after it is received."""
+    with receiver(tmp_path / "img", extra=("--idle-timeout", "2")) as (proc, port):
+        slow = socket.create_connection(("127.0.0.1", port))
+        started = time.monotonic()
+        with suppress(OSError):
+            for byte in SMALL:
+                slow.sendall(bytes([byte]))
+                time.sleep(0.5)
+                if time.monotonic() - started > 10:
+                    break
+        held = time.monotonic() - started
+        line = proc.stderr.readline()
+        assert "no complete stream header within 2 s of connecting" in line, line
+        assert 1.8 < held < 5, held
+        assert exchange(port, SMALL + done_frame(0)).startswith(b"ACK ")
+        assert proc.wait(30) == 0
+        slow.close()
+
+
+def test_a_migration_whose_sender_falls_silent_fails_after_the_idle_timeout(tmp_path):
+    with receiver(tmp_path / "img", extra=("--idle-timeout", "2")) as (proc, port):
+        with socket.create_connection(("127.0.0.1", port)) as peer:
+            peer.sendall(SMALL)
+            started = time.monotonic()
+            assert proc.wait(30) == 1
+            assert 1.8 < time.monotonic() - started < 10
+        err = one_line(proc.stderr.read())
+    assert err == "dirtylogctl: receive failed: nothing from the sender for 2 s"
+    assert not (tmp_path / "img").exists() and list(tmp_path.iterdir()) == []
+
+
+OLD_IMAGE = b"an image from an earlier migration\n" * 1000
+
+
+def raw_header(slots):
+    meta = json.dumps({"version": 1, "page-size": 4096, "vm": "x", "slots": slots}).encode()
+    return b"DLGMIG1\n" + struct.pack("<I", len(meta)) + meta
+
+
+SMALL = encode_header(Header("x", (SlotInfo(0, 0, 16),)))
+REFUSED_PEERS = {
+    # a peer that never sends a valid header is dropped, and the receiver waits on
+    "not-a-migration": (b"GET / HTTP/1.1\r\n\r\n", None, "bad magic"),
+    "version-2": (encode_header(Header("x", (), version=2)), None, "version 2 is not supported"),
+    "slot-2^70": (
+        raw_header([{"slot": 1 << 70, "guest-phys-addr": 0, "npages": 1}]),
+        None,
+        "'slots[0].slot' must be an integer from 0 to 4294967295, not 1180591620717411303424",
+    ),
+    # from a valid header on, the stream is the migration: its failure ends the receiver
+    "slot-reaching-2^63": (
+        raw_header([{"slot": 0, "guest-phys-addr": 1 << 63, "npages": 1}]) + done_frame(0),
+        1,
+        "larger than a file can be",  # before: OverflowError, and the output deleted
+    ),
+    "broken-off-after-a-page": (
+        SMALL + pages_frame(np.array([0]), np.ones(PAGE_SIZE, np.uint8)),
+        1,
+        "the stream ended before DONE",  # before: the output truncated and half written
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_PEERS))
+def test_a_peer_the_receiver_refuses_leaves_an_existing_output_byte_identical(tmp_path, case):
+    data, code, reason = REFUSED_PEERS[case]
+    output = tmp_path / "vm.img"
+    output.write_bytes(OLD_IMAGE)
+    with receiver(output) as (proc, port):
+        answer = exchange(port, data)
+        assert answer.startswith(b"ERR ") and reason.encode() in answer, answer
+        if code is None:
+            line = proc.stderr.readline()
+            assert line.startswith("dirtylogctl: dropped 127.0.0.1:") and reason in line, line
+            assert proc.poll() is None  # still listening
+        else:
+            assert proc.wait(30) == code
+            err = one_line(proc.stderr.read())
+            assert err.startswith("dirtylogctl: receive failed: ") and reason in err, err
+        assert output.read_bytes() == OLD_IMAGE
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["vm.img"]  # no temporary left
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "missing-directory", "read-only-fs"])
+def test_an_output_that_cannot_be_written_is_an_error_before_listening(tmp_path, where):
+    """Root ignores mode bits, so: a path under a regular file, in a directory that does not
+    exist, and on a file system mounted read-only."""
+    if where == "read-only-fs":
+        with tiny_tmpfs(tmp_path / "ro", MiB) as fs:
+            subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
+            output, says = fs / "vm.img", "Read-only file system (EROFS)"
+            done = run_receiver(output)
+    else:
+        (tmp_path / "file").write_bytes(b"")
+        output, says = {
+            "under-a-file": (tmp_path / "file" / "vm.img", "Not a directory (ENOTDIR)"),
+            "missing-directory": (
+                tmp_path / "missing" / "vm.img",
+                "No such file or directory (ENOENT)",
+            ),
+        }[where]
+        done = run_receiver(output)
+    assert done.returncode == 1 and done.stdout == ""  # it never listened
+    err = one_line(done.stderr)
+    assert err == f"dirtylogctl: receive failed: cannot write the image {output}: {says}", err
+
+
+def run_receiver(output):
+    return subprocess.run(
+        [*RECEIVE, "--listen", "127.0.0.1:0", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+
+
+@pytest.mark.parametrize("why", ["max-image-size", "directory-removed"])
+def test_a_sender_whose_stream_the_receiver_refuses_prints_the_receivers_reason(
+    daemon, qmp, running_vm, tmp_path, why
+):
+    """The receiver refuses once the pages flow: the sender's write fails, and what it
+    reports is the receiver's ERR, not "Broken pipe"; the source runs on."""
+    vm = running_vm()  # 64 MiB of slots
+    (tmp_path / "dir").mkdir()
+    output = tmp_path / "dir" / "remote.img"
+    extra = ("--max-image-size", "1M") if why == "max-image-size" else ()
+    with receiver(output, extra=extra) as (proc, port):
+        if why == "max-image-size":
+            reason = (
+                "the image needs 67108864 bytes for its slots, over the receiver's limit of "
+                "1048576 (--max-image-size)"
+            )
+        else:
+            (tmp_path / "dir").rmdir()
+            reason = f"cannot create the image {output}: No such file or directory (ENOENT)"
+        out = ctl(daemon, "migrate", vm, f"tcp:127.0.0.1:{port}")
+        assert proc.wait(30) == 1
+        assert one_line(proc.stderr.read()) == f"dirtylogctl: receive failed: {reason}"
+    assert out.returncode == 1
+    assert f"the destination refused the stream: {reason}" in out.stderr, out.stderr
+    assert "Broken pipe" not in out.stderr and "reset" not in out.stderr
+    assert vm_state(qmp, vm)["paused"] is False
+
+
+def memory(pid):
+    """The peak RSS and the file-backed RSS of a process, in bytes (/proc/PID/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines())
+    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmHWM", "RssFile")}
+
+
+def test_a_receiver_under_the_largest_frames_stays_small_and_refuses_larger_ones(tmp_path):
+    """A full VERIFY (16,384 pages named in 256 KiB) costs the receiver process a few MiB
+    besides the image pages it maps (before: 128 MiB more); a VERIFY of 2^18 is refused from
+    its head, with the limit in the ERR, and ends the receiver with one line."""
+    with receiver(tmp_path / "img") as (proc, port):
+        peer = socket.create_connection(("127.0.0.1", port), timeout=30)
+        peer.sendall(encode_header(Header("x", (SlotInfo(0, 0, MAX_VERIFY_PAGES),))))
+        peer.sendall(done_frame(0))
+        assert recv_exactly(peer, 12) == b"ACK " + bytes(8)
+        before = memory(proc.pid)
+        gpas = np.arange(MAX_VERIFY_PAGES) * PAGE_SIZE
+        zero = page_digests(np.zeros((1, PAGE_SIZE), np.uint8), 11)
+        peer.sendall(verify_frame(11, gpas, zero.repeat(MAX_VERIFY_PAGES)))
+        assert recv_exactly(peer, 8) == b"DIFF" + bytes(4)
+        after = memory(proc.pid)
+        grew = (after["VmHWM"] - before["VmHWM"]) - (after["RssFile"] - before["RssFile"])
+        assert grew < 16 * MiB, f"{grew / MiB:.0f} MiB"
+        peer.sendall(struct.pack("<BIQ", 3, 1 << 18, 0))  # only the head of the frame
+        reason = b"frame 3: VERIFY of 262144 pages is over the limit of 16384"
+        answer = recv_exactly(peer, 8 + len(reason))
+        assert answer == b"ERR " + struct.pack("<I", len(reason)) + reason
+        assert proc.wait(30) == 1
+        assert one_line(proc.stderr.read()) == f"dirtylogctl: receive failed: {reason.decode()}"
+        peer.close()
+
+
+def recv_exactly(sock, n):
+    data = b""
+    while len(data) < n and (chunk := sock.recv(n - len(data))):
+        data += chunk
+    return data
+
+
+MALFORMED = {
+    "unknown-frame-type": SMALL + struct.pack("<BIQ", 9, 0, 0) + bytes(4),
+    "unaligned-page": SMALL + pages_frame(np.array([0x1001]), np.ones(PAGE_SIZE, np.uint8)),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_migration_stream_ends_the_receiver_with_one_line_and_exit_1(tmp_path, case):
+    with receiver(tmp_path / "img") as (proc, port):
+        answer = exchange(port, MALFORMED[case] + done_frame(1))
+        assert proc.wait(30) == 1
+        err = one_line(proc.stderr.read())
+    assert err.startswith("dirtylogctl: receive failed: frame 1: ") and answer.startswith(b"ERR ")

@@ -265,3 +265,20 @@ def test_the_sender_verifies_in_steps_of_the_receivers_limit():
     sink = RecordingSink()
     asyncio.run(migration._verify([slot(MAX_VERIFY_PAGES + 1)], sink))
     assert sink.verified == [MAX_VERIFY_PAGES, 1]
+
+
+# --- the header's limits ------------------------------------------------------------------------
+def test_the_most_slots_at_their_widest_fit_the_header_and_one_more_is_refused_by_both_ends():
+    """MAX_HEADER_BYTES is small (a hostile header costs ~25 bytes of objects a byte), yet a
+    VM of MAX_SLOTS slots with the longest numbers and a 64-character name still fits it."""
+    from dirtylogctl.wireformat import MAX_SLOT_FIELD, MAX_SLOTS
+
+    wide = SlotInfo(MAX_SLOT_FIELD, (1 << 63) + (1 << 62), (1 << 50) - 1)
+    header = Header("v" * 64, (wide,) * MAX_SLOTS)
+    assert len(encode_header(header)) <= len(MAGIC) + 4 + MAX_HEADER_BYTES
+    assert read_header(reader(encode_header(header))) == header
+    over = Header("vm", (SlotInfo(0, 0, 1),) * (MAX_SLOTS + 1))
+    with pytest.raises(StreamError, match="the VM has 1025 memslots; format version 1 carries"):
+        encode_header(over)
+    doc = {**GOOD, "slots": [{"slot": 0, "guest-phys-addr": 0, "npages": 1}] * (MAX_SLOTS + 1)}
+    assert refusal(raw_header(doc)) == "bad stream header: 1025 slots, over the limit of 1024"
