@@ -235,6 +235,9 @@ def run_receive(args: argparse.Namespace) -> int:
     except (StreamError, OSError) as exc:
         print(f"dirtylogctl: receive failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:  # the partial image is removed on the way out; --output stays
+        print(f"dirtylogctl: interrupted; {args.output} was not changed", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(
         f"received {got.pages} pages into {args.output}"
         + (

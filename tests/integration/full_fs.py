@@ -17,7 +17,7 @@ from tests.conftest import need
 def tiny_tmpfs(path: Path, size: int) -> Iterator[Path]:
     """A tmpfs of ``size`` bytes mounted at ``path``, unmounted whatever happens."""
     need(os.geteuid() == 0, "mounting a tmpfs needs root")
-    path.mkdir()
+    path.mkdir(parents=True, exist_ok=True)
     mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]
     done = subprocess.run(mount, capture_output=True, text=True)
     need(done.returncode == 0, f"cannot mount a tmpfs: {done.stderr.strip()}")

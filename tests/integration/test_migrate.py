@@ -714,3 +714,25 @@ def test_a_malformed_migration_stream_ends_the_receiver_with_one_line_and_exit_1
         assert proc.wait(30) == 1
         err = one_line(proc.stderr.read())
     assert err.startswith("dirtylogctl: receive failed: frame 1: ") and answer.startswith(b"ERR ")
+
+
+def test_ctrl_c_on_migrate_receive_is_exit_130_with_one_line_and_the_output_untouched(tmp_path):
+    output = tmp_path / "image.img"
+    output.write_bytes(b"an older image")
+    receiver = subprocess.Popen(
+        [*CTL, "migrate-receive", "--listen", "127.0.0.1:0", "--output", str(output)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert receiver.stdout.readline().startswith("listening on")
+        receiver.send_signal(signal.SIGINT)
+        _, err = receiver.communicate(timeout=10)
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+    assert receiver.returncode == 130
+    assert err.strip().splitlines() == [f"dirtylogctl: interrupted; {output} was not changed"]
+    assert output.read_bytes() == b"an older image"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.img"]

@@ -5,19 +5,16 @@ racing a kill), or fills the state file system, and checks the restore policy of
 ``dirtylogd.service.registry.Service.restore`` and the all-or-nothing commands.
 """
 
-import contextlib
 import json
 import os
-import shutil
 import subprocess
 import threading
 import time
 
 import pytest
 
-from tests.conftest import need
-
 from .daemon_proc import Daemon
+from .full_fs import fill_leaving, tiny_tmpfs
 from .test_restart import dirty, setup_vm
 
 MiB = 1 << 20
@@ -144,37 +141,14 @@ def test_a_ram_file_no_record_names_is_left_in_place(tmp_path):
 
 
 # --- item 5: a state file system that is full, or read-only ---------------------------------------
-@contextlib.contextmanager
-def tiny_tmpfs(path, size="256k"):
-    need(os.geteuid() == 0, "mounting a tmpfs needs root")
-    need(shutil.which("mount") is not None, "mount is not installed")
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(directory):
-    """Take every free byte of the file system ``directory`` is on."""
-    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        with contextlib.suppress(OSError):
-            while os.write(fd, b"\0" * 4096):
-                pass
-    finally:
-        os.close(fd)
-
-
 def test_state_changing_commands_are_all_or_nothing_on_a_full_disk(tmp_path):
-    with tiny_tmpfs(tmp_path / "state" / "vms"):
+    with tiny_tmpfs(tmp_path / "state" / "vms", 256 << 10):
         d = Daemon(tmp_path, metrics=False)
         try:
             with d.client() as q:
                 setup_vm(q)
                 before = q("query-vms")
-                fill(tmp_path / "state" / "vms")
+                fill_leaving(tmp_path / "state" / "vms", 0)
                 for command, args in [
                     ("vm-create", {"name": "new", "memslots": []}),
                     ("consumer-add", {"vm": "keep", "name": "late"}),
@@ -226,11 +200,11 @@ def test_state_changing_commands_are_all_or_nothing_on_a_full_disk(tmp_path):
 
 
 def test_a_graceful_save_that_meets_a_full_disk_costs_no_vm_and_no_page(tmp_path):
-    with tiny_tmpfs(tmp_path / "state" / "vms"):
+    with tiny_tmpfs(tmp_path / "state" / "vms", 256 << 10):
         d = Daemon(tmp_path, metrics=False)
         with d.client() as q:
             setup_vm(q)
-            fill(tmp_path / "state" / "vms")
+            fill_leaving(tmp_path / "state" / "vms", 0)
         assert d.stop() == 0  # SIGTERM: the save fails, the daemon still stops cleanly
         assert "could not be saved" in d.output_after_stop()
         os.unlink(tmp_path / "state" / "vms" / "filler")
@@ -248,7 +222,7 @@ def test_a_graceful_save_that_meets_a_full_disk_costs_no_vm_and_no_page(tmp_path
 def test_stop_and_cont_take_effect_without_a_disk_and_mark_the_record_unclean(tmp_path):
     # The records' directory is the mount: the daemon's lock file, open for writing one level
     # up, would keep a remount read-only from succeeding.
-    with tiny_tmpfs(tmp_path / "state" / "vms"):
+    with tiny_tmpfs(tmp_path / "state" / "vms", 256 << 10):
         d = Daemon(tmp_path)
         try:
             with d.client() as q:
