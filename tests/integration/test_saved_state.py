@@ -134,6 +134,8 @@ def test_a_ram_file_no_record_names_is_left_in_place(tmp_path):
     ghost.write_bytes(b"guest memory")
     d = Daemon(tmp_path, metrics=False)
     try:
+        with d.client() as q:  # answered once the restore is done (the socket is bound before)
+            assert [v["name"] for v in q("query-vms")] == ["keep"]
         assert ghost.read_bytes() == b"guest memory"
         assert "ghost.ram belongs to no saved VM" in d.output()
     finally:
