@@ -26,7 +26,14 @@ def free_port() -> int:
 class Daemon:
     """``python -m dirtylogd`` in a subprocess; stopped with SIGTERM, which must exit 0."""
 
-    def __init__(self, tmp: Path, *extra: str, metrics: bool = True, env: dict | None = None):
+    def __init__(
+        self,
+        tmp: Path,
+        *extra: str,
+        metrics: bool = True,
+        env: dict | None = None,
+        wrapper: tuple[str, ...] = (),
+    ):
         tmp.mkdir(parents=True, exist_ok=True)
         self.log_path = tmp / "daemon.log"
         self.socket = str(tmp / "qmp.sock")
@@ -34,6 +41,7 @@ class Daemon:
         self.port = free_port() if metrics else None
         self.state_dir = str(tmp / "state")
         args = [
+            *wrapper,
             sys.executable,
             "-m",
             "dirtylogd",

@@ -66,6 +66,27 @@ def test_metrics_have_every_standard_process_series(daemon):
     assert time.time() - 600 < daemon.metric("process_start_time_seconds") < time.time()
 
 
+def test_process_series_survive_proc_subset_pid(tmp_path):
+    """The real daemon in a procfs mounted as ProcSubset=pid mounts it: no /proc/stat."""
+    unshare = need_tool("unshare")
+    probe = subprocess.run(
+        [unshare, "-m", "sh", "-c", "mount -t proc -o subset=pid proc /proc"],
+        capture_output=True,
+        timeout=30,
+    )
+    need(probe.returncode == 0, f"cannot mount a subset=pid procfs here: {probe.stderr!r}")
+    remount = 'mount -t proc -o subset=pid proc /proc && test ! -e /proc/stat && exec "$@"'
+    wrapper = (unshare, "-m", "sh", "-c", remount, "sh")  # exec: the daemon gets SIGTERM
+    d = Daemon(tmp_path, wrapper=wrapper)
+    try:
+        for name in ("process_resident_memory_bytes", "process_start_time_seconds"):
+            assert d.metric(name) > 0, name
+        assert "process_cpu_seconds_total" in d.metrics()
+        assert abs(d.metric("process_start_time_seconds") - time.time()) < 600
+    finally:
+        assert d.stop() == 0, d.output_after_stop()
+
+
 def _journal_stream(path: Path) -> dict[str, str]:
     """JOURNAL_STREAM naming ``path``, as systemd sets it for a stderr connected to journald."""
     st = os.stat(path)
