@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,14 @@ def free_port() -> int:
 class Daemon:
     """``python -m dirtylogd`` in a subprocess; stopped with SIGTERM, which must exit 0."""
 
-    def __init__(self, tmp: Path, *extra: str, metrics: bool = True, env: dict | None = None):
+    def __init__(
+        self,
+        tmp: Path,
+        *extra: str,
+        metrics: bool = True,
+        env: dict | None = None,
+        wrapper: tuple[str, ...] = (),
+    ):
         tmp.mkdir(parents=True, exist_ok=True)
         self.log_path = tmp / "daemon.log"
         self.socket = str(tmp / "qmp.sock")
@@ -33,6 +41,7 @@ class Daemon:
         self.port = free_port() if metrics else None
         self.state_dir = str(tmp / "state")
         args = [
+            *wrapper,
             sys.executable,
             "-m",
             "dirtylogd",
@@ -59,8 +68,20 @@ class Daemon:
         return f"http://127.0.0.1:{self.port}/metrics"
 
     def metrics(self) -> str:
-        """One scrape of /metrics, as Prometheus would get it."""
-        return urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
+        """One scrape of /metrics, as Prometheus would get it.
+
+        The QMP socket is bound before the endpoint is served, so right after start a refused
+        connection is retried for a while.
+        """
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                return urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
+            except urllib.error.URLError as exc:
+                refused = isinstance(exc.reason, ConnectionRefusedError)
+                if not refused or time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.05)
 
     def metric(self, sample: str) -> float:
         """The value of one exposition line, named with its labels: 'name{label="v"}'."""

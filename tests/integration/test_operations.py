@@ -53,6 +53,84 @@ def test_metrics_pass_promtool_check(daemon, qmp):
     qmp("vm-remove", vm="metrics")
 
 
+def test_metrics_have_every_standard_process_series(daemon):
+    for name in (
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_start_time_seconds",
+        "process_open_fds",
+        "process_max_fds",
+    ):
+        assert daemon.metric(name) > 0, name
+    assert time.time() - 600 < daemon.metric("process_start_time_seconds") < time.time()
+
+
+def test_process_series_survive_proc_subset_pid(tmp_path):
+    """The real daemon in a procfs mounted as ProcSubset=pid mounts it: no /proc/stat."""
+    unshare = need_tool("unshare")
+    probe = subprocess.run(
+        [unshare, "-m", "sh", "-c", "mount -t proc -o subset=pid proc /proc"],
+        capture_output=True,
+        timeout=30,
+    )
+    need(probe.returncode == 0, f"cannot mount a subset=pid procfs here: {probe.stderr!r}")
+    remount = 'mount -t proc -o subset=pid proc /proc && test ! -e /proc/stat && exec "$@"'
+    wrapper = (unshare, "-m", "sh", "-c", remount, "sh")  # exec: the daemon gets SIGTERM
+    d = Daemon(tmp_path, wrapper=wrapper)
+    try:
+        for name in ("process_resident_memory_bytes", "process_start_time_seconds"):
+            assert d.metric(name) > 0, name
+        assert "process_cpu_seconds_total" in d.metrics()
+        assert abs(d.metric("process_start_time_seconds") - time.time()) < 600
+    finally:
+        assert d.stop() == 0, d.output_after_stop()
+
+
+def _journal_stream(path: Path) -> dict[str, str]:
+    """JOURNAL_STREAM naming ``path``, as systemd sets it for a stderr connected to journald."""
+    st = os.stat(path)
+    return {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+
+
+def test_on_a_journal_stream_every_record_is_one_line_with_its_priority(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        log = tmp_path / "failed.log"
+        with open(log, "w") as out:
+            r = subprocess.run(
+                [
+                    *(sys.executable, "-m", "dirtylogd", "--socket", str(tmp_path / "q.sock")),
+                    *("--runtime-dir", str(tmp_path / "vms"), "--state-dir", "none"),
+                    *("--metrics-listen", f"127.0.0.1:{port}"),
+                ],
+                stdout=out,
+                stderr=out,
+                env={**os.environ, **_journal_stream(log)},
+                timeout=30,
+            )
+    assert r.returncode == 1
+    errors = [line for line in log.read_text().splitlines() if line.startswith("<3>")]
+    assert len(errors) == 1, log.read_text()
+    assert f"cannot use 127.0.0.1:{port} for metrics" in errors[0]
+
+    (tmp_path / "d").mkdir()
+    log = tmp_path / "d" / "daemon.log"  # Daemon reopens it in place: same inode
+    log.touch()
+    d = Daemon(tmp_path / "d", env=_journal_stream(log))
+    assert d.stop() == 0
+    lines = d.output_after_stop().splitlines()
+    assert lines and all(re.match(r"<[2-7]>dirtylogd", line) for line in lines), lines
+    assert any(line.startswith("<6>") and "listening on" in line for line in lines), lines
+
+
+def test_by_hand_log_lines_start_with_a_timestamp(fresh_daemon):
+    d = fresh_daemon()
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} INFO dirtylogd", d.output())
+
+
 def _units(tmp_path: Path) -> Path:
     """The shipped units, with ExecStart pointing at the dirtylogd installed here."""
     exe = shutil.which("dirtylogd")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import grp
-import logging
 import math
 import os
 import pwd
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dirtylogd import __version__
+from dirtylogd.ops import logs
 from dirtylogd.service.vm import DEFAULT_MAX_CONSUMERS
 
 # Outside Prometheus' allocations (9090-9094 for its own components, 9100-9999 for exporters,
@@ -287,4 +287,5 @@ def _seconds(value: Any, key: str) -> float:
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    """Log to stderr at ``level``; see :mod:`dirtylogd.ops.logs` for the format."""
+    logs.configure(level)

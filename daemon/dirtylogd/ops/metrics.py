@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import platform
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -170,10 +171,24 @@ def _number(value: object) -> float:
     return float(value)
 
 
-def make_registry(service: Service, server: ServerTelemetry) -> CollectorRegistry:
+class UnitProcessCollector(ProcessCollector):
+    """prometheus_client's process_* series, with the boot time taken from CLOCK_BOOTTIME.
+
+    The library reads the boot time from /proc/stat and exports nothing without it; the unit's
+    ProcSubset=pid hides /proc/stat, while /proc/self (stat, limits, fd) stays visible.
+    """
+
+    def _boot_time(self) -> float:
+        return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def make_registry(
+    service: Service, server: ServerTelemetry, proc: str = "/proc"
+) -> CollectorRegistry:
+    """The collectors /metrics serves; ``proc`` is where procfs is (a test gives a copy)."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(DirtylogdCollector(service, server))
-    ProcessCollector(registry=registry)
+    UnitProcessCollector(proc=proc, registry=registry)
     return registry
 
 
