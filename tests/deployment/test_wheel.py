@@ -107,12 +107,31 @@ def test_commands_run_without_extras(installed_wheel):
     ).stdout.split()
     assert not present, f"the venv has the test extra's {present}: not what a user gets"
 
-    for command in ("dirtylogd", "dirtylogctl"):
+    for command in ("dirtylogd", "dirtylogctl", "dirtylogd-install-units"):
         out = installed_wheel.run(command, "--help").stdout
         assert out.startswith(f"usage: {command}"), out
     # The version comes from the installed metadata; a checkout never installed says 0+unknown.
     out = installed_wheel.run("dirtylogd", "--version").stdout
     assert project["version"] in out, f"dirtylogd --version says {out!r}"
+
+
+def test_the_wheel_installs_its_units_pointing_into_its_venv(installed_wheel, tmp_path):
+    """The systemd templates ship as data files; installed from the venv, ExecStart= runs it."""
+    out = installed_wheel.run("dirtylogd-install-units", "--root", tmp_path).stdout
+    assert "next: systemctl enable --now dirtylogd.socket" in out, out
+    units = tmp_path / "etc" / "systemd" / "system"
+    assert sorted(p.name for p in units.iterdir()) == [
+        "dirtylogd.service",
+        "dirtylogd.socket",
+        "run-dirtylogd-ram.mount",
+    ]
+    (execstart,) = [
+        line.split()[0]
+        for line in (units / "dirtylogd.service").read_text().splitlines()
+        if line.startswith("ExecStart=")
+    ]
+    assert execstart == f"ExecStart={installed_wheel.bin('dirtylogd')}"
+    assert (tmp_path / "etc" / "sysusers.d" / "dirtylogd.conf").read_text().count("dirtylogd") > 1
 
 
 @pytest.fixture

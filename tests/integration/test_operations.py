@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from dirtylogd.ops import install
 from tests.conftest import need, need_tool
 
 from .daemon_proc import Daemon, Qmp
 
-ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 
 
@@ -132,20 +132,19 @@ def test_by_hand_log_lines_start_with_a_timestamp(fresh_daemon):
 
 
 def _units(tmp_path: Path) -> Path:
-    """The shipped units, with ExecStart pointing at the dirtylogd installed here."""
+    """The shipped units as dirtylogd-install-units writes them for the dirtylogd installed
+    here (--root: a staging tree); the folder they are in."""
     exe = shutil.which("dirtylogd")
     need(exe is not None, "dirtylogd is not installed on PATH")
-    for unit in ("dirtylogd.service", "dirtylogd.socket"):
-        text = (ROOT / "systemd" / unit).read_text().replace("/usr/bin/dirtylogd", str(exe))
-        (tmp_path / unit).write_text(text)
-    return tmp_path
+    assert install.main(["--root", str(tmp_path), "--executable", str(exe)]) == 0
+    return tmp_path / "etc" / "systemd" / "system"
 
 
 def test_systemd_analyze_verify_is_silent(tmp_path):
     analyze = need_tool("systemd-analyze")
     units = _units(tmp_path)
     out = subprocess.run(
-        [analyze, "verify", "dirtylogd.service", "dirtylogd.socket"],
+        [analyze, "verify", "dirtylogd.service", "dirtylogd.socket", "run-dirtylogd-ram.mount"],
         cwd=units,
         capture_output=True,
         text=True,
