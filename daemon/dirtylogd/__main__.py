@@ -14,7 +14,7 @@ import sys
 
 from dirtylogd import __version__
 from dirtylogd.api.dispatch import BoundCommands
-from dirtylogd.ops import instance, systemd
+from dirtylogd.ops import instance, logs, systemd
 from dirtylogd.ops.config import Config, ConfigError, configure_logging, load
 from dirtylogd.ops.demo import start_demo
 from dirtylogd.ops.metrics import make_registry, serve
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load(argv)
     except ConfigError as exc:
-        print(f"dirtylogd: {exc}", file=sys.stderr)
+        logs.print_error(str(exc))
         return 2
     configure_logging(config.log_level)
     try:

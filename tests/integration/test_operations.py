@@ -126,6 +126,23 @@ def test_on_a_journal_stream_every_record_is_one_line_with_its_priority(tmp_path
     assert any(line.startswith("<6>") and "listening on" in line for line in lines), lines
 
 
+def test_a_bad_setting_reaches_the_journal_as_an_error(tmp_path):
+    """A config error comes before logging is set up; under a unit it must still be priority 3."""
+    log = tmp_path / "bad.log"
+    log.touch()
+    with open(log, "w") as out:
+        r = subprocess.run(
+            [sys.executable, "-m", "dirtylogd", "--metrics-listen", "nowhere"],
+            stdout=out,
+            stderr=out,
+            env={**os.environ, **_journal_stream(log)},
+            timeout=30,
+        )
+    assert r.returncode == 2
+    (line,) = log.read_text().splitlines()
+    assert line.startswith("<3>dirtylogd: ") and "metrics" in line, line
+
+
 def test_by_hand_log_lines_start_with_a_timestamp(fresh_daemon):
     d = fresh_daemon()
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} INFO dirtylogd", d.output())

@@ -67,3 +67,10 @@ def configure(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JournalFormatter() if stderr_is_journal() else ConsoleFormatter())
     logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+def print_error(text: str) -> None:
+    """An error from before logging is configured (a bad flag or config file): one line,
+    with priority 3 when stderr is the journal, so ``journalctl -p err`` shows why it failed."""
+    prefix = "<3>" if stderr_is_journal() else ""
+    print(prefix + "dirtylogd: " + NEWLINE.join(text.splitlines()), file=sys.stderr)
