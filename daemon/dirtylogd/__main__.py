@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 
 from dirtylogd import __version__
@@ -97,7 +98,7 @@ async def _serve(config: Config) -> None:
                 ) from None
             log.info("metrics on http://%s:%d/metrics", host, port)
         server.start()
-        where = "the socket systemd passed" if inherited else config.socket
+        where = f"{_name(inherited)} (from systemd)" if inherited else config.socket
         interval = systemd.watchdog_interval()
         if interval:
             background.append(asyncio.create_task(systemd.watchdog(interval)))
@@ -114,6 +115,14 @@ async def _serve(config: Config) -> None:
         if metrics_server is not None:
             metrics_server.shutdown()
         log.info("stopped")
+
+
+def _name(sock: socket.socket) -> str:
+    """A listening socket's path as STATUS= and the log name it (abstract ones start with @)."""
+    name = sock.getsockname()
+    if isinstance(name, bytes):
+        name = "@" + name[1:].decode(errors="replace")
+    return str(name) or "an unnamed socket"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -218,7 +218,7 @@ def test_socket_activation_starts_the_daemon_on_first_connect(tmp_path):
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=20)
     assert proc.returncode == 0, output
-    assert "listening on the socket systemd passed" in output
+    assert f"listening on {sock} (from systemd)" in output, output
 
 
 def test_a_socket_activated_daemon_still_has_its_directories_to_itself(tmp_path):
