@@ -20,6 +20,7 @@ What the tree holds and why (``essential`` variant, no Recommends, no apt):
 - python3, python3-venv: ``python3 -m venv`` with pip (from the bundled wheel) for installing
   the project's wheel inside.
 - passwd (useradd, groupadd), util-linux (runuser; essential anyway).
+- libstdc++6: numpy's wheels link it; any real Debian host has it (apt depends on it).
 - No dbus: as root, systemctl talks to PID 1 over /run/systemd/private; systemd-logind is
   skipped by its condition (no dbus.service), not failed, so the system reaches "running".
   ``loginctl``, ``hostnamectl`` and ``busctl`` do not work, and ``systemctl`` as a non-root
@@ -97,6 +98,9 @@ PACKAGES = (
     "python3-venv",
     "passwd",
     "util-linux",
+    # numpy's manylinux wheels link libstdc++; every real Debian host has it (apt needs it),
+    # the essential variant does not.
+    "libstdc++6",
 )
 DPKG_OPTIONS = (
     "path-exclude=/usr/share/man/*",
