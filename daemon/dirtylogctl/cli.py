@@ -22,7 +22,7 @@ from typing import Any
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 
-from dirtylogctl import connection, migrate_cli, output
+from dirtylogctl import __version__, connection, migrate_cli, output
 from dirtylogctl.argtypes import finite_float, positive_float
 from dirtylogctl.paths import SOCKET_ENV, default_socket, socket_path
 
@@ -398,18 +398,34 @@ class _Reserved:
             os.unlink(self.tmp)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    fallback = default_socket(os.geteuid(), os.environ)
+def build_parser(fallback: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line. ``fallback`` is the socket -s's help names when
+    $DIRTYLOGD_SOCKET is unset: this user's by default; the man page passes the rule for all
+    users (:data:`dirtylogctl.paths.DEFAULT_SOCKET_RULE`), so what it says is not whoever
+    generated it."""
+    fallback = fallback or default_socket(os.geteuid(), os.environ)
     p = argparse.ArgumentParser(prog="dirtylogctl", description="Talk to dirtylogd over QMP.")
     p.add_argument(
         "-s",
         "--socket",
+        metavar="PATH",
         default=socket_path(os.geteuid(), os.environ),
-        help=f"daemon socket (default ${SOCKET_ENV} or {fallback})",
+        help=f"daemon socket (default ${SOCKET_ENV}, else {fallback})",
     )
     p.add_argument("--json", action="store_true", help="print the daemon's JSON answers")
     p.add_argument(
-        "--timeout", type=positive_float, default=30.0, help="seconds to wait for a connection"
+        "--timeout",
+        type=positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="seconds to wait for a connection (default 30)",
+    )
+    # Parsed before any connection: the client's own version, with or without a daemon.
+    p.add_argument(
+        "--version",
+        action="version",
+        version=f"dirtylogctl {__version__}",
+        help="show this client's version and exit ('dirtylogctl version' asks the daemon)",
     )
     sub = p.add_subparsers(dest="family", required=True, metavar="COMMAND")
 

@@ -15,6 +15,11 @@ import os
 from collections.abc import Mapping
 
 SOCKET_ENV = "DIRTYLOGD_SOCKET"
+# The default for every user, as the man page says it (--help names the running user's).
+DEFAULT_SOCKET_RULE = (
+    "/run/dirtylogd/qmp.sock as root, $XDG_RUNTIME_DIR/dirtylogd/qmp.sock as another user "
+    "(/tmp/dirtylogd-UID/dirtylogd/qmp.sock without $XDG_RUNTIME_DIR)"
+)
 
 
 def default_socket(euid: int, env: Mapping[str, str]) -> str:

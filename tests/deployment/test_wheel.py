@@ -7,12 +7,14 @@ dependency that packaging forgets fails here by name.
 import json
 import os
 import re
+import subprocess
 import tomllib
 import zipfile
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import need
+from tests.conftest import need, need_tool
 from tests.deployment.conftest import REPO, source_packages
 
 pytestmark = pytest.mark.deployment
@@ -132,6 +134,56 @@ def test_the_wheel_installs_its_units_pointing_into_its_venv(installed_wheel, tm
     ]
     assert execstart == f"ExecStart={installed_wheel.bin('dirtylogd')}"
     assert (tmp_path / "etc" / "sysusers.d" / "dirtylogd.conf").read_text().count("dirtylogd") > 1
+
+
+def shipped_data_files() -> dict[str, Path]:
+    """Where under the venv each generated or example file belongs: its repository copy."""
+    files = {f"share/man/man{p.suffix[1:]}/{p.name}": p for p in (REPO / "docs/man").iterdir()}
+    for shell, folder in [("bash", "bash-completion/completions"), ("zsh", "zsh/site-functions")]:
+        files |= {f"share/{folder}/{p.name}": p for p in (REPO / "completions" / shell).iterdir()}
+    files["share/doc/dirtylogd/dirtylogd.toml"] = REPO / "docs" / "dirtylogd.toml"
+    return files
+
+
+def test_the_wheel_installs_man_pages_completion_and_the_example_config(installed_wheel):
+    files = shipped_data_files()
+    assert {
+        "share/man/man8/dirtylogd.8",
+        "share/man/man1/dirtylogctl.1",
+        "share/bash-completion/completions/dirtylogctl",
+        "share/zsh/site-functions/_dirtylogd",
+    } <= set(files)
+    for name, source in files.items():
+        installed = installed_wheel.venv / name
+        assert installed.is_file(), f"the wheel did not install {name}"
+        assert installed.read_bytes() == source.read_bytes(), f"{name} differs from {source}"
+    (license_,) = installed_wheel.venv.glob(
+        "lib/python*/site-packages/dirtylogd-*.dist-info/licenses/LICENSE"
+    )
+    assert license_.read_bytes() == (REPO / "LICENSE").read_bytes()
+
+
+def test_man_finds_the_pages_of_a_venv_on_path(installed_wheel):
+    """man-db looks in ../share/man of every $PATH entry: the README's promise for a venv."""
+    need_tool("man")
+    env = {k: v for k, v in installed_wheel.env.items() if k not in ("MANPATH", "MANPAGER")}
+    for page, section in [("dirtylogctl", "1"), ("dirtylogd", "8")]:
+        done = subprocess.run(
+            ["man", "-w", page],
+            env=env,
+            cwd=installed_wheel.workdir,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        expected = installed_wheel.venv / "share" / "man" / f"man{section}" / f"{page}.{section}"
+        assert Path(done.stdout.strip()).resolve() == expected.resolve(), done
+
+
+def test_ctl_version_is_the_installed_one_without_a_daemon(installed_wheel, tmp_path):
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    out = installed_wheel.run("dirtylogctl", "-s", tmp_path / "nobody.sock", "--version").stdout
+    assert out == f"dirtylogctl {project['version']}\n"
 
 
 @pytest.fixture

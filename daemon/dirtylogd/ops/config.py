@@ -1,13 +1,19 @@
 """Configuration: defaults that depend on who runs the daemon, a TOML file, then flags.
 
 The TOML file takes the same keys as the long flags (``runtime-dir = "/run/x"``); a flag given
-on the command line wins over the file, the file over the defaults.
+on the command line wins over the file, the file over the defaults. Each key's TOML type follows
+from its flag (:func:`toml_keys`), and a value of another type is an error, not a conversion:
+``demo = "false"`` would otherwise turn the demo on. ``docs/dirtylogd.toml`` lists every key
+with its default.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import difflib
 import grp
+import json
 import math
 import os
 import pwd
@@ -89,9 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--socket",
         metavar="PATH",
         help="QMP unix socket (default /run/dirtylogd/qmp.sock as root, else "
-        "$XDG_RUNTIME_DIR/dirtylogd/qmp.sock); ignored under socket activation",
+        "$XDG_RUNTIME_DIR/dirtylogd/qmp.sock, or /tmp/dirtylogd-UID/dirtylogd/qmp.sock "
+        "without $XDG_RUNTIME_DIR); ignored under socket activation",
     )
-    p.add_argument("--runtime-dir", metavar="DIR", help="where simulated VMs keep their RAM files")
+    p.add_argument(
+        "--runtime-dir",
+        metavar="DIR",
+        help="where simulated VMs keep their RAM files (default /run/dirtylogd/vms as root, "
+        "else $XDG_RUNTIME_DIR/dirtylogd/vms, or /tmp/dirtylogd-UID/dirtylogd/vms)",
+    )
     p.add_argument(
         "--state-dir",
         metavar="DIR",
@@ -181,15 +193,105 @@ def _read_toml(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    known = {a.dest.replace("_", "-") for a in build_parser()._actions} - {
-        "help",
-        "version",
-        "config",
-    }
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"config file {path}: unknown keys {unknown} (known: {sorted(known)})")
+    problems = check_toml(data)
+    if problems:
+        raise ConfigError(f"config file {path}: " + "; ".join(problems))
     return data
+
+
+# What a key's value must be in TOML, by the kind of its flag, as the error message says it.
+EXPECTED = {
+    "boolean": "true or false",
+    "integer": "an integer",
+    "number": "a number",
+    "string": "a string",
+    "names": "a name, a number, or an array of them",
+}
+
+
+def toml_keys(parser: argparse.ArgumentParser | None = None) -> dict[str, str]:
+    """Every key the config file takes, in the parser's order, with its kind (see EXPECTED).
+
+    Derived from the flags, so a new flag is a new key; a flag of a kind this function does not
+    know raises TypeError (a test builds the table), rather than going unchecked."""
+    keys = {}
+    for action in (parser or build_parser())._actions:
+        if isinstance(action, argparse._HelpAction | argparse._VersionAction):
+            continue
+        if not action.option_strings or action.dest == "config":
+            continue
+        keys[action.dest.replace("_", "-")] = _kind(action)
+    return keys
+
+
+def _kind(action: argparse.Action) -> str:
+    if isinstance(action, argparse._StoreTrueAction):
+        return "boolean"
+    if isinstance(action, argparse._AppendAction) and action.type is None:
+        return "names"  # --allow-uid/--allow-gid: a user or group by name or number
+    if isinstance(action, argparse._StoreAction) and action.type in (int, float, None):
+        return {int: "integer", float: "number", None: "string"}[action.type]
+    raise TypeError(f"{action.option_strings}: no TOML type for a flag of this kind")
+
+
+def check_toml(data: dict[str, Any]) -> list[str]:
+    """What is wrong with a config file's keys and the types of their values, one line each."""
+    keys = toml_keys()
+    problems = []
+    unknown = [k for k in data if k not in keys]
+    if unknown:
+        hints = [
+            f"'{k}' is spelled '{match[0]}'; "
+            for k in unknown
+            if (match := difflib.get_close_matches(k.replace("_", "-"), keys, n=1))
+        ]
+        problems.append(f"unknown keys {sorted(unknown)} ({''.join(hints)}known: {sorted(keys)})")
+    for key, value in data.items():
+        if key not in keys or _has_kind(value, keys[key]):
+            continue
+        given = describe(value)
+        if keys[key] == "names" and isinstance(value, list):  # say which element is wrong
+            bad = next(v for v in value if not _name_or_id(v))
+            given = f"an array holding {describe(bad)}"
+        problems.append(f"{key}: expected {EXPECTED[keys[key]]}, got {given}")
+    return problems
+
+
+def _has_kind(value: Any, kind: str) -> bool:
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if kind == "names":
+        return all(map(_name_or_id, value)) if isinstance(value, list) else _name_or_id(value)
+    if isinstance(value, bool):  # bool is an int to Python, never to TOML
+        return False
+    if kind == "integer":
+        return isinstance(value, int)
+    if kind == "number":
+        return isinstance(value, int | float)
+    return isinstance(value, str)
+
+
+def _name_or_id(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def describe(value: Any) -> str:
+    """A TOML value as a person reads it in an error: 'the string "false"', 'an array'."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"the integer {value}"
+    if isinstance(value, float):
+        return f"the float {value}"
+    if isinstance(value, str):
+        return f"the string {json.dumps(value, ensure_ascii=False)}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return f"the date/time {value.isoformat()}"
+    return type(value).__name__
 
 
 def _resolve(s: dict[str, Any], env: dict[str, str]) -> Config:
@@ -204,7 +306,7 @@ def _resolve(s: dict[str, Any], env: dict[str, str]) -> Config:
         metrics_listen=parse_listen(str(s.get("metrics-listen", DEFAULT_METRICS_LISTEN))),
         allow_uid=[_uid(v) for v in _as_list(s.get("allow-uid", []), "allow-uid")],
         allow_gid=[_gid(v) for v in _as_list(s.get("allow-gid", []), "allow-gid")],
-        demo=bool(s.get("demo", False)),
+        demo=s.get("demo", False) is True,
         log_level=level,
         max_message_bytes=_positive(s.get("max-message-bytes", 1 << 20), "max-message-bytes"),
         max_reply_bytes=_positive(s.get("max-reply-bytes", 8 << 20), "max-reply-bytes"),

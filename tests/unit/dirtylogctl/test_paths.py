@@ -2,7 +2,7 @@
 
 import pytest
 
-from dirtylogctl.paths import SOCKET_ENV, default_socket, socket_path
+from dirtylogctl.paths import DEFAULT_SOCKET_RULE, SOCKET_ENV, default_socket, socket_path
 from dirtylogd.ops.config import default_paths, load
 
 ENVS = [
@@ -29,3 +29,12 @@ def test_daemon_listens_where_the_client_looks_by_default(euid, monkeypatch):
 def test_dirtylogd_socket_overrides_the_default():
     assert socket_path(1000, {SOCKET_ENV: "/x/q.sock"}) == "/x/q.sock"
     assert socket_path(0, {SOCKET_ENV: ""}) == "/run/dirtylogd/qmp.sock"
+
+
+def test_the_documented_rule_is_the_rule():
+    """The man page's words for every user's default (DEFAULT_SOCKET_RULE) name the paths."""
+    assert DEFAULT_SOCKET_RULE.startswith(f"{default_socket(0, {})} as root, ")
+    user = default_socket(1000, {"XDG_RUNTIME_DIR": "$XDG_RUNTIME_DIR"})
+    assert f"{user} as another user" in DEFAULT_SOCKET_RULE
+    fallback = default_socket(1000, {}).replace("1000", "UID")
+    assert f"({fallback} without $XDG_RUNTIME_DIR)" in DEFAULT_SOCKET_RULE
