@@ -85,10 +85,10 @@ def dirtylogd_page(source: str) -> Page:
                         "/tmp/dirtylogd-UID/dirtylogd/qmp.sock.",
                     ),
                     (
-                        "/run/dirtylogd/vms",
+                        "/run/dirtylogd/ram",
                         "The VMs' RAM files (--runtime-dir) as root; the "
                         "systemd units use /run/dirtylogd/ram, a tmpfs of its own. Another user's: "
-                        "$XDG_RUNTIME_DIR/dirtylogd/vms, or /tmp/dirtylogd-UID/dirtylogd/vms.",
+                        "$XDG_RUNTIME_DIR/dirtylogd/ram, or /tmp/dirtylogd-UID/dirtylogd/ram.",
                     ),
                     (
                         "/var/lib/dirtylogd",

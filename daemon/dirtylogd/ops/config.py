@@ -71,7 +71,7 @@ def default_paths(euid: int, env: dict[str, str]) -> tuple[str, str]:
         base = "/run/dirtylogd"
     else:
         base = os.path.join(env.get("XDG_RUNTIME_DIR") or f"/tmp/dirtylogd-{euid}", "dirtylogd")
-    return os.path.join(base, "qmp.sock"), os.path.join(base, "vms")
+    return os.path.join(base, "qmp.sock"), os.path.join(base, "ram")
 
 
 def default_state_dir(euid: int, env: dict[str, str]) -> str:
@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--runtime-dir",
         metavar="DIR",
-        help="where simulated VMs keep their RAM files (default /run/dirtylogd/vms as root, "
-        "else $XDG_RUNTIME_DIR/dirtylogd/vms, or /tmp/dirtylogd-UID/dirtylogd/vms)",
+        help="where simulated VMs keep their RAM files (default /run/dirtylogd/ram as root, "
+        "else $XDG_RUNTIME_DIR/dirtylogd/ram, or /tmp/dirtylogd-UID/dirtylogd/ram)",
     )
     p.add_argument(
         "--state-dir",

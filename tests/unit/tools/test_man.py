@@ -49,7 +49,7 @@ def test_the_client_page_lists_every_command_and_exit_status():
 
 def test_the_daemon_page_says_where_things_live_and_how_the_config_file_is_typed():
     text = render("docs/man/dirtylogd.8").stdout
-    for path in ("/run/dirtylogd/qmp.sock", "/run/dirtylogd/vms", "/var/lib/dirtylogd"):
+    for path in ("/run/dirtylogd/qmp.sock", "/run/dirtylogd/ram", "/var/lib/dirtylogd"):
         assert f"\n       {path}\n" in text
     assert "/tmp/dirtylogd-UID/dirtylogd/qmp.sock" in text
     assert 'demo = "false"' in text

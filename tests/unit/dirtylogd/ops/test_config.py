@@ -25,10 +25,10 @@ EXAMPLE = REPO / "docs" / "dirtylogd.toml"
 
 
 def test_default_paths_for_root_and_for_users():
-    assert default_paths(0, {}) == ("/run/dirtylogd/qmp.sock", "/run/dirtylogd/vms")
+    assert default_paths(0, {}) == ("/run/dirtylogd/qmp.sock", "/run/dirtylogd/ram")
     assert default_paths(1000, {"XDG_RUNTIME_DIR": "/run/user/1000"}) == (
         "/run/user/1000/dirtylogd/qmp.sock",
-        "/run/user/1000/dirtylogd/vms",
+        "/run/user/1000/dirtylogd/ram",
     )
     assert default_paths(1000, {})[0] == "/tmp/dirtylogd-1000/dirtylogd/qmp.sock"
 
