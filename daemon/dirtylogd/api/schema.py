@@ -75,8 +75,11 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "query-version",
         h.query_version,
-        "The daemon's version.",
-        returns='{"dirtylogd": {"major", "minor", "micro"}, "package"}',
+        "The daemon's version, in QEMU's VersionInfo shape, the same as the greeting's. "
+        "major, minor and micro are dirtylogd's own version numbers (X.Y.Z of "
+        "'dirtylogd X.Y.Z'), not a QEMU version: the member is named 'qemu' because QMP "
+        "clients (qmp-shell) read the version there.",
+        returns='{"qemu": {"major", "minor", "micro"}, "package": "dirtylogd X.Y.Z"}',
     ),
     Command(
         "query-commands",
