@@ -44,7 +44,7 @@ async def query_commands(ctx: Context, a: dict[str, Any]) -> Any:
 
 
 async def query_qmp_schema(ctx: Context, a: dict[str, Any]) -> Any:
-    return qmp_schema(ctx.commands)
+    return qmp_schema(ctx.commands, ctx.events)
 
 
 async def getfd(ctx: Context, a: dict[str, Any]) -> Any:
