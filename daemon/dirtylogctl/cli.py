@@ -106,8 +106,20 @@ class Ctl:
         return reply
 
     async def cmd_version(self, a: argparse.Namespace) -> None:
+        """The daemon's version: QEMU's VersionInfo, whose ``qemu`` member holds dirtylogd's
+        own numbers (as in the greeting); a person reads its package line."""
         v = await self._object("query-version")
-        self.show(v, v["package"])
+        numbers, package = v.get("qemu"), v.get("package")
+        if (
+            not isinstance(package, str)
+            or not isinstance(numbers, dict)
+            or set(numbers) != {"major", "minor", "micro"}
+        ):
+            raise ReplyError(
+                'query-version returned no VersionInfo ({"qemu": {"major", "minor", "micro"}, '
+                f'"package"}}): {json.dumps(v)}'
+            )
+        self.show(v, package)
 
     async def cmd_vm_list(self, a: argparse.Namespace) -> None:
         vms = await self._vms()

@@ -36,9 +36,10 @@ def pages(qmp, vm, slot=0, **kw):
     return [p for first, n in r["ranges"] for p in range(first, first + n)]
 
 
-def test_query_version(qmp):
+def test_query_version_is_qemus_version_info_with_dirtylogds_numbers(qmp):
     v = qmp("query-version")
-    assert set(v["dirtylogd"]) == {"major", "minor", "micro"}
+    assert set(v) == {"qemu", "package"}
+    assert v["package"] == "dirtylogd {major}.{minor}.{micro}".format(**v["qemu"])
 
 
 def test_vm_create_shows_in_query_vms(qmp, vm):

@@ -142,6 +142,15 @@ def test_qmp_arguments_that_are_not_json_are_a_usage_error(ctl, arguments):
     assert out.stderr.count("\n") == 1
 
 
+def test_version_is_the_version_info_of_the_daemons_greeting(ctl, daemon):
+    with daemon.client() as q:
+        greeting = q.client.greeting
+        assert greeting is not None
+        version = dict(greeting.QMP.version)
+    assert json.loads(ctl("--json", "version").stdout) == version
+    assert ctl("version").stdout == version["package"] + "\n"
+
+
 def test_socket_comes_from_the_environment(daemon):
     out = subprocess.run(
         [sys.executable, "-m", "dirtylogctl.cli", "version"],

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from dirtylogd import __version__
 from dirtylogd.ops import install
 from tests.conftest import need, need_tool
 
@@ -28,6 +29,8 @@ def test_qmp_shell_runs_a_command(daemon):
     )
     assert out.returncode == 0, out.stderr
     assert '"package": "dirtylogd' in out.stdout
+    # qmp-shell's banner reads the greeting's "qemu" member: dirtylogd's own version numbers.
+    assert f"Connected to QEMU {__version__}\n" in out.stdout
 
 
 def test_metrics_pass_promtool_check(daemon, qmp):

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from tests.integration.daemon_proc import Daemon
+from tests.integration.schema_check import Schema
+from tests.integration.test_introspection import KVM_ONLY
 
 MiB, GiB = 1 << 20, 1 << 30
 SLOTS = [  # 1 MiB, 1 GiB, and 100 pages (not a multiple of 64)
@@ -31,7 +33,11 @@ def pages(qmp, vm, slot, consumer="default"):
 
 
 def test_query_vms_reports_the_backend_and_kernel_capabilities(kqmp, kvm_vm):
-    (vm,) = [v for v in kqmp("query-vms") if v["name"] == kvm_vm]
+    schema = Schema(kqmp("query-qmp-schema"))
+    listed = kqmp("query-vms")
+    schema.check_return("query-vms", listed)  # exactly the declared members, kvm's ones too
+    assert KVM_ONLY - schema.seen == set()
+    (vm,) = [v for v in listed if v["name"] == kvm_vm]
     assert vm["backend"] == "kvm"
     caps = vm["capabilities"]
     assert caps["arch"] == "x86_64" and caps["guest-program"] == "x86-64 long mode"
@@ -196,7 +202,11 @@ def test_a_dead_vcpu_is_reported_not_silently_frozen(kqmp, kvm_daemon):
             events = [e for e in kqmp.pull_events(0.5) if e["event"] == "VCPU_FAILED"]
         assert events and events[0]["data"]["vm"] == "crash"
         assert "vcpu 0 stopped: KVM_EXIT_" in events[0]["data"]["error"]
-        vm = next(v for v in kqmp("query-vms") if v["name"] == "crash")
+        schema = Schema(kqmp("query-qmp-schema"))
+        schema.check_event(events[0])  # the declared VCPU_FAILED: vm, vcpu, error
+        listed = kqmp("query-vms")
+        schema.check_return("query-vms", listed)  # workload.failed: a string now
+        vm = next(v for v in listed if v["name"] == "crash")
         assert "vcpu 0 stopped" in vm["workload"]["failed"]
         assert not vm["workload"]["running"]
     finally:

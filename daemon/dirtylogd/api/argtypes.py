@@ -1,7 +1,12 @@
-"""QMP argument types: each checks a JSON value and returns the Python value handlers get.
+"""QMP types: each argument type checks a JSON value and returns the Python value handlers get.
 
 Errors say which parameter is wrong and why, in QEMU's phrasing ("Parameter 'slot' expects an
 integer"), and are raised before any handler runs.
+
+A few kinds only describe what the daemon sends (:class:`Null`, :class:`Alternate`,
+:class:`Union`): the daemon builds its replies and events itself, so nothing checks them on the
+way out; introspection and the protocol reference render them, and the integration tests hold
+the live replies to them.
 
 Checks run on the event loop, before the handler. Long lists of integers (``sim-write-pages``
 gfns: up to 131,072) and of integer-only objects (``io-dirty-mark`` ranges) are checked with
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import operator
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -34,9 +40,11 @@ VECTOR_MIN_ITEMS = 64
 
 
 class ArgType:
-    """A JSON type with its constraints; ``check`` returns the Python value or raises."""
+    """A JSON type with its constraints; ``check`` returns the Python value or raises.
 
-    json_name = "value"
+    ``json_name`` is the QAPI builtin it travels as; this base class is QEMU's ``any``."""
+
+    json_name = "any"
 
     def check(self, value: Any, where: str) -> Any:
         return value
@@ -123,7 +131,7 @@ class Num(ArgType):
         return float(value)
 
     def describe(self) -> str:
-        return f"number {self.lo}..{self.hi}"
+        return "number" if self.hi == math.inf else f"number {self.lo}..{self.hi}"
 
 
 @dataclass(frozen=True)
@@ -248,6 +256,55 @@ class Object(ArgType):
         if bad == len(values):
             return good
         return _raise_or_go_on(self, values, where, bad, good)
+
+    def describe(self) -> str:
+        return self.name
+
+
+class _DescribesReplies(ArgType):
+    """A kind no argument may use: it has no check, and an unchecked argument is a bug."""
+
+    def check(self, value: Any, where: str) -> Any:
+        raise TypeError(f"{self.describe()} describes replies; parameter '{where}' cannot use it")
+
+
+@dataclass(frozen=True)
+class Null(_DescribesReplies):
+    """JSON null, as the branch of an :class:`Alternate` (QEMU's builtin ``null``)."""
+
+    json_name = "null"
+
+    def describe(self) -> str:
+        return "null"
+
+
+@dataclass(frozen=True)
+class Alternate(_DescribesReplies):
+    """One of several types told apart by their JSON type (QAPI's alternate), e.g. StrOrNull."""
+
+    name: str
+    members: tuple[ArgType, ...]
+
+    def describe(self) -> str:
+        return " or ".join(m.describe() for m in self.members)
+
+
+@dataclass(frozen=True)
+class Union(_DescribesReplies):
+    """QAPI's flat union: members every value has, one of them (``tag``, an :class:`Enum`)
+    naming the variant whose members come with them. Each enum value has a variant."""
+
+    name: str
+    base: tuple[Arg, ...]
+    tag: str
+    variants: tuple[tuple[str, Object], ...]  # (tag value, its members)
+
+    def __post_init__(self) -> None:
+        tag = next((a for a in self.base if a.name == self.tag), None)
+        if tag is None or tag.optional or not isinstance(tag.type, Enum):
+            raise ValueError(f"{self.name}: the tag '{self.tag}' must be a mandatory enum member")
+        if sorted(case for case, _ in self.variants) != sorted(tag.type.values):
+            raise ValueError(f"{self.name}: one variant for each value of {tag.type.name}")
 
     def describe(self) -> str:
         return self.name

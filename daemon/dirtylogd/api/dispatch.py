@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from dirtylogd.api.command import Context
-from dirtylogd.api.schema import BY_NAME, COMMANDS
+from dirtylogd.api.schema import BY_NAME, COMMANDS, EVENTS
 from dirtylogd.qmp.fds import FdRegistry
 from dirtylogd.service.registry import Service
 
@@ -14,7 +14,7 @@ class BoundCommands:
     """:class:`dirtylogd.qmp.session.Commands` over :data:`COMMANDS`, for one connection."""
 
     def __init__(self, service: Service, fds: FdRegistry, max_reply_bytes: int) -> None:
-        self.context = Context(service, fds, max_reply_bytes, COMMANDS)
+        self.context = Context(service, fds, max_reply_bytes, COMMANDS, EVENTS)
 
     def known(self, name: str) -> bool:
         return name in BY_NAME

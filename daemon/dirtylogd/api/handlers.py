@@ -19,11 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from dirtylogd import VERSION, __version__
 from dirtylogd.api.command import Context
 from dirtylogd.api.introspect import qmp_schema
 from dirtylogd.errors import GenericError
-from dirtylogd.qmp.session import Deferred
+from dirtylogd.qmp.session import Deferred, version_info
 from dirtylogd.service.vm import Taken, VmState
 from kvmshim.abi import dirty_bitmap_bytes
 from kvmshim.bitmap import WORD, DirtyBitmap
@@ -37,11 +36,7 @@ INLINE_ENCODE_MAX_BYTES = 1024
 
 
 async def query_version(ctx: Context, a: dict[str, Any]) -> Any:
-    major, minor, micro = VERSION
-    return {
-        "dirtylogd": {"major": major, "minor": minor, "micro": micro},
-        "package": f"dirtylogd {__version__}",
-    }
+    return version_info()  # the greeting's, as qmp-spec asks
 
 
 async def query_commands(ctx: Context, a: dict[str, Any]) -> Any:
@@ -49,7 +44,7 @@ async def query_commands(ctx: Context, a: dict[str, Any]) -> Any:
 
 
 async def query_qmp_schema(ctx: Context, a: dict[str, Any]) -> Any:
-    return qmp_schema(ctx.commands)
+    return qmp_schema(ctx.commands, ctx.events)
 
 
 async def getfd(ctx: Context, a: dict[str, Any]) -> Any:

@@ -1,15 +1,17 @@
-"""The one declarative table of QMP commands and their arguments.
+"""The one declarative table of QMP commands and events: arguments, returns, event data.
 
 Everything about a command's shape comes from here: argument checking (unknown, missing,
 wrong-typed or out-of-range arguments are rejected before any handler runs), ``query-commands``,
 ``query-qmp-schema`` and the protocol reference in docs/protocol.md (both rendered by
 :mod:`dirtylogd.api.introspect`). Handlers receive plain Python values under snake_case names;
-base64 arguments arrive already decoded.
+base64 arguments arrive already decoded. What commands return and events carry is described in
+:mod:`dirtylogd.api.replies`; the events are the ones the service emits (a test reads its source).
 """
 
 from __future__ import annotations
 
 from dirtylogd.api import handlers as h
+from dirtylogd.api import replies as r
 from dirtylogd.api.argtypes import (
     U32_MAX,
     U64_MAX,
@@ -23,7 +25,7 @@ from dirtylogd.api.argtypes import (
     Object,
     Str,
 )
-from dirtylogd.api.command import Command
+from dirtylogd.api.command import Command, Event
 
 # --- shared argument types --------------------------------------------------------------------
 NAME = Str(max_len=64, pattern=r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", hint="1-64 of A-Z a-z 0-9 _ . -")
@@ -75,20 +77,23 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "query-version",
         h.query_version,
-        "The daemon's version.",
-        returns='{"dirtylogd": {"major", "minor", "micro"}, "package"}',
+        "The daemon's version in QEMU's VersionInfo shape, the same as the greeting's: "
+        "dirtylogd's own version numbers, not a QEMU version.",
+        returns=r.VERSION_INFO,
     ),
     Command(
         "query-commands",
         h.query_commands,
         "Every command this server accepts.",
-        returns='[{"name"}]',
+        returns=List(r.COMMAND_INFO),
     ),
     Command(
         "query-qmp-schema",
         h.query_qmp_schema,
-        "The command table in QEMU's introspection format (SchemaInfo).",
-        returns="[SchemaInfo]",
+        "Every command and event with its arguments, return and data, in QEMU's "
+        "introspection format. Type names are plain (not numbered, as QEMU's are) and match "
+        "this reference; like QEMU's they are not part of the protocol.",
+        returns=List(r.SCHEMA_INFO),
     ),
     Command(
         "getfd",
@@ -133,8 +138,7 @@ COMMANDS: tuple[Command, ...] = (
         "Every VM with its backend, capabilities, memslots and consumers; then the VMs whose "
         "saved record could not be restored (status 'ram-lost' or 'unrestorable', with the "
         "reason), on which only vm-remove works.",
-        returns="[{name, status: 'ok', backend, capabilities, paused, generation, memslots: "
-        "[...], consumers: [...], ram-path, workload?} | {name, status, reason, record}]",
+        returns=List(r.VM_INFO),
     ),
     Command(
         "memslot-set",
@@ -194,7 +198,7 @@ COMMANDS: tuple[Command, ...] = (
             Arg("encoding", ENCODING, "how the bitmap travels", "bitmap"),
             Arg("fdname", FDNAME, "with encoding 'fd': the descriptor to write to", None),
         ),
-        returns="{npages, dirty-pages, generation, bitmap (base64) | ranges ([[first, count]])}",
+        returns=r.DIRTY_LOG_INFO,
         errors=(
             *NOT_FOUND,
             *KVM_ERRORS,
@@ -229,7 +233,7 @@ COMMANDS: tuple[Command, ...] = (
         "Report pages written by I/O (DMA, kernel mapping): merged into the next harvest of "
         "their slots. All or nothing.",
         (VM, Arg("ranges", List(IO_RANGE, max_items=1 << 16, min_items=1), "written ranges")),
-        returns="{pages}",
+        returns=r.IO_MARK_INFO,
         errors=(*NOT_FOUND, "GenericError (EFAULT) if a range leaves every memslot"),
     ),
     Command(
@@ -237,7 +241,7 @@ COMMANDS: tuple[Command, ...] = (
         h.query_dirty_rate,
         "Dirty rate from the latest harvests of each slot (QEMU DirtyRateInfo names).",
         (VM,),
-        returns="{status, dirty-rate (MiB/s), dirty-pages-rate, mode, calc-time-ms, slots}",
+        returns=r.DIRTY_RATE_INFO,
         errors=NOT_FOUND,
     ),
     Command(
@@ -278,7 +282,7 @@ COMMANDS: tuple[Command, ...] = (
             Arg("length", Int(0, 1 << 20), "bytes"),
             Arg("path", READ_PATH, "who reads", "host"),
         ),
-        returns="{data (base64)}",
+        returns=r.SIM_READ_INFO,
         errors=(*NOT_FOUND, *KVM_ERRORS),
     ),
     Command(
@@ -325,3 +329,22 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 BY_NAME: dict[str, Command] = {c.name: c for c in COMMANDS}
+
+EVENTS: tuple[Event, ...] = (
+    Event(
+        "STOP",
+        "stop paused the VM's vCPUs: none is storing any more.",
+        (r.EVENT_VM,),
+    ),
+    Event("RESUME", "cont resumed the VM's vCPUs.", (r.EVENT_VM,)),
+    Event(
+        "VCPU_FAILED",
+        "A vCPU thread of the VM's workload died (on the kvm backend: a guest that crashed); "
+        "query-vms shows why in workload.failed.",
+        (
+            r.EVENT_VM,
+            Arg("vcpu", Int(0, 63), "the vCPU's index"),
+            Arg("error", Str(), "why it stopped"),
+        ),
+    ),
+)

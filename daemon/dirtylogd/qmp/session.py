@@ -56,16 +56,20 @@ class Reply:
     undo: Callable[[], None] | None = None  # run if the message cannot be delivered
 
 
-def greeting() -> dict[str, Any]:
-    """The server greeting. ``qemu`` carries dirtylogd's own version: qmp-shell reads it."""
+def version_info() -> dict[str, Any]:
+    """QEMU's VersionInfo, for the greeting and query-version alike: qmp-spec "Server Greeting"
+    wants one format for both. ``qemu`` holds dirtylogd's own numbers, because QMP clients
+    (qmp-shell) read the version there."""
     major, minor, micro = VERSION
-    version = {"major": major, "minor": minor, "micro": micro}
     return {
-        "QMP": {
-            "version": {"qemu": version, "package": f"dirtylogd {__version__}"},
-            "capabilities": [],
-        }
+        "qemu": {"major": major, "minor": minor, "micro": micro},
+        "package": f"dirtylogd {__version__}",
     }
+
+
+def greeting() -> dict[str, Any]:
+    """The server greeting: the version, and no capabilities (no out-of-band execution)."""
+    return {"QMP": {"version": version_info(), "capabilities": []}}
 
 
 def event(name: str, data: dict[str, Any]) -> dict[str, Any]:

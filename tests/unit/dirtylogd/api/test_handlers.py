@@ -18,7 +18,7 @@ from dirtylogd.api.handlers import (
     _ranges,
     _run_edges,
 )
-from dirtylogd.api.schema import COMMANDS
+from dirtylogd.api.schema import COMMANDS, EVENTS
 from dirtylogd.errors import GenericError
 from dirtylogd.qmp.fds import FdRegistry
 from dirtylogd.qmp.session import Deferred
@@ -37,7 +37,7 @@ async def make_context(tmp_path, size: int, max_reply_bytes: int = 8 << 20) -> C
     vm = service.vm("v")
     await service.add_consumer(vm, "c", manual_protect=False, initially_set=False)
     await service.write_pages(vm, list(range(0, size >> 12, 2)), 1, "guest", True)
-    return Context(service, FdRegistry(), max_reply_bytes, COMMANDS)
+    return Context(service, FdRegistry(), max_reply_bytes, COMMANDS, EVENTS)
 
 
 def get_args(encoding: str, fdname: str | None = None) -> dict:

@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 
+from dirtylogd import VERSION, __version__
 from dirtylogd.api import schema
 from dirtylogd.api.dispatch import BoundCommands
 from dirtylogd.qmp.fds import FdRegistry
@@ -30,6 +31,18 @@ def ask(session, item):
 def test_greeting_names_the_daemon_in_qemu_version_fields():
     g = greeting()["QMP"]
     assert g["capabilities"] == [] and g["version"]["package"].startswith("dirtylogd")
+
+
+def test_greeting_and_query_version_have_one_format(session):
+    """qmp-spec "Server Greeting": the version is in query-version's format (VersionInfo)."""
+    ask(session, {"execute": "qmp_capabilities"})
+    version = ask(session, {"execute": "query-version"})["return"]
+    assert version == greeting()["QMP"]["version"]
+    major, minor, micro = VERSION
+    assert version == {
+        "qemu": {"major": major, "minor": minor, "micro": micro},
+        "package": f"dirtylogd {__version__}",
+    }
 
 
 def test_negotiation_then_commands(session):

@@ -1,0 +1,327 @@
+"""What the daemon sends: the shape of each command's return and each event's data.
+
+The command table (:mod:`dirtylogd.api.schema`) names these; ``query-qmp-schema`` and
+docs/protocol.md render them, and the integration tests hold every live reply and event to them,
+member by member. A member that may be absent is declared with a default of ``None`` (QEMU's
+``'*name'``); its doc says when it is there. Types are named as QEMU names its own where one
+exists (VersionInfo, CommandInfo, SchemaInfo, DirtyRateInfo).
+"""
+
+from __future__ import annotations
+
+import math
+
+from dirtylogd.api.argtypes import (
+    Alternate,
+    Arg,
+    ArgType,
+    Base64,
+    Bool,
+    Enum,
+    Int,
+    List,
+    Null,
+    Num,
+    Object,
+    Str,
+    Union,
+)
+
+STR_OR_NULL = Alternate("StrOrNull", (Str(), Null()))
+SLOT_ID = Int(0, 0xFFFF)
+NON_NEGATIVE = Num(0.0, math.inf)
+
+# --- query-version, query-commands ------------------------------------------------------------
+VERSION_TRIPLE = Object(
+    "VersionTriple",
+    (
+        Arg("major", Int(), "X of dirtylogd X.Y.Z"),
+        Arg("minor", Int(), "Y of dirtylogd X.Y.Z"),
+        Arg("micro", Int(), "Z of dirtylogd X.Y.Z"),
+    ),
+)
+VERSION_INFO = Object(
+    "VersionInfo",
+    (
+        Arg(
+            "qemu",
+            VERSION_TRIPLE,
+            "dirtylogd's own version numbers, not a QEMU version: the member keeps QEMU's name "
+            "because QMP clients (qmp-shell) read it from the greeting",
+        ),
+        Arg("package", Str(), '"dirtylogd X.Y.Z"'),
+    ),
+)
+COMMAND_INFO = Object("CommandInfo", (Arg("name", Str(), "the command's name"),))
+
+# --- query-qmp-schema: QEMU's qapi/introspect.json, as far as this daemon uses it ------------
+META_TYPE = Enum(
+    "SchemaMetaType", ("builtin", "enum", "array", "object", "alternate", "command", "event")
+)
+JSON_TYPE = Enum(
+    "JSONType", ("string", "number", "int", "boolean", "null", "object", "array", "value")
+)
+SCHEMA_INFO = Union(
+    "SchemaInfo",
+    (
+        Arg(
+            "name",
+            Str(),
+            "a command's or event's name, or a type's (which is not part of the protocol)",
+        ),
+        Arg("meta-type", META_TYPE, "what kind of entity this is"),
+    ),
+    "meta-type",
+    (
+        ("builtin", Object("SchemaInfoBuiltin", (Arg("json-type", JSON_TYPE, "on the wire"),))),
+        (
+            "enum",
+            Object(
+                "SchemaInfoEnum",
+                (
+                    Arg(
+                        "members",
+                        List(Object("SchemaInfoEnumMember", (Arg("name", Str(), "a value"),))),
+                        "the values",
+                    ),
+                    Arg("values", List(Str()), "the values again, where older QEMU clients look"),
+                ),
+            ),
+        ),
+        ("array", Object("SchemaInfoArray", (Arg("element-type", Str(), "a type's name"),))),
+        (
+            "object",
+            Object(
+                "SchemaInfoObject",
+                (
+                    Arg(
+                        "members",
+                        List(
+                            Object(
+                                "SchemaInfoObjectMember",
+                                (
+                                    Arg("name", Str(), "the member's name"),
+                                    Arg("type", Str(), "its type's name"),
+                                    Arg(
+                                        "default",
+                                        ArgType(),
+                                        "always null; present if the member may be absent",
+                                        None,
+                                    ),
+                                ),
+                            )
+                        ),
+                        "the members every value has (or may have)",
+                    ),
+                    Arg("tag", Str(), "a union's: the member whose value picks a variant", None),
+                    Arg(
+                        "variants",
+                        List(
+                            Object(
+                                "SchemaInfoObjectVariant",
+                                (
+                                    Arg("case", Str(), "a value of the tag"),
+                                    Arg("type", Str(), "the object type adding its members"),
+                                ),
+                            )
+                        ),
+                        "a union's, with tag",
+                        None,
+                    ),
+                ),
+            ),
+        ),
+        (
+            "alternate",
+            Object(
+                "SchemaInfoAlternate",
+                (
+                    Arg(
+                        "members",
+                        List(Object("SchemaInfoAlternateMember", (Arg("type", Str(), "a type"),))),
+                        "the types a value may have, told apart by their JSON type",
+                    ),
+                ),
+            ),
+        ),
+        (
+            "command",
+            Object(
+                "SchemaInfoCommand",
+                (
+                    Arg("arg-type", Str(), "the object type of its arguments"),
+                    Arg("ret-type", Str(), "the type of its return"),
+                    Arg("allow-oob", Bool(), "always false: no out-of-band execution"),
+                ),
+            ),
+        ),
+        ("event", Object("SchemaInfoEvent", (Arg("arg-type", Str(), "the type of its data"),))),
+    ),
+)
+
+# --- query-vms ---------------------------------------------------------------------------------
+MEMSLOT_INFO = Object(
+    "MemslotInfo",
+    (
+        Arg("slot", SLOT_ID, "memslot id (bits 0-15 of KVM's slot field)"),
+        Arg("as-id", SLOT_ID, "address space (bits 16-31 of KVM's slot field)"),
+        Arg("guest-phys-addr", Int(), "guest physical address"),
+        Arg("size", Int(), "bytes"),
+        Arg("npages", Int(), "pages of 4096 bytes: bits in the slot's dirty bitmap"),
+        Arg("log-dirty-pages", Bool(), "KVM_MEM_LOG_DIRTY_PAGES"),
+        Arg(
+            "ram-offset",
+            Int(),
+            "where the slot's RAM starts in the file at ram-path; absent only while the slot "
+            "is being deleted",
+            None,
+        ),
+    ),
+)
+CONSUMER_INFO = Object(
+    "ConsumerInfo",
+    (
+        Arg("name", Str(), "the consumer's name"),
+        Arg("manual-protect", Bool(), "get does not clear, dirty-log-clear does"),
+        Arg("initially-set", Bool(), "it started with every page dirty"),
+        Arg("pending-pages", Int(), "dirty pages waiting for its next get, every slot"),
+    ),
+)
+WORKLOAD_INFO = Object(
+    "WorkloadInfo",
+    (
+        Arg("running", Bool(), "true while a vCPU thread lives, paused or not"),
+        Arg("pages-stored", Int(), "stores so far"),
+        Arg("pages-per-second", Int(), "the target rate asked for, all vCPUs"),
+        Arg("vcpus", Int(1, 64), "vCPU threads"),
+        Arg("failed", STR_OR_NULL, "why a vCPU died (also sent as VCPU_FAILED), or null"),
+    ),
+)
+BACKEND_CAPABILITIES = Object(
+    "BackendCapabilities",
+    (
+        Arg("nr-memslots", Int(), "KVM_CAP_NR_MEMSLOTS: memslots per address space"),
+        Arg("s390-cow", Int(), "KVM_CAP_S390_COW (MACHINE_HAS_ESOP on s390)"),
+        Arg("manual-dirty-log-protect2", Int(), "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"),
+        Arg("dirty-log-ring", Int(), "KVM_CAP_DIRTY_LOG_RING"),
+        Arg("esop", Bool(), "softmmu only: the model is an ESOP machine", None),
+        Arg("multi-address-space", Int(), "kvm only: KVM_CAP_MULTI_ADDRESS_SPACE", None),
+        Arg("nr-vcpus", Int(), "kvm only: KVM_CAP_NR_VCPUS", None),
+        Arg("arch", Str(), "kvm only: the host's machine (uname -m)", None),
+        Arg("manual-protect", Bool(), "kvm only: the VM runs with manual protect", None),
+        Arg("initially-set", Bool(), "kvm only: ... and KVM_DIRTY_LOG_INITIALLY_SET", None),
+        Arg(
+            "guest-program",
+            STR_OR_NULL,
+            "kvm only: the guest code the vCPUs run, or null where there is none",
+            None,
+        ),
+    ),
+)
+VM_UNAVAILABLE = Object(
+    "VmInfoUnavailable",
+    (
+        Arg("reason", Str(), "why it is not served"),
+        Arg("record", Str(), "the saved record's path, kept until vm-remove"),
+    ),
+)
+VM_INFO = Union(
+    "VmInfo",
+    (
+        Arg("name", Str(), "the VM's name"),
+        Arg(
+            "status",
+            Enum("VmStatus", ("ok", "ram-lost", "unrestorable")),
+            "'ok': served; 'ram-lost': its saved record's RAM file is gone (a reboot); "
+            "'unrestorable': its record could not be restored otherwise",
+        ),
+    ),
+    "status",
+    (
+        (
+            "ok",
+            Object(
+                "VmInfoServed",
+                (
+                    Arg("backend", Enum("BackendKind", ("softmmu", "kvm")), "its backend"),
+                    Arg("capabilities", BACKEND_CAPABILITIES, "what its backend offers"),
+                    Arg("paused", Bool(), "stopped by stop"),
+                    Arg("generation", Int(), "the stamp the next simulated store carries"),
+                    Arg("memslots", List(MEMSLOT_INFO), "by address space, then slot id"),
+                    Arg("consumers", List(CONSUMER_INFO), "every consumer, 'default' too"),
+                    Arg("ram-path", Str(), "the guest RAM file, to map read-only"),
+                    Arg(
+                        "workload",
+                        WORKLOAD_INFO,
+                        "from sim-workload-start until sim-workload-stop",
+                        None,
+                    ),
+                ),
+            ),
+        ),
+        ("ram-lost", VM_UNAVAILABLE),
+        ("unrestorable", VM_UNAVAILABLE),
+    ),
+)
+
+# --- dirty logs, rates, simulation -------------------------------------------------------------
+DIRTY_LOG_INFO = Object(
+    "DirtyLogInfo",
+    (
+        Arg("npages", Int(), "pages in the slot"),
+        Arg("dirty-pages", Int(), "pages reported dirty in this answer"),
+        Arg("generation", Int(), "orders answers: a store stamped g is in one of generation >= g"),
+        Arg("bitmap", Base64(), "with encoding 'bitmap': KVM's layout, base64", None),
+        Arg(
+            "ranges",
+            List(List(Int())),
+            "with encoding 'ranges': [first page, count] of each run of dirty pages",
+            None,
+        ),
+    ),
+)
+IO_MARK_INFO = Object(
+    "IoMarkInfo",
+    (
+        Arg(
+            "pages",
+            Int(),
+            "pages recorded in the I/O logs of slots that log dirty pages (a page two ranges "
+            "name counts twice)",
+        ),
+    ),
+)
+DIRTY_RATE_INFO = Object(
+    "DirtyRateInfo",
+    (
+        Arg(
+            "status",
+            Enum("DirtyRateStatus", ("unstarted", "measured")),
+            "'unstarted' until a slot has been harvested",
+        ),
+        Arg("mode", Enum("DirtyRateMeasureMode", ("dirty-bitmap",)), "how it is measured"),
+        Arg("dirty-rate", Int(), "MiB/s, all slots"),
+        Arg("dirty-pages-rate", NON_NEGATIVE, "pages/s, all slots"),
+        Arg("calc-time-ms", NON_NEGATIVE, "the longest interval of those slots"),
+        Arg(
+            "slots",
+            List(
+                Object(
+                    "DirtyRateSlot",
+                    (
+                        Arg("slot", SLOT_ID, "memslot id"),
+                        Arg("as-id", SLOT_ID, "address space"),
+                        Arg("dirty-pages", Int(), "dirty pages of its latest harvest"),
+                        Arg("interval-ms", NON_NEGATIVE, "since the harvest before"),
+                        Arg("pages-per-second", NON_NEGATIVE, "dirty-pages / interval"),
+                    ),
+                )
+            ),
+            "each slot harvested so far, by address space, then slot id",
+        ),
+    ),
+)
+SIM_READ_INFO = Object("SimReadInfo", (Arg("data", Base64(), "the bytes read"),))
+
+# --- events --------------------------------------------------------------------------------------
+EVENT_VM = Arg("vm", Str(), "the VM's name")
