@@ -12,13 +12,14 @@ import logging
 import signal
 import socket
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from dirtylogd import __version__
 from dirtylogd.api.dispatch import BoundCommands
 from dirtylogd.ops import instance, logs, systemd
 from dirtylogd.ops.config import Config, ConfigError, configure_logging, load
 from dirtylogd.ops.demo import start_demo
-from dirtylogd.ops.metrics import make_registry, serve
+from dirtylogd.ops.metrics import WORKER_PREFIX, make_registry, serve
 from dirtylogd.qmp.events import EventHub
 from dirtylogd.qmp.fds import FdRegistry
 from dirtylogd.qmp.peers import PeerPolicy
@@ -40,6 +41,10 @@ def owned_directories(config: Config) -> list[tuple[str, str]]:
 
 
 async def run(config: Config) -> None:
+    # asyncio.to_thread's pool, named so that its CPU is exported as one "worker" series.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(thread_name_prefix=WORKER_PREFIX)
+    )
     # Before anything is read from them: a second daemon must not restore the same VMs.
     with instance.holding(owned_directories(config)):
         await _serve(config)

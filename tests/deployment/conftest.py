@@ -204,9 +204,10 @@ def installed_wheel(built_wheel: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 class WheelDaemon:
-    """The venv's ``dirtylogd`` on a private socket, nothing persisted, no metrics listener."""
+    """The venv's ``dirtylogd`` on a private socket, nothing persisted, no metrics listener
+    unless ``metrics_listen`` names one (HOST:PORT)."""
 
-    def __init__(self, wheel: InstalledWheel, tmp: Path) -> None:
+    def __init__(self, wheel: InstalledWheel, tmp: Path, metrics_listen: str = "none") -> None:
         self.wheel = wheel
         self.tmp = tmp
         self.socket = tmp / "qmp.sock"
@@ -221,7 +222,7 @@ class WheelDaemon:
             "--state-dir",
             "none",
             "--metrics-listen",
-            "none",
+            metrics_listen,
             cwd=tmp,
             stdout=self._log,
             stderr=subprocess.STDOUT,

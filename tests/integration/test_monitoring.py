@@ -16,9 +16,25 @@ def test_alert_rules_check_and_pass_their_unit_tests():
     for args in (
         ["check", "rules", "dirtylogd-alerts.yml"],
         ["test", "rules", "dirtylogd-alerts.test.yml"],
+        ["check", "config", "prometheus.yml"],  # the scrape-config example, with the rules
     ):
         out = subprocess.run([promtool, *args], cwd=MON, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_dashboard_windows_follow_the_scrape_interval_and_panels_filter_by_instance():
+    """A fixed [1m] is empty at a 1m scrape interval and coarse at 1s; $__rate_interval is
+    Grafana's answer. Every query selects the $instance variable's targets."""
+    dashboard = json.loads((MON / "dirtylogd-dashboard.json").read_text())
+    assert "instance" in {v["name"] for v in dashboard["templating"]["list"]}
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            windows = re.findall(r"\b(?:rate|increase)\([^\[]*\[([^\]]+)\]", expr)
+            assert set(windows) <= {"$__rate_interval", "$__range"}, (panel["title"], expr)
+            selectors = re.findall(r"\b(?:dirtylogd|process)_[a-z_]+(\{[^}]*\})?", expr)
+            assert selectors, (panel["title"], expr)
+            assert all('instance=~"$instance"' in s for s in selectors), (panel["title"], expr)
 
 
 def _metric_names(text: str) -> set[str]:

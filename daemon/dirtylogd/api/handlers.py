@@ -109,7 +109,7 @@ async def dirty_log_get(ctx: Context, a: dict[str, Any]) -> Any:
     except BaseException:
         undo()
         raise
-    return Deferred(result, undo)
+    return Deferred(result, undo, lambda: vm.delivered(taken))
 
 
 # Not every Python names it yet: no write at all, even through another mapping (Linux 5.1).

@@ -8,9 +8,10 @@ registry is always injected; the library's global one is never used.
 from __future__ import annotations
 
 import platform
+import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
@@ -34,7 +35,7 @@ class DirtylogdCollector(Collector):
     def __init__(self, service: Service, server: ServerTelemetry) -> None:
         self.service = service
         self.server = server
-        self._process = psutil.Process()
+        self._threads = ThreadCpu(psutil.Process())
 
     def collect(self) -> Iterator[Metric]:
         build = GaugeMetricFamily(
@@ -64,9 +65,14 @@ class DirtylogdCollector(Collector):
         pending = GaugeMetricFamily(
             P + "pending_pages", "Pages waiting for a consumer", labels=["vm", "consumer"]
         )
+        reads = CounterMetricFamily(
+            P + "consumer_reads",
+            "GET answers that reached a consumer's reader (manual-protect ones too)",
+            labels=["vm", "consumer"],
+        )
         delivered = CounterMetricFamily(
             P + "consumer_delivered_pages",
-            "Dirty pages handed to an auto-clearing consumer",
+            "Dirty pages in GET answers that reached an auto-clearing consumer's reader",
             labels=["vm", "consumer"],
         )
         faults = CounterMetricFamily(
@@ -99,10 +105,12 @@ class DirtylogdCollector(Collector):
             io_marked.add_metric([vm.name], t.io_marked_pages)
             with vm.lock:
                 consumers = [
-                    (c.name, c.pending_pages(), c.delivered_pages) for c in vm.consumers.values()
+                    (c.name, c.pending_pages(), c.reads, c.delivered_pages)
+                    for c in vm.consumers.values()
                 ]
-            for name, n, given in consumers:
+            for name, n, read, given in consumers:
                 pending.add_metric([vm.name, name], n)
+                reads.add_metric([vm.name, name], read)
                 delivered.add_metric([vm.name, name], given)
             stats = vm.backend.stats()
             for kind, n in stats.faults_by_kind.items():
@@ -118,6 +126,7 @@ class DirtylogdCollector(Collector):
             durations,
             dirty,
             pending,
+            reads,
             delivered,
             faults,
             ipte,
@@ -150,18 +159,98 @@ class DirtylogdCollector(Collector):
         yield from (requests, clients, refused, dropped)
 
     def _thread_metrics(self) -> Iterator[Metric]:
-        """CPU time of each named thread (vCPUs show up as <vm>/vcpuN), via psutil."""
-        names = {t.native_id: t.name for t in threading.enumerate()}
+        """CPU time by thread role (see :class:`ThreadCpu`): a fixed set of series."""
         cpu = CounterMetricFamily(
-            P + "thread_cpu_seconds", "CPU time of the daemon's threads", labels=["thread"]
+            P + "thread_cpu_seconds",
+            "CPU time of the daemon's threads by role: main, worker, state, <vm>/vcpuN; "
+            "other is the rest of the process, exited threads included",
+            labels=["thread"],
         )
-        by_name: dict[str, float] = {}
-        for t in self._process.threads():
-            name = names.get(t.id, "other")
-            by_name[name] = by_name.get(name, 0.0) + t.user_time + t.system_time
-        for name, seconds in sorted(by_name.items()):
-            cpu.add_metric([name], seconds)
+        for label, seconds in sorted(self._threads.read().items()):
+            cpu.add_metric([label], seconds)
         yield cpu
+
+
+# Thread names the daemon gives, and the label each role is exported under. Every other thread —
+# the metrics server's, one per scrape (socketserver names them Thread-N), a library's — is
+# "other": a label per such thread would be a new series per scrape.
+MAIN_THREAD = "MainThread"
+WORKER_PREFIX = "dirtylogd-worker"  # the loop's default executor: harvests, encoding, queries
+STATE_PREFIX = "dirtylogd-state"  # the state store's one thread
+POOL_LABELS = {WORKER_PREFIX: "worker", STATE_PREFIX: "state"}
+OTHER = "other"
+_VCPU = re.compile(r".+/vcpu[0-9]+")  # kvmshim.backends.workload names them <vm>/vcpuN
+_POOL_THREAD = re.compile(r"(.+)_[0-9]+")  # ThreadPoolExecutor names them <prefix>_N
+
+
+def thread_label(name: str) -> str:
+    """The role a thread's CPU is exported under; a pool's interchangeable threads share one."""
+    if name == MAIN_THREAD:
+        return "main"
+    if _VCPU.fullmatch(name):
+        return name
+    pool = _POOL_THREAD.fullmatch(name)
+    if pool and pool[1] in POOL_LABELS:
+        return POOL_LABELS[pool[1]]
+    return OTHER
+
+
+def _python_thread_names() -> dict[int, str]:
+    return {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+
+
+class ThreadCpu:
+    """CPU seconds per thread label, each a counter that never goes down while it is exported.
+
+    A label's value is the CPU of its live threads plus the last-seen CPU of its threads that
+    have exited since (a worker pool that shrinks does not go down); once none of its threads
+    is left, its series ends, and a thread of the same name later (a workload restarted)
+    starts it again from 0, which Prometheus reads as a counter reset, as for a new process.
+
+    ``other`` is the process's total CPU (the kernel keeps exited threads' share in it) minus
+    every other label: threads without a role, live or exited, and what a named thread used
+    between the last scrape and its exit. Clock ticks are counted per thread and per process
+    separately, so the difference can dip by a tick; it is held at its highest value instead.
+    """
+
+    def __init__(
+        self,
+        process: psutil.Process,
+        names: Callable[[], dict[int, str]] = _python_thread_names,
+    ) -> None:
+        self._process = process
+        self._names = names
+        self._lock = threading.Lock()  # scrapes run in threads of their own, maybe two at once
+        self._last: dict[int, tuple[str, float]] = {}  # tid: (label, CPU) at the last read
+        self._retired: dict[str, float] = {}  # by live label: CPU of its exited threads
+        self._ended = 0.0  # CPU of labels whose series have ended
+        self._other = 0.0
+
+    def read(self) -> dict[str, float]:
+        """Seconds by label, ``other`` always among them."""
+        with self._lock:
+            names = self._names()
+            seen: dict[int, tuple[str, float]] = {}
+            for t in self._process.threads():
+                label = thread_label(names.get(t.id, ""))
+                if label != OTHER:
+                    seen[t.id] = (label, t.user_time + t.system_time)
+            total = sum(self._process.cpu_times()[:2])  # after the threads: it covers them
+            for tid, (label, cpu) in self._last.items():
+                now = seen.get(tid)
+                if now is None or now[0] != label or now[1] < cpu:  # gone (or its id reused)
+                    self._retired[label] = self._retired.get(label, 0.0) + cpu
+            self._last = seen
+            values: dict[str, float] = {}
+            for label, cpu in seen.values():
+                values[label] = values.get(label, 0.0) + cpu
+            for label in [label for label in self._retired if label not in values]:
+                self._ended += self._retired.pop(label)
+            for label, cpu in self._retired.items():
+                values[label] += cpu
+            self._other = max(self._other, total - sum(values.values()) - self._ended)
+            values[OTHER] = self._other
+            return values
 
 
 def _number(value: object) -> float:

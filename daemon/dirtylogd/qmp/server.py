@@ -4,8 +4,9 @@ asyncio's streams cannot receive SCM_RIGHTS descriptors, so connections use non-
 sockets with ``recvmsg`` driven by ``loop.add_reader``. Replies on one connection are written in
 request order, one command at a time: a client that stops reading stops being read (the kernel's
 socket buffers are its only queue). A reply that is not fully written — the peer vanished, was
-dropped, or the daemon is stopping — runs its undo, so its consumer loses nothing. Peers are
-checked (dirtylogd.qmp.peers) before any greeting.
+dropped, or the daemon is stopping — runs its undo, so its consumer loses nothing; one written
+whole runs its done, so what is counted as delivered was. Peers are checked
+(dirtylogd.qmp.peers) before any greeting.
 
 The socket is bound (:meth:`QmpServer.bind`) before the VMs are restored and accepted on
 (:meth:`QmpServer.start`) after, so a live daemon already on the path is found before anything
@@ -313,6 +314,8 @@ class QmpServer:
                         reply.undo()
                 if not sent:
                     return
+                if reply.done is not None:
+                    reply.done()
 
     # --- events -------------------------------------------------------------------------------
     def broadcast(self, name: str, data: dict[str, Any]) -> None:

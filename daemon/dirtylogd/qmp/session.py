@@ -44,16 +44,19 @@ class Commands(Protocol):
 
 @dataclass
 class Deferred:
-    """A return value whose delivery must be confirmed; ``undo`` runs if it cannot be."""
+    """A return value whose delivery matters: ``undo`` runs if it cannot be delivered,
+    ``done`` once it was (what is counted as delivered is then true, and never taken back)."""
 
     value: Any
     undo: Callable[[], None]
+    done: Callable[[], None] | None = None
 
 
 @dataclass
 class Reply:
     message: dict[str, Any]
     undo: Callable[[], None] | None = None  # run if the message cannot be delivered
+    done: Callable[[], None] | None = None  # run once it was written whole
 
 
 def version_info() -> dict[str, Any]:
@@ -108,13 +111,13 @@ class Session:
             self._count(name, "InternalError")
             return self._error(GenericError(f"internal error in '{name}': {exc!r}"), id_)
         self._count(name, "ok")
-        undo = None
+        undo = done = None
         if isinstance(result, Deferred):
-            result, undo = result.value, result.undo
+            result, undo, done = result.value, result.undo, result.done
         message: dict[str, Any] = {"return": result}
         if id_ is not _NO_ID:
             message["id"] = id_
-        return Reply(message, undo)
+        return Reply(message, undo, done)
 
     def _check_envelope(self, item: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """The command name and its arguments, once the envelope is valid; raises QmpError."""

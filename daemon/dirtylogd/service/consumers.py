@@ -14,12 +14,18 @@ from kvmshim.bitmap import DirtyBitmap
 
 @dataclass
 class Consumer:
-    """Pending bits per memslot that this consumer has not been given (or has not cleared)."""
+    """Pending bits per memslot that this consumer has not been given (or has not cleared).
+
+    ``reads`` and ``delivered_pages`` count GET answers that reached the client (see
+    :meth:`answered`), never what was taken: an answer put back was not delivered, and a
+    counter that went down again would read to Prometheus as a restart.
+    """
 
     name: str
     manual_protect: bool = False
     initially_set: bool = True
     pending: dict[int, DirtyBitmap] = field(default_factory=dict)
+    reads: int = 0
     delivered_pages: int = 0
 
     def attach(self, slot: int, npages: int) -> None:
@@ -38,7 +44,6 @@ class Consumer:
         if self.manual_protect:
             return current.copy()
         self.pending[slot] = DirtyBitmap(current.npages)
-        self.delivered_pages += current.count()
         return current
 
     def put_back(self, slot: int, bits: DirtyBitmap) -> None:
@@ -46,7 +51,13 @@ class Consumer:
         current = self.pending.get(slot)
         if not self.manual_protect and current is not None and current.npages == bits.npages:
             current |= bits
-            self.delivered_pages -= bits.count()
+
+    def answered(self, pages: int) -> None:
+        """A GET answer of ``pages`` dirty pages reached the client: one read, and (unless
+        manual-protect, whose pages stay pending until CLEAR) that many pages handed over."""
+        self.reads += 1
+        if not self.manual_protect:
+            self.delivered_pages += pages
 
     def clear(self, slot: int, first_page: int, mask: DirtyBitmap) -> None:
         """CLEAR_DIRTY_LOG: drop the pages set in mask (bit 0 is first_page)."""

@@ -13,9 +13,10 @@ What runs where (the service, :mod:`dirtylogd.service.registry`, decides):
 
 * On the event loop: ``consumer`` (a lookup, no lock); ``add_consumer``, ``remove_consumer``,
   ``apply_memslot_change`` (after the backend's change ran in a thread), ``put_back`` (the undo
-  of an answer that was not delivered, or of a cancelled GET) and, at start-up before clients
-  are served, ``restore_pending`` — each takes ``lock``. The ``slots`` and ``consumers`` dicts
-  are changed only by these, so the loop also reads them without a lock (the VM's record).
+  of an answer that was not delivered, or of a cancelled GET), ``delivered`` (an answer that
+  was) and, at start-up before clients are served, ``restore_pending`` — each takes ``lock``.
+  The ``slots`` and ``consumers`` dicts are changed only by these, so the loop also reads them
+  without a lock (the VM's record).
 * In worker threads: ``harvest`` and ``flush`` (``harvest_lock``, then ``lock`` for the merge);
   ``clear``, ``io_mark_ranges``, ``pending_snapshot``, ``describe`` and ``dirty_rate`` (``lock``);
   ``io_mark_gfns`` (``lock``; also from vCPU threads, as the backend's I/O reporter). The
@@ -78,6 +79,7 @@ class Taken:
     slot: int
     incarnation: int
     consumer: str
+    pages: int  # dirty pages in ``bitmap``, counted in the worker that took them
 
 
 # (slot, its memslot, whether it logs), by address space and base gfn.
@@ -189,7 +191,8 @@ class VmState:
                 taken = who.take(slot)
         self.telemetry.harvests += 1
         self.telemetry.harvest_seconds.observe(time.monotonic() - started)
-        return Taken(taken, harvest.generation, slot, state.incarnation, consumer)
+        pages = taken.count()
+        return Taken(taken, harvest.generation, slot, state.incarnation, consumer, pages)
 
     def _merge(self, state: SlotState, uc_bits: DirtyBitmap) -> None:
         io = state.io_log
@@ -247,6 +250,14 @@ class VmState:
             who = self.consumers.get(taken.consumer)
             if state is not None and who is not None and state.incarnation == taken.incarnation:
                 who.put_back(taken.slot, taken.bitmap)
+
+    def delivered(self, taken: Taken) -> None:
+        """The answer to a GET reached its reader: count it for that consumer's metrics (on
+        the loop, once the reply is written). A consumer removed meanwhile counts nothing."""
+        with self.lock:
+            who = self.consumers.get(taken.consumer)
+            if who is not None:
+                who.answered(taken.pages)
 
     def clear(self, slot: int, consumer: str, first_page: int, num_pages: int, data: bytes) -> None:
         """CLEAR_DIRTY_LOG for one consumer, with the kernel's argument rules.

@@ -44,6 +44,22 @@ def test_put_back_returns_exactly_the_taken_bits(vm):
     assert vm.harvest(0, "default").bitmap.pages().tolist() == [3, 4, 9]
 
 
+def test_reads_and_delivered_pages_count_answers_delivered_and_never_go_down(vm):
+    """An answer put back was not delivered: nothing is counted (a count taken back would go
+    down, which Prometheus reads as a restart). Manual protect reads, hands over no pages."""
+    vm.add_consumer("copy", manual_protect=True, initially_set=False)
+    vm.backend.write_pages(np.array([3, 4, 5]), 1, WritePath.GUEST)
+    lost = vm.harvest(0, "default")
+    vm.put_back(lost)
+    assert (vm.consumers["default"].reads, vm.consumers["default"].delivered_pages) == (0, 0)
+    vm.delivered(vm.harvest(0, "default"))
+    vm.delivered(vm.harvest(0, "copy"))
+    vm.delivered(vm.harvest(0, "copy"))
+    assert (vm.consumers["default"].reads, vm.consumers["default"].delivered_pages) == (1, 3)
+    assert (vm.consumers["copy"].reads, vm.consumers["copy"].delivered_pages) == (2, 0)
+    assert vm.consumers["copy"].pending_pages() == 3  # read twice, never cleared
+
+
 def test_new_consumer_gets_all_ones_only_if_initially_set(vm):
     vm.add_consumer("a", manual_protect=False, initially_set=True)
     vm.add_consumer("b", manual_protect=False, initially_set=False)
