@@ -35,7 +35,11 @@ BACKENDS: dict[str, BackendInfo] = {
     info.name: info
     for info in (
         BackendInfo("auto", "kvm on s390x hosts with /dev/kvm, softmmu elsewhere"),
-        BackendInfo("softmmu", "the simulated s390 VM: PGSTE_UC harvesting (Linux 3.16)"),
+        BackendInfo(
+            "softmmu",
+            "the simulated s390 VM, by kernel generation: PGSTE_UC harvesting (Linux 3.16, "
+            "the default) or the storage key's change bit (3.15, before the seed)",
+        ),
         BackendInfo("kvm", "a real KVM VM owned by the daemon, harvested with the real ioctls"),
     )
 }
@@ -52,15 +56,30 @@ def resolve_kind(kind: str) -> str:
 
 
 def create_backend(
-    kind: str, name: str, runtime_dir: str, esop: bool = True, adopt: bool = False
+    kind: str,
+    name: str,
+    runtime_dir: str,
+    esop: bool = True,
+    adopt: bool = False,
+    kernel: str | None = None,
 ) -> Backend:
     """A new VM of the given kind, its RAM file under ``runtime_dir`` (or, with ``adopt``, the
-    RAM file a previous daemon left there)."""
+    RAM file a previous daemon left there).
+
+    ``kernel`` picks the s390 model's generation (:data:`kvmshim.s390.generations.KERNELS`;
+    None: the default, "3.16") and applies to softmmu only; KvmShimError for an unknown one,
+    or for any with the kvm backend, which runs the host's own kernel.
+    """
     kind = resolve_kind(kind)
     if kind == "softmmu":
         from kvmshim.backends.softmmu import SoftMmuBackend
 
-        return SoftMmuBackend(name, runtime_dir, esop=esop, adopt=adopt)
+        return SoftMmuBackend(name, runtime_dir, esop=esop, adopt=adopt, kernel=kernel)
+    if kernel is not None:
+        raise KvmShimError(
+            f"kernel {kernel!r} selects a generation of the s390 model and applies to the "
+            "softmmu backend only; the kvm backend runs the host's own kernel"
+        )
     from kvmshim.backends.kvm import KvmBackend
 
     return KvmBackend(name, runtime_dir, adopt=adopt)

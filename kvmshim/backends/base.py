@@ -128,6 +128,13 @@ class Backend(Protocol):
 
     def get_dirty_log(self, slot: int) -> Harvest: ...
 
+    def overreach(self, slot: int) -> list[tuple[int, int]]:
+        """The (slot, page) pairs outside ``slot`` whose dirty state a GET of ``slot`` consumes
+        without reporting it to their own slot: s390's inclusive harvest bound
+        (:func:`kvmshim.s390.kvm_s390.sync_dirty_log_overreach`); [] where there is no such
+        loop. Callers mark these dirty for every consumer of their slot after each GET."""
+        ...
+
     def check_clear_dirty_log(self, slot: int, first_page: int, num_pages: int) -> None: ...
 
     def write(self, gpa: int, data: bytes, path: WritePath) -> np.ndarray: ...

@@ -1,10 +1,16 @@
-"""A simulated s390 VM: guest RAM in a file, one software MMU per memslot, UC harvesting.
+"""A simulated s390 VM: guest RAM in a file, one software MMU per memslot, for one kernel
+generation (:mod:`kvmshim.s390.generations`: "3.16", the seed tree, or "3.15", before it).
 
 Guest stores go through :class:`~kvmshim.s390.mmu.S390Mmu` (faults, UC) and land in the RAM file;
-DMA and kernel-mapping stores only touch the storage key and the data — the gap the seed commit
-documents, which the daemon closes with its I/O log. ``get_dirty_log`` is the s390
-KVM_GET_DIRTY_LOG: harvest UC for every page of the slot (kvm_s390_sync_dirty_log) into a fresh
-bitmap that the caller owns.
+DMA and kernel-mapping stores only touch the storage key and the data — under 3.16 the gap the
+seed commit documents, which the daemon closes with its I/O log; under 3.15 the harvest finds
+them through the key's change bit. ``get_dirty_log`` is 3.16's s390 KVM_GET_DIRTY_LOG:
+kvm_s390_sync_dirty_log over the slot, including the one page past it that its ``<=`` bound
+reaches, then the slot's KVM dirty bitmap is copied out and cleared.
+
+Memslots follow the s390 rule (host address and size 1 MiB aligned); the RAM file places each
+slot's region at the next 1 MiB boundary, so slots created one after another are adjacent in
+host memory, which is where the inclusive bound matters.
 """
 
 from __future__ import annotations
@@ -20,14 +26,20 @@ from kvmshim.backends.base import BackendStats, Harvest, ReadPath, WritePath
 from kvmshim.backends.guestvm import GuestVm, gfn_span
 from kvmshim.bitmap import DirtyBitmap
 from kvmshim.errors import KvmError
-from kvmshim.memslot import S390_USER_MEM_SLOTS, Change, MemslotChange, MemslotTable
+from kvmshim.memslot import S390_USER_MEM_SLOTS, Change, Memslot, MemslotChange, MemslotTable
+from kvmshim.s390.generations import kernel_generation
+from kvmshim.s390.kvm_s390 import (
+    host_page_after,
+    kvm_arch_prepare_memory_region,
+    sync_dirty_log_overreach,
+)
 from kvmshim.s390.mmu import MmuStats, S390Mmu
 
 WORDS_PER_PAGE = abi.PAGE_SIZE // 8
 
 
 class SoftMmuBackend(GuestVm):
-    """One simulated s390 VM (ESOP or not) whose dirty bits come from PGSTE_UC."""
+    """One simulated s390 VM (ESOP or not) of one kernel generation."""
 
     kind = "softmmu"
 
@@ -38,20 +50,27 @@ class SoftMmuBackend(GuestVm):
         esop: bool = True,
         max_slots: int = S390_USER_MEM_SLOTS,
         adopt: bool = False,
+        kernel: str | None = None,
     ) -> None:
+        self.kernel = kernel_generation(kernel)  # first: a bad name creates no RAM file
         super().__init__(
             name, runtime_dir, MemslotTable(max_slots=max_slots, address_spaces=1), adopt
         )
         self.esop = esop
         self._mmus: dict[int, S390Mmu] = {}
         self._retired = MmuStats()  # counters of deleted slots' MMUs
+        # KVM's memslot->dirty_bitmap holds only what mark_page_dirty put there from another
+        # slot's harvest (the slot's own pages go straight from the PGSTEs into the result);
+        # at most one page per other slot, so a set per slot.
+        self._marks: dict[int, set[int]] = {}
 
     def options(self) -> dict[str, object]:
-        return {"esop": self.esop}
+        return {"esop": self.esop, "kernel": self.kernel.name}
 
     def capabilities(self) -> dict[str, object]:
-        """What a Linux 3.16 s390 KVM would report (KVM_CAP_S390_COW is MACHINE_HAS_ESOP)."""
+        """What the generation's s390 KVM would report (KVM_CAP_S390_COW is MACHINE_HAS_ESOP)."""
         return {
+            "kernel": self.kernel.name,
             "esop": self.esop,
             "s390-cow": int(self.esop),
             "nr-memslots": self.memslots.max_slots,
@@ -70,13 +89,19 @@ class SoftMmuBackend(GuestVm):
             else:
                 uaddr = self.ram.next_offset if at is None else at
             change = self.memslots.prepare(slot, flags, guest_phys_addr, memory_size, uaddr)
+            if change.kind is not Change.NONE and self.kernel.memslot_segment_rule:
+                kvm_arch_prepare_memory_region(slot, uaddr, memory_size)
             if change.kind is Change.CREATE:
                 assert change.new is not None
                 _check_model_fits(change.new.npages, slot)
                 region = self.ram.allocate_at(uaddr, memory_size)
                 self._regions[slot] = region
                 self._mmus[slot] = S390Mmu(
-                    change.new.npages, self.esop, region.offset, guest_phys_addr
+                    change.new.npages,
+                    self.esop,
+                    region.offset,
+                    guest_phys_addr,
+                    kernel=self.kernel.name,
                 )
             elif change.kind is Change.DELETE:
                 self._retire(self._mmus.pop(slot).stats)
@@ -84,19 +109,61 @@ class SoftMmuBackend(GuestVm):
             elif change.kind is Change.MOVE:
                 self._mmus[slot].guest_base = guest_phys_addr  # the gmap moves, ptes stay
             self.memslots.commit(change)
+            if change.new is None or not change.new.log_dirty_pages:
+                # __kvm_set_memory_region: no KVM_MEM_LOG_DIRTY_PAGES, no dirty_bitmap; a
+                # bitmap allocated when logging starts again is zeroed.
+                self._marks.pop(slot, None)
             self._layout = None
             return change
 
     # --- dirty log --------------------------------------------------------------------------
     def get_dirty_log(self, slot: int) -> Harvest:
+        """kvm_vm_ioctl_get_dirty_log (3.16.0): sync, copy out the slot's bitmap, clear it."""
         with self._lock:
             memslot = self.memslots.for_dirty_log(slot)
             mmu = self._mmus[slot]
+            past = host_page_after(self.memslots, memslot)
         generation = self.generation
         bitmap = DirtyBitmap(memslot.npages)
         dirty = mmu.harvest(bitmap.bytes_view(), memslot.npages)
+        if self.kernel.sync_dirty_log_inclusive:
+            self._sync_past_the_end(memslot, past)
+        with self._lock:
+            marks = self._marks.pop(slot, None)
+        if marks:
+            before = bitmap.count()
+            bitmap.set_pages(np.fromiter(marks, dtype=np.int64))
+            dirty += bitmap.count() - before
         self._closed_generation(generation, dirty)
         return Harvest(bitmap, generation)
+
+    def _sync_past_the_end(self, memslot: Memslot, past: list[tuple[Memslot, int]]) -> None:
+        """The ``cur_gfn == last_gfn`` iteration of kvm_s390_sync_dirty_log (3.16.0).
+
+        gfn_to_hva_memslot does not check the bound, so it harvests the host page after the
+        slot; if that page was dirty, mark_page_dirty(kvm, base_gfn + npages) sets the bit of
+        that gfn in whichever slot holds it, if any, and if that slot logs dirty pages. A host
+        page past the slot that no slot backs is taken as clean (3.16 would find a PGSTE of 0
+        there; 3.15's fresh HR|HC tables would report it once, into the same gfn: not modelled).
+        """
+        for other, page in past:
+            mmu = self._mmus.get(other.slot)  # None if deleted meanwhile
+            if mmu is None or not mmu.test_and_clear_user_dirty(np.array([page]))[0]:
+                continue
+            gfn = memslot.base_gfn + memslot.npages
+            with self._lock:
+                target = self.memslots.slot_for_gpa(gfn << abi.PAGE_SHIFT)
+                if target is not None and target.log_dirty_pages:
+                    self._marks.setdefault(target.slot, set()).add(gfn - target.base_gfn)
+
+    def overreach(self, slot: int) -> list[tuple[int, int]]:
+        """Pages of other slots a GET of ``slot`` consumes without reporting them to their own
+        slot (see :func:`kvmshim.s390.kvm_s390.sync_dirty_log_overreach`)."""
+        with self._lock:
+            memslot = self.memslots.get(slot)
+            if memslot is None or not self.kernel.sync_dirty_log_inclusive:
+                return []
+            return sync_dirty_log_overreach(self.memslots, memslot)
 
     def check_clear_dirty_log(self, slot: int, first_page: int, num_pages: int) -> None:
         """KVM_CLEAR_DIRTY_LOG's argument rules (s390 has no such ioctl; the rules are KVM's)."""
@@ -153,6 +220,8 @@ class SoftMmuBackend(GuestVm):
         return bytes(out)
 
     def set_storage_key(self, gpa: int, key: int) -> None:
+        """set_guest_storage_key: in 3.15 and 3.16 an intercepted PFMF with SK gets there (a
+        guest SSKE is interpreted by SIE after its first intercept) [inferred, research §5]."""
         for slot, pages in self._locate(np.array([gpa >> abi.PAGE_SHIFT], dtype=np.int64)):
             self._mmus[slot].set_guest_storage_key(pages, key)
 
@@ -199,6 +268,7 @@ class SoftMmuBackend(GuestVm):
         with self._lock:
             self._mmus.clear()
             self._regions.clear()
+            self._marks.clear()
         self._close_common(keep_ram)
 
 

@@ -1,10 +1,13 @@
 """Every s390 pte, PGSTE and storage-key bit the model uses, named as in the kernel.
 
-Values: the 64-bit layout of arch/s390/include/asm/pgtable.h and asm/page.h as of Linux 3.16,
-i.e. after the seed commit ("use software dirty bit detection for user dirty tracking") added
-PGSTE_UC_BIT and moved PGSTE_IN_BIT (kernel-semantics §1). Later kernels moved UC/IN again
-(2025: UC 0x8000, IN 0x4000); the model keeps the 3.16 values. No other module writes a mask
-literal: everything imports from here.
+Values: the 64-bit layout of arch/s390/include/asm/pgtable.h and asm/page.h, read in the 3.15.5
+and 3.16.0 trees (research kernel-315-316 §1). Everything is the same in both except two PGSTE
+software bits, which the seed commit ("use software dirty bit detection for user dirty
+tracking", in 3.16) changed: it added PGSTE_UC_BIT where PGSTE_IN_BIT was and moved IN one bit
+down. Those carry their version in the name where the two kernels differ (``PGSTE_IN_BIT_315``);
+the plain kernel name is the 3.16 value. Which generation uses which bit is
+:mod:`kvmshim.s390.generations`. Later kernels moved UC/IN again (2025: UC 0x8000, IN 0x4000);
+the model does not. No other module writes a mask literal: everything imports from here.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ PAGE_READ = _PAGE_PRESENT | _PAGE_READ | _PAGE_INVALID | _PAGE_PROTECT
 PAGE_WRITE = _PAGE_PRESENT | _PAGE_READ | _PAGE_WRITE | _PAGE_INVALID | _PAGE_PROTECT
 PAGE_SHARED = _PAGE_PRESENT | _PAGE_READ | _PAGE_WRITE | _PAGE_YOUNG | _PAGE_DIRTY
 
-# --- PGSTE, 64-bit, Linux 3.16 (§1.2) ---------------------------------------------------------
+# --- PGSTE, 64-bit: same in 3.15.5 and 3.16.0 unless the comment says otherwise (§1.1) --------
 PGSTE_ACC_BITS = 0xF000_0000_0000_0000  # guest key access-control bits (key ACC << 56)
 PGSTE_FP_BIT = 0x0800_0000_0000_0000  # guest fetch protection (key F << 56)
 PGSTE_PCL_BIT = 0x0080_0000_0000_0000  # PGSTE lock, taken by pgste_get_lock()
@@ -41,10 +44,9 @@ PGSTE_HR_BIT = 0x0040_0000_0000_0000  # host referenced (key R << 52)
 PGSTE_HC_BIT = 0x0020_0000_0000_0000  # host changed (key C << 52)
 PGSTE_GR_BIT = 0x0004_0000_0000_0000  # guest referenced (key R << 48)
 PGSTE_GC_BIT = 0x0002_0000_0000_0000  # guest changed (key C << 48)
-PGSTE_UC_BIT = 0x0000_8000_0000_0000  # user dirty, for migration (new in the seed commit)
-PGSTE_IN_BIT = 0x0000_4000_0000_0000  # IPTE notify (was 0x0000800000000000 before the seed)
-
-PGSTE_IN_BIT_PRE_SEED = 0x0000_8000_0000_0000  # Linux <= 3.15, for the record and the tests
+PGSTE_UC_BIT = 0x0000_8000_0000_0000  # 3.16: user dirty, for migration (new in the seed)
+PGSTE_IN_BIT = 0x0000_4000_0000_0000  # 3.16: IPTE notify
+PGSTE_IN_BIT_315 = 0x0000_8000_0000_0000  # 3.15.5: IPTE notify, where 3.16 puts UC; no UC
 
 _PGSTE_GPS_ZERO = 0x0000_0000_8000_0000
 _PGSTE_GPS_USAGE_MASK = 0x0000_0000_0300_0000
@@ -90,6 +92,11 @@ PGSTE_BITS = {
     "PGSTE_IN_BIT": PGSTE_IN_BIT,
     "_PGSTE_GPS_ZERO": _PGSTE_GPS_ZERO,
     "_PGSTE_GPS_USAGE_MASK": _PGSTE_GPS_USAGE_MASK,
+}
+# The 3.15.5 PGSTE: the same register without UC, with IN where UC is in 3.16.
+PGSTE_BITS_315 = {
+    **{k: v for k, v in PGSTE_BITS.items() if k not in ("PGSTE_UC_BIT", "PGSTE_IN_BIT")},
+    "PGSTE_IN_BIT": PGSTE_IN_BIT_315,
 }
 STORAGE_KEY_BITS = {
     "_PAGE_ACC_BITS": _PAGE_ACC_BITS,

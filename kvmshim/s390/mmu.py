@@ -1,12 +1,16 @@
 """The vectorised s390 MMU: the primitives of :mod:`kvmshim.s390.reference` over whole arrays.
 
+One engine for every kernel generation: where generations differ, it reads a field of its
+:class:`~kvmshim.s390.generations.KernelGeneration` (bit values, behaviour switches); nothing
+here compares kernel names.
+
 State per host page: pte (u64), PGSTE (u64) and the real storage key of its frame (u8): 17 bytes.
 The kernel keeps a table's 256 ptes and 256 PGSTEs in one 4 KiB page (the PGSTE of ``ptep`` is
 ``ptep[PTRS_PER_PTE]``); here they are two contiguous arrays with the same index, because numpy
 passes over contiguous memory run about three times faster than over interleaved halves.
 
 Every method takes a batch of page indices and leaves the arrays exactly as running the
-reference function once per page (in any order) would;
+generation's reference function once per page (in any order) would;
 ``tests/unit/kvmshim/test_s390_mmu.py`` checks this with hypothesis. Batches are processed per
 distinct page, which is what the kernel does too: the first access to a page faults, the rest of
 the batch finds it mapped.
@@ -28,6 +32,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvmshim.s390 import bits as b
+from kvmshim.s390.generations import (
+    DEFAULT_KERNEL,
+    GENERATIONS,
+    KernelGeneration,
+    kernel_generation,
+)
 
 U64 = np.uint64
 _PRESENT = U64(b._PAGE_PRESENT)
@@ -35,13 +45,12 @@ _YOUNG = U64(b._PAGE_YOUNG)
 _DIRTY = U64(b._PAGE_DIRTY)
 _READ = U64(b._PAGE_READ)
 _WRITE = U64(b._PAGE_WRITE)
-_UNUSED = U64(b._PAGE_UNUSED)
 _PROTECT = U64(b._PAGE_PROTECT)
 _INVALID = U64(b._PAGE_INVALID)
 _PAGE_MASK = U64(b.PAGE_MASK)
 _PAGE_READ_PROT = U64(b.PAGE_READ)
-_UC = U64(b.PGSTE_UC_BIT)
-_IN = U64(b.PGSTE_IN_BIT)
+_HC = U64(b.PGSTE_HC_BIT)
+_HR = U64(b.PGSTE_HR_BIT)
 _GUEST_RC = U64(b.PGSTE_GR_BIT | b.PGSTE_GC_BIT)
 _ACC_FP = U64(b.PGSTE_ACC_BITS | b.PGSTE_FP_BIT)
 _KEY_FIELDS = U64(b.PGSTE_ACC_BITS | b.PGSTE_FP_BIT | b.PGSTE_GR_BIT | b.PGSTE_GC_BIT)
@@ -51,14 +60,12 @@ _KEY_ACC_F = b._PAGE_ACC_BITS | b._PAGE_FP_BIT
 _GUEST_RC_SHIFT = U64(b.GUEST_RC_SHIFT)
 _HOST_RC_SHIFT = U64(b.HOST_RC_SHIFT)
 _KEY_ACC_SHIFT = U64(b.KEY_ACC_SHIFT)
-# Shifts of the branch-free dense harvest (see _protect_dense); checked against bits.py below.
-_UC_TO_PROTECT = U64(b.PGSTE_UC_BIT.bit_length() - b._PAGE_PROTECT.bit_length())
+# Shifts of the branch-free dense harvest (see _protect_dense); the harvested bit's shift is
+# per generation and checked in S390Mmu.__init__.
 _PRESENT_TO_PROTECT = U64(b._PAGE_PROTECT.bit_length() - b._PAGE_PRESENT.bit_length())
 _WRITE_SHIFT = U64(b._PAGE_WRITE.bit_length() - 1)
+_PROTECT_BITS = b._PAGE_PROTECT.bit_length()
 assert b._PAGE_INVALID == b._PAGE_PROTECT << 1, "non-ESOP shift assumes INVALID = PROTECT << 1"
-assert b.PGSTE_IN_BIT < b.PGSTE_UC_BIT and (b.PGSTE_IN_BIT >> int(_UC_TO_PROTECT)) < (
-    b._PAGE_PRESENT << int(_PRESENT_TO_PROTECT)
-), "IN must land below PROTECT so that the PRESENT mask drops it"
 
 # Pages per harvest step: 256 page tables, 512 KiB of PGSTEs, so the temporaries stay in L2.
 HARVEST_CHUNK = 256 * b.PTRS_PER_PTE
@@ -91,14 +98,25 @@ def pte_mkold(pte: np.ndarray) -> np.ndarray:
 
 
 def pgste_set_pte(
-    pgste: np.ndarray, entry: np.ndarray, esop: bool
+    pgste: np.ndarray,
+    entry: np.ndarray,
+    esop: bool,
+    kernel: KernelGeneration = GENERATIONS[DEFAULT_KERNEL],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The seed's rule over arrays: returns (pgste, entry to store); UC for writable valid ptes."""
-    writable = ((entry & _PRESENT) != 0) & ((entry & _WRITE) != 0) & ((entry & _INVALID) == 0)
+    """pgste_set_pte over arrays: returns (pgste, entry to store).
+
+    Without ESOP, present writable ptes are forced dirty (3.16: valid ones only); 3.16 sets UC
+    for every present, writable, valid, unprotected entry (the seed's rule), 3.15 nothing.
+    """
+    present_write = ((entry & _PRESENT) != 0) & ((entry & _WRITE) != 0)
+    writable = present_write & ((entry & _INVALID) == 0)
     if not esop:  # force the dirty bit on for all writable ptes
-        entry = np.where(writable, (entry | _DIRTY) & ~_PROTECT, entry)
+        forced = present_write if kernel.force_dirty_on_invalid else writable
+        entry = np.where(forced, (entry | _DIRTY) & ~_PROTECT, entry)
+    if not kernel.user_dirty_bit:
+        return pgste, entry
     user_dirty = writable & ((entry & _PROTECT) == 0)
-    return np.where(user_dirty, pgste | _UC, pgste), entry
+    return np.where(user_dirty, pgste | U64(kernel.user_dirty_bit), pgste), entry
 
 
 @dataclass
@@ -126,10 +144,12 @@ class S390Mmu:
         frame_base: int = 0,
         guest_base: int = 0,
         harvest_chunk: int = HARVEST_CHUNK,
+        kernel: str = DEFAULT_KERNEL,
     ) -> None:
         if harvest_chunk <= 0 or harvest_chunk % 64:
             raise ValueError("harvest_chunk must be a positive multiple of 64")
-        # page_table_alloc_pgste: whole tables, ptes _PAGE_INVALID, PGSTEs 0 (since the seed).
+        self.kernel = gen = kernel_generation(kernel)
+        # page_table_alloc_pgste: whole tables, ptes _PAGE_INVALID, the generation's PGSTE.
         ntables = -(-npages // b.PTRS_PER_PTE)
         n = ntables * b.PTRS_PER_PTE
         self.npages = npages
@@ -137,7 +157,16 @@ class S390Mmu:
         self.frame_base = frame_base
         self.guest_base = guest_base
         self.pte = np.full(n, _INVALID, dtype=U64)
-        self.pgste = np.zeros(n, dtype=U64)
+        self.pgste = np.full(n, U64(gen.pgste_initial), dtype=U64)
+        self._in = U64(gen.pgste_in_bit)
+        self._dirty_bit = U64(gen.harvest_bit)
+        self._key_change = U64(gen.key_change_bit)
+        if gen.harvest_protects:
+            self._check_dense_shifts(gen)
+            self._dirty_to_protect = U64(gen.harvest_bit.bit_length() - _PROTECT_BITS)
+            self._harvest_chunk = self._harvest_chunk_protect
+        else:
+            self._harvest_chunk = self._harvest_chunk_fold
         self.skey = np.zeros(n, dtype=np.uint8)
         self.lock = threading.Lock()
         self.notifiers: list[IpteNotifier] = []
@@ -172,7 +201,8 @@ class S390Mmu:
             self.stats.guest_loads += pages.size
 
     def io_store(self, pages: np.ndarray, commit: Callable[[], None] | None = None) -> None:
-        """DMA or kernel-mapping stores: key R|C only. UC is not touched — the seed's gap."""
+        """DMA or kernel-mapping stores: key R|C only. UC is not touched — the seed's gap; a
+        generation that harvests the key (3.15) sees the C bit if the pte is valid then."""
         pages = np.asarray(pages, dtype=np.int64)
         with self.lock:
             if commit is not None:
@@ -181,13 +211,13 @@ class S390Mmu:
             self.stats.io_stores += pages.size
 
     def set_guest_storage_key(self, pages: np.ndarray, key: int, nq: bool = False) -> None:
-        """Guest SSKE on each page; a change of ACC/F/R/C sets UC ("a change of the page")."""
+        """set_guest_storage_key on each page (an intercepted PFMF with SK; see the reference).
+
+        No fault first (3.16.0 and 3.15.5; the fault-and-retry is 3.17): a protected pte stays
+        protected. A change of ACC/F/R/C sets the generation's key-change bit (UC / HC).
+        """
         with self.lock:
             idx = np.unique(np.asarray(pages, dtype=np.int64))
-            p = self.pte[idx]
-            protected = ((p & _INVALID) == 0) & ((p & _PROTECT) != 0)
-            if protected.any():  # fixup_user_fault(FAULT_FLAG_WRITE), then retry
-                self._handle_mm_fault(idx[protected], write=True)
             old = self.pgste[idx]
             new = old & ~_KEY_FIELDS
             new |= U64((key & _KEY_RC) << b.GUEST_RC_SHIFT)
@@ -200,7 +230,7 @@ class S390Mmu:
                 self.skey[frames] = np.uint8(key & _KEY_ACC_F)
                 new[valid] |= host_rc << _HOST_RC_SHIFT
             changed = ((new ^ old) & _KEY_FIELDS) != 0
-            new[changed] |= _UC
+            new[changed] |= self._key_change
             self.pgste[idx] = new
 
     def gmap_ipte_notify(self, pages: np.ndarray) -> None:
@@ -213,12 +243,15 @@ class S390Mmu:
                 self._handle_mm_fault(idx, write=True)
                 p = self.pte[idx]
                 ok = (p & (_INVALID | _PROTECT)) == 0
-                self.pgste[idx[ok]] |= _IN
+                self.pgste[idx[ok]] |= self._in
                 idx = idx[~ok]
             raise AssertionError("gmap_ipte_notify: fault did not resolve")
 
     def ptep_test_and_clear_young(self, pages: np.ndarray) -> np.ndarray:
-        """Age present pages; returns which of the (distinct, sorted) present pages were young."""
+        """Age present pages; returns which of the (distinct, sorted) present pages were young.
+
+        The key is not folded into the PGSTE (3.16.0 and 3.15.5; 3.17.0 added that).
+        """
         with self.lock:
             idx = np.unique(np.asarray(pages, dtype=np.int64))
             oldpte = self.pte[idx]
@@ -227,8 +260,7 @@ class S390Mmu:
             pg = self._pgste_ipte_notify(idx, self.pgste[idx])
             young: np.ndarray = (oldpte & _YOUNG) != 0
             pte = pte_mkold(oldpte)
-            pg = self._pgste_update_all(oldpte, pg)
-            pg, pte = pgste_set_pte(pg, pte, self.esop)
+            pg, pte = pgste_set_pte(pg, pte, self.esop, self.kernel)
             self.pte[idx] = pte
             self.pgste[idx] = pg
             return young
@@ -236,6 +268,10 @@ class S390Mmu:
     # --- the harvest ------------------------------------------------------------------------
     def harvest(self, out: np.ndarray, npages: int | None = None) -> int:
         """ptep_test_and_clear_user_dirty for pages [0, npages): KVM-layout bitmap into ``out``.
+
+        The loop of kvm_s390_sync_dirty_log over the slot's own pages; its inclusive bound (one
+        page more) needs the memslot layout: the backend does it with
+        :meth:`test_and_clear_user_dirty`.
 
         ``out`` is a uint8 array of at least ceil(npages/8) bytes; returns the dirty count.
         """
@@ -248,16 +284,46 @@ class S390Mmu:
         self.stats.harvested_dirty += total
         return total
 
-    def _harvest_chunk(self, start: int, stop: int, out: np.ndarray) -> int:
+    def test_and_clear_user_dirty(self, pages: np.ndarray) -> np.ndarray:
+        """ptep_test_and_clear_user_dirty for the distinct ``pages``: which were dirty.
+
+        For pages a harvest of another slot reaches (kvm_s390_sync_dirty_log's ``<=`` bound).
+        """
+        idx = np.unique(np.asarray(pages, dtype=np.int64))
+        with self.lock:
+            if self.kernel.harvest_folds_key:
+                self.pgste[idx] = self._pgste_update_all(self.pte[idx], self.pgste[idx])
+            dirty: np.ndarray = (self.pgste[idx] & self._dirty_bit) != 0
+            if self.kernel.harvest_protects:
+                self._protect_sparse(idx[dirty])
+            else:
+                self.pgste[idx[dirty]] &= ~self._dirty_bit
+        return dirty
+
+    def _harvest_chunk_fold(self, start: int, stop: int, out: np.ndarray) -> int:
+        """Before the seed: fold each valid pte's key (pgste_update_all), test-and-clear HC."""
+        idx = np.flatnonzero((self.pte[start:stop] & _INVALID) == 0) + start
+        if idx.size:
+            self.pgste[idx] = self._pgste_update_all(self.pte[idx], self.pgste[idx])
+        pg = self.pgste[start:stop]
+        dirty = (pg & self._dirty_bit) != 0
+        packed = np.packbits(dirty, bitorder="little")
+        out[start // 8 : start // 8 + packed.size] = packed
+        np.bitwise_and(pg, ~self._dirty_bit, out=pg)
+        return int(np.count_nonzero(dirty))
+
+    def _harvest_chunk_protect(self, start: int, stop: int, out: np.ndarray) -> int:
+        """Since the seed: test-and-clear UC; protect or invalidate the ptes of dirty pages."""
         n = stop - start
         pg = self.pgste[start:stop]
         chunk = start // self.harvest_chunk
-        if not self._chunk_was_dirty[chunk] and not np.bitwise_or.reduce(pg) & _UC:
+        uc = self._dirty_bit
+        if not self._chunk_was_dirty[chunk] and not np.bitwise_or.reduce(pg) & uc:
             out[start // 8 : -(-stop // 8)] = 0
             return 0
         # One pass picks out UC and IN; since UC is the higher bit, dirty <=> flags >= UC.
-        flags = np.bitwise_and(pg, _UC | _IN, out=self._t64[:n])
-        dirty = np.greater_equal(flags, _UC, out=self._tbool[:n])
+        flags = np.bitwise_and(pg, uc | self._in, out=self._t64[:n])
+        dirty = np.greater_equal(flags, uc, out=self._tbool[:n])
         packed = np.packbits(dirty, bitorder="little")
         out[start // 8 : start // 8 + packed.size] = packed
         count = int(np.bitwise_count(packed).sum(dtype=np.int64))
@@ -272,7 +338,7 @@ class S390Mmu:
 
     def _protect_sparse(self, idx: np.ndarray) -> None:
         """Clear UC and protect/invalidate the present ptes of the dirty pages ``idx``."""
-        pg = self.pgste[idx] & ~_UC
+        pg = self.pgste[idx] & ~self._dirty_bit
         pte = self.pte[idx]
         present = (pte & _PRESENT) != 0
         if not present.all():
@@ -289,13 +355,14 @@ class S390Mmu:
         """
         pg = self.pgste[start:stop]
         pte = self.pte[start:stop]
-        if np.count_nonzero(flags > _UC):  # UC and IN both set: notify those that are present
-            armed = np.flatnonzero((flags > _UC) & ((pte & _PRESENT) != 0)) + start
+        uc = self._dirty_bit
+        if np.count_nonzero(flags > uc):  # UC and IN both set: notify those that are present
+            armed = np.flatnonzero((flags > uc) & ((pte & _PRESENT) != 0)) + start
             self.pgste[armed] = self._pgste_ipte_notify(armed, self.pgste[armed])
-        np.bitwise_and(pg, ~_UC, out=pg)
+        np.bitwise_and(pg, ~uc, out=pg)
         # UC (bit 47) >> 38 lands on _PAGE_PROTECT (bit 9); IN lands on bit 8, which the AND
         # with pte << 9 (PRESENT moved to bit 9, bits 0-8 zero) drops along with absent ptes.
-        add = np.right_shift(flags, _UC_TO_PROTECT, out=flags)
+        add = np.right_shift(flags, self._dirty_to_protect, out=flags)
         scratch = np.left_shift(pte, _PRESENT_TO_PROTECT, out=self._t64b[: stop - start])
         np.bitwise_and(add, scratch, out=add)
         if not self.esop:  # writable ptes get INVALID (bit 10) instead: shift by the WRITE bit
@@ -348,58 +415,80 @@ class S390Mmu:
             self._ptep_set_access_flags(pi, pte_mkyoung(entry))
 
     def _set_pte_at(self, idx: np.ndarray, entry: np.ndarray) -> None:
-        entry = np.where(entry & _PRESENT, entry & ~_UNUSED, entry)
+        """set_pte_at; 3.15.5 and 3.16.0 leave _PAGE_UNUSED alone (4.x clears it)."""
         pg = self.pgste[idx] & ~_GPS_ZERO
         self._pgste_set_key(pg, entry)
-        pg, entry = pgste_set_pte(pg, entry, self.esop)
+        pg, entry = pgste_set_pte(pg, entry, self.esop, self.kernel)
         self.pte[idx] = entry
         self.pgste[idx] = pg
 
     def _ptep_set_access_flags(self, idx: np.ndarray, entry: np.ndarray) -> None:
+        """ptep_set_access_flags without pgste_set_key (3.15.5, 3.16.0; 3.17.0 added it)."""
         changed = self.pte[idx] != entry  # pte_same → nothing to do
         idx, entry = idx[changed], entry[changed]
         if idx.size == 0:
             return
         pg = self._pgste_ipte_notify(idx, self.pgste[idx])
         # ptep_flush_direct's IPTE only sets INVALID in the old entry, which pgste_set_pte
-        # overwrites below; its one observable role is pgste_set_key's precondition.
-        self._pgste_set_key(pg, entry)
-        pg, entry = pgste_set_pte(pg, entry, self.esop)
+        # overwrites below, so it leaves no trace here.
+        pg, entry = pgste_set_pte(pg, entry, self.esop, self.kernel)
         self.pte[idx] = entry
         self.pgste[idx] = pg
 
     # --- PGSTE helpers ------------------------------------------------------------------------
     def _pgste_set_key(self, pg: np.ndarray, entry: np.ndarray) -> None:
+        """The real key of each newly valid entry: ACC/F, and GR/GC where the generation says."""
         valid = (entry & _INVALID) == 0
         if not valid.any():
             return
         pgv = pg[valid]
-        nkey = ((pgv & _ACC_FP) >> _KEY_ACC_SHIFT) | ((pgv & _GUEST_RC) >> _GUEST_RC_SHIFT)
+        nkey = (pgv & _ACC_FP) >> _KEY_ACC_SHIFT
+        if self.kernel.set_key_copies_guest_rc:
+            nkey |= (pgv & _GUEST_RC) >> _GUEST_RC_SHIFT
         self.skey[self._key_index(entry[valid])] = nkey.astype(np.uint8)
 
-    def _pgste_update_all(self, oldpte: np.ndarray, pg: np.ndarray) -> np.ndarray:
-        valid = (oldpte & _INVALID) == 0
+    def _pgste_update_all(self, pte: np.ndarray, pg: np.ndarray) -> np.ndarray:
+        """pgste_update_all for entries ``pte``; 3.15 also moves key C/R into HC/HR."""
+        valid = (pte & _INVALID) == 0
         if not valid.any():
             return pg
-        skey = self.skey[self._key_index(oldpte[valid])].astype(U64)
-        pgv = pg[valid] | ((skey & U64(_KEY_RC)) << _GUEST_RC_SHIFT)
-        pgv = (pgv & ~_ACC_FP) | ((skey & U64(_KEY_ACC_F)) << _KEY_ACC_SHIFT)
+        frames = self._key_index(pte[valid])
+        skey = self.skey[frames]
+        bits = skey & np.uint8(_KEY_RC)
+        pgv = pg[valid] | (bits.astype(U64) << _GUEST_RC_SHIFT)
+        if self.kernel.update_all_moves_host_rc:
+            move_c = ((pgv & _HC) == 0) & ((bits & np.uint8(b._PAGE_CHANGED)) != 0)
+            move_r = ~move_c & ((pgv & _HR) == 0) & ((bits & np.uint8(b._PAGE_REFERENCED)) != 0)
+            pgv |= np.where(move_c, bits.astype(U64) << _HOST_RC_SHIFT, U64(0))
+            pgv |= np.where(move_r, _HR, U64(0))
+            reset = np.where(move_c, bits, np.where(move_r, np.uint8(b._PAGE_REFERENCED), 0))
+            self.skey[frames] = skey & ~reset.astype(np.uint8)
+        pgv = (pgv & ~_ACC_FP) | ((skey & np.uint8(_KEY_ACC_F)).astype(U64) << _KEY_ACC_SHIFT)
         pg = pg.copy()
         pg[valid] = pgv
         return pg
 
     def _pgste_ipte_notify(self, idx: np.ndarray, pg: np.ndarray) -> np.ndarray:
-        armed = (pg & _IN) != 0
+        armed = (pg & self._in) != 0
         if not armed.any():
             return pg
         self._gmap_do_ipte_notify(idx[armed])
-        return np.where(armed, pg & ~_IN, pg)
+        return np.where(armed, pg & ~self._in, pg)
 
     def _gmap_do_ipte_notify(self, idx: np.ndarray) -> None:
         self.stats.ipte_notifications += idx.size
         gaddrs = self.guest_base + idx.astype(np.int64) * b.PAGE_SIZE
         for notifier_call in self.notifiers:
             notifier_call(gaddrs)
+
+    @staticmethod
+    def _check_dense_shifts(gen: KernelGeneration) -> None:
+        """_protect_dense shifts the harvested bit onto PROTECT; IN must then fall below it."""
+        to_protect = gen.harvest_bit.bit_length() - _PROTECT_BITS
+        assert gen.pgste_in_bit < gen.harvest_bit, "IN must be below the harvested bit"
+        assert (gen.pgste_in_bit >> to_protect) < (b._PAGE_PRESENT << int(_PRESENT_TO_PROTECT)), (
+            "IN must land below PROTECT so that the PRESENT mask drops it"
+        )
 
     def _frames(self, idx: np.ndarray) -> np.ndarray:
         return U64(self.frame_base) + (idx.astype(U64) << U64(b.PAGE_SHIFT))

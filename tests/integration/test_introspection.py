@@ -88,10 +88,10 @@ def test_every_return_and_event_has_exactly_the_declared_members(daemon_with_una
 
         memslots = [
             {"slot": 0, "guest-phys-addr": 0, "size": MiB},
-            {"slot": 1, "guest-phys-addr": 4 * MiB, "size": MiB // 4},
+            {"slot": 1, "guest-phys-addr": 4 * MiB, "size": MiB},
         ]
         qmp("vm-create", name="vm", memslots=memslots)
-        qmp("memslot-set", vm="vm", slot=2, guest_phys_addr=8 * MiB, size=64 * 4096)
+        qmp("memslot-set", vm="vm", slot=2, guest_phys_addr=8 * MiB, size=MiB)
         qmp("consumer-add", vm="vm", name="mig", manual_protect=True)
         qmp("consumer-add", vm="vm", name="brief")
         qmp("consumer-remove", vm="vm", name="brief")

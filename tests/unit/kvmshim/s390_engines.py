@@ -1,11 +1,14 @@
-"""One interface over the per-page reference and the vectorised MMU, so tests run on both."""
+"""One interface over the per-page reference and the vectorised MMU, so tests run on both, for
+any kernel generation."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from kvmshim.s390 import reference as ref
+from kvmshim.s390.generations import DEFAULT_KERNEL
 from kvmshim.s390.mmu import S390Mmu
+from kvmshim.s390.reference import common
 
 
 class RefEngine:
@@ -13,8 +16,16 @@ class RefEngine:
 
     name = "reference"
 
-    def __init__(self, npages: int, esop: bool, frame_base: int = 0, guest_base: int = 0):
-        self.mm = ref.Mm(npages, esop=esop, frame_base=frame_base, guest_base=guest_base)
+    def __init__(
+        self,
+        npages: int,
+        esop: bool,
+        frame_base: int = 0,
+        guest_base: int = 0,
+        kernel: str = DEFAULT_KERNEL,
+    ):
+        self.mm = ref.new_mm(npages, kernel, esop, frame_base, guest_base)
+        self.k = self.mm.pgtable
         self.npages = npages
         self.notified: list[int] = []
         self.mm.notifiers.append(self.notified.append)
@@ -26,30 +37,35 @@ class RefEngine:
 
     def store(self, pages):
         for p in pages:
-            self._count(ref.guest_store(self.mm, int(p)))
+            self._count(common.guest_store(self.mm, int(p)))
 
     def load(self, pages):
         for p in pages:
-            self._count(ref.guest_load(self.mm, int(p)))
+            self._count(common.guest_load(self.mm, int(p)))
 
     def io_store(self, pages):
         for p in pages:
-            ref.io_store(self.mm, int(p))
+            common.io_store(self.mm, int(p))
 
     def set_key(self, pages, key):
         for p in pages:
-            ref.set_guest_storage_key(self.mm, int(p), key)
+            self.k.set_guest_storage_key(self.mm, int(p), key)
 
     def arm_notify(self, pages):
         for p in pages:
-            ref.gmap_ipte_notify(self.mm, int(p))
+            self.k.gmap_ipte_notify(self.mm, int(p))
 
     def age(self, pages):
-        present = sorted({int(p) for p in pages if ref.pte_present(self.mm.pte[int(p)])})
-        return [ref.ptep_test_and_clear_young(self.mm, p) for p in present]
+        present = sorted({int(p) for p in pages if common.pte_present(self.mm.pte[int(p)])})
+        return [self.k.ptep_test_and_clear_young(self.mm, p) for p in present]
 
     def harvest(self) -> list[int]:
-        return [p for p in range(self.npages) if ref.ptep_test_and_clear_user_dirty(self.mm, p)]
+        return common.kvm_s390_sync_dirty_log(self.mm, self.npages)
+
+    def harvest_pages(self, pages) -> list[int]:
+        """The harvest of single pages, as another slot's inclusive bound reaches them."""
+        pages = sorted({int(p) for p in pages})
+        return [p for p in pages if self.k.ptep_test_and_clear_user_dirty(self.mm, p)]
 
     def arrays(self):
         return (
@@ -70,6 +86,7 @@ class VecEngine:
         esop: bool,
         frame_base: int = 0,
         guest_base: int = 0,
+        kernel: str = DEFAULT_KERNEL,
         harvest_chunk: int = 64,
     ):
         self.mmu = S390Mmu(
@@ -78,6 +95,7 @@ class VecEngine:
             frame_base=frame_base,
             guest_base=guest_base,
             harvest_chunk=harvest_chunk,
+            kernel=kernel,
         )
         self.npages = npages
         self.notified: list[int] = []
@@ -112,6 +130,10 @@ class VecEngine:
         pages = np.flatnonzero(np.unpackbits(out, bitorder="little")).tolist()
         assert count == len(pages)
         return pages
+
+    def harvest_pages(self, pages) -> list[int]:
+        idx = np.unique(np.asarray(pages, dtype=np.int64))
+        return idx[self.mmu.test_and_clear_user_dirty(idx)].tolist()
 
     def arrays(self):
         return self.mmu.pte.copy(), self.mmu.pgste.copy(), self.mmu.skey.copy()

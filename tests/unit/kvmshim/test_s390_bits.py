@@ -1,4 +1,5 @@
-"""Bit layouts: values from Linux 3.16, single bits where they should be, no overlaps."""
+"""Bit layouts: values from Linux 3.15.5 and 3.16.0, single bits where they should be, no
+overlaps."""
 
 import itertools
 
@@ -6,7 +7,12 @@ import pytest
 
 from kvmshim.s390 import bits as b
 
-GROUPS = {"pte": b.PTE_BITS, "pgste": b.PGSTE_BITS, "storage key": b.STORAGE_KEY_BITS}
+GROUPS = {
+    "pte": b.PTE_BITS,
+    "pgste": b.PGSTE_BITS,
+    "pgste 3.15": b.PGSTE_BITS_315,
+    "storage key": b.STORAGE_KEY_BITS,
+}
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -23,10 +29,12 @@ def test_bits_of_one_register_do_not_overlap(group):
 
 
 def test_seed_commit_values():
-    # The seed added UC where IN used to be and moved IN one bit down.
+    # The seed added UC where IN used to be and moved IN one bit down (3.15.5 / 3.16.0
+    # asm/pgtable.h, 64-bit branch).
     assert b.PGSTE_UC_BIT == 0x0000800000000000
     assert b.PGSTE_IN_BIT == 0x0000400000000000
-    assert b.PGSTE_IN_BIT_PRE_SEED == b.PGSTE_UC_BIT
+    assert b.PGSTE_IN_BIT_315 == 0x0000800000000000 == b.PGSTE_UC_BIT
+    assert "PGSTE_UC_BIT" not in b.PGSTE_BITS_315
 
 
 def test_storage_key_fields_shift_into_the_pgste():

@@ -1,20 +1,30 @@
-"""The vectorised MMU equals the per-page reference: hypothesis drives random operation
-sequences through both, for ESOP and non-ESOP machines, and after every step the pte, PGSTE and
-storage-key arrays, the harvest bitmaps, the aging results, the IPTE notifications and the fault
-counts must be identical."""
+"""The vectorised MMU equals the per-page reference, for every kernel generation: hypothesis
+drives random operation sequences through both, for ESOP and non-ESOP machines, and after every
+step the pte, PGSTE and storage-key arrays, the harvest bitmaps, the aging results, the IPTE
+notifications and the fault counts must be identical.
+
+Example budgets are per generation (``EXAMPLES``), so adding one keeps the suite's time known:
+about 5 s per generation on the 2-core test VM."""
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvmshim.s390 import bits as b
 from kvmshim.s390 import mmu as mmu_mod
 from kvmshim.s390 import reference as ref
+from kvmshim.s390.generations import GENERATIONS, KERNELS
 from kvmshim.s390.mmu import S390Mmu
 
 from .s390_engines import RefEngine, VecEngine
 
-OPS = ["store", "load", "io", "key", "notify", "age", "harvest"]
+# Examples per generation: operation sequences, pgste_set_pte states, harvested states.
+EXAMPLES = {"3.15": (300, 150, 150), "3.16": (300, 150, 150)}
+assert set(EXAMPLES) == set(KERNELS)
+
+# "reach" is the single-page harvest another slot's inclusive loop bound does.
+OPS = ["store", "load", "io", "key", "notify", "age", "harvest", "reach"]
 
 
 @st.composite
@@ -50,19 +60,35 @@ def apply(engine, op, pages, key):
         return engine.arm_notify(pages)
     if op == "age":
         return engine.age(pages)
+    if op == "reach":
+        return engine.harvest_pages(pages)
     return engine.harvest()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scenarios())
-def test_vectorised_mmu_equals_reference(scenario):
+SLOW_OK = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
+by_kernel = pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"linux-{k}")
+
+
+@by_kernel
+def test_vectorised_mmu_equals_reference(kernel):
+    @settings(max_examples=EXAMPLES[kernel][0], **SLOW_OK)
+    @given(scenarios())
+    def run(scenario):
+        check_sequence(kernel, scenario)
+
+    run()
+
+
+def check_sequence(kernel, scenario):
     npages, esop, chunk, steps = scenario
-    ref = RefEngine(npages, esop, frame_base=0x40000000, guest_base=0x10000)
-    vec = VecEngine(npages, esop, frame_base=0x40000000, guest_base=0x10000, harvest_chunk=chunk)
+    ref = RefEngine(npages, esop, frame_base=0x40000000, guest_base=0x10000, kernel=kernel)
+    vec = VecEngine(
+        npages, esop, frame_base=0x40000000, guest_base=0x10000, kernel=kernel, harvest_chunk=chunk
+    )
     for i, (op, pages, key) in enumerate(steps):
         expected = apply(ref, op, pages, key)
         got = apply(vec, op, pages, key)
-        where = f"step {i}: {op} {pages} key={key:#x} esop={esop}"
+        where = f"linux {kernel} step {i}: {op} {pages} key={key:#x} esop={esop}"
         assert got == expected, where
         for name, want, have in zip(
             ("pte", "pgste", "skey"), ref.arrays(), vec.arrays(), strict=True
@@ -88,14 +114,16 @@ def test_harvest_of_a_dense_and_a_sparse_chunk_in_one_pass():
 # --- state-level differential: arbitrary pte/PGSTE states, not only reachable ones -------------
 # The operations above only build ptes that are already dirty when writable (the modelled VMA
 # maps PAGE_READ and write faults mkdirty), so these tests also feed the primitives states such
-# as a clean writable pte (PAGE_WRITE mappings, mprotect), where the non-ESOP rule matters.
+# as a clean writable pte (PAGE_WRITE mappings, mprotect), where the non-ESOP rule matters, and
+# any storage key (3.15's harvest reads it).
 PTE_LOW_BITS = [0x400, 0x03D, 0x23D, 0x43D, 0x215, 0x235, 0x439, 0x611, 0x031, 0x001, 0x6B5]
 PGSTE_BITS = [
-    b.PGSTE_UC_BIT,
+    b.PGSTE_UC_BIT,  # = 3.15's PGSTE_IN_BIT_315
     b.PGSTE_IN_BIT,
     b.PGSTE_GR_BIT,
     b.PGSTE_GC_BIT,
     b.PGSTE_HC_BIT,
+    b.PGSTE_HR_BIT,
     b.PGSTE_ACC_BITS & 0x5000000000000000,
     b._PGSTE_GPS_ZERO,
 ]
@@ -109,40 +137,62 @@ def states(draw, max_pages=200):
     frames = [0x40000000 + i * 4096 for i in range(n)]
     ptes = [lo if lo == 0x400 else f + lo for f, lo in zip(frames, low, strict=True)]
     pgstes = [sum(set(bits)) for bits in pg]
-    return ptes, pgstes
+    keys = draw(st.lists(st.integers(0, 127).map(lambda k: k * 2), min_size=n, max_size=n))
+    return ptes, pgstes, keys
 
 
-@settings(max_examples=300, deadline=None)
-@given(states(), st.booleans())
-def test_pgste_set_pte_array_form_equals_reference(state, esop):
-    ptes, pgstes = state
-    mm = ref.Mm(len(ptes), esop=esop, frame_base=0x40000000)
-    expected = []
-    for i, (entry, pg) in enumerate(zip(ptes, pgstes, strict=True)):
-        expected.append((ref.pgste_set_pte(mm, i, pg, entry, esop), mm.pte[i]))
-    got_pg, got_pte = mmu_mod.pgste_set_pte(
-        np.array(pgstes, np.uint64), np.array(ptes, np.uint64), esop
-    )
-    assert list(zip(got_pg.tolist(), got_pte.tolist(), strict=True)) == expected
+@by_kernel
+def test_pgste_set_pte_array_form_equals_reference(kernel):
+    pgtable = ref.PGTABLE[kernel]
+
+    @settings(max_examples=EXAMPLES[kernel][1], **SLOW_OK)
+    @given(states(), st.booleans())
+    def run(state, esop):
+        ptes, pgstes, _ = state
+        mm = ref.new_mm(len(ptes), kernel, esop, frame_base=0x40000000)
+        expected = []
+        for i, (entry, pg) in enumerate(zip(ptes, pgstes, strict=True)):
+            if kernel == "3.15":  # void pgste_set_pte(pte_t *ptep, pte_t entry)
+                pgtable.pgste_set_pte(mm, i, entry, esop)
+            else:  # pgste_t pgste_set_pte(pte_t *ptep, pgste_t pgste, pte_t entry)
+                pg = pgtable.pgste_set_pte(mm, i, pg, entry, esop)
+            expected.append((pg, mm.pte[i]))
+        got_pg, got_pte = mmu_mod.pgste_set_pte(
+            np.array(pgstes, np.uint64), np.array(ptes, np.uint64), esop, GENERATIONS[kernel]
+        )
+        assert list(zip(got_pg.tolist(), got_pte.tolist(), strict=True)) == expected
+
+    run()
 
 
-@settings(max_examples=300, deadline=None)
-@given(states(), st.booleans(), st.sampled_from([64, 128]))
-def test_harvest_of_arbitrary_states_equals_reference(state, esop, chunk):
-    ptes, pgstes = state
+@by_kernel
+def test_harvest_of_arbitrary_states_equals_reference(kernel):
+    @settings(max_examples=EXAMPLES[kernel][2], **SLOW_OK)
+    @given(states(), st.booleans(), st.sampled_from([64, 128]))
+    def run(state, esop, chunk):
+        check_harvest_of_state(kernel, state, esop, chunk)
+
+    run()
+
+
+def check_harvest_of_state(kernel, state, esop, chunk):
+    ptes, pgstes, keys = state
     n = len(ptes)
-    rm = ref.Mm(n, esop=esop, frame_base=0x40000000, guest_base=0x2000)
-    rm.pte[:n], rm.pgste[:n] = list(ptes), list(pgstes)
+    rm = ref.new_mm(n, kernel, esop, frame_base=0x40000000, guest_base=0x2000)
+    rm.pte[:n], rm.pgste[:n], rm.skey[:n] = list(ptes), list(pgstes), list(keys)
     ref_notified: list[int] = []
     rm.notifiers.append(ref_notified.append)
-    vm = S390Mmu(n, esop=esop, frame_base=0x40000000, guest_base=0x2000, harvest_chunk=chunk)
-    vm.pte[:n], vm.pgste[:n] = ptes, pgstes
+    vm = S390Mmu(
+        n, esop=esop, frame_base=0x40000000, guest_base=0x2000, harvest_chunk=chunk, kernel=kernel
+    )
+    vm.pte[:n], vm.pgste[:n], vm.skey[:n] = ptes, pgstes, keys
     vec_notified: list[int] = []
     vm.notifiers.append(lambda g: vec_notified.extend(g.tolist()))
 
-    expected = [p for p in range(n) if ref.ptep_test_and_clear_user_dirty(rm, p)]
+    expected = ref.common.kvm_s390_sync_dirty_log(rm, n)
     out = np.zeros(-(-n // 64) * 8, np.uint8)
     vm.harvest(out)
     assert np.flatnonzero(np.unpackbits(out, bitorder="little")).tolist() == expected
     assert vm.pte.tolist() == rm.pte and vm.pgste.tolist() == rm.pgste
+    assert vm.skey.tolist() == rm.skey
     assert vec_notified == ref_notified

@@ -1,5 +1,6 @@
-"""Worked kernel examples (kernel-semantics §2, §4, §5), each run on the reference and the
-vectorised engine. Values are the 3.16 bit layout; FRAME is the frame address of page 0."""
+"""Worked Linux 3.16.0 examples (the seed tree; research kernel-315-316 §2-§5), each run on the
+reference and the vectorised engine. FRAME is the frame address of page 0. The 3.15 generation
+has its own file, test_s390_linux_3_15.py."""
 
 import pytest
 
@@ -118,16 +119,47 @@ def test_setting_the_same_key_again_is_not_a_change(engine_cls):
     assert e.harvest() == []
 
 
-def test_key_on_a_harvested_page_write_faults_first_and_loses_the_real_rc(engine_cls):
-    # Seed quirk (kernel-semantics §8.2): the fixup fault's pgste_set_key overwrites the real
-    # key with the guest's PGSTE copy, so the store's R/C never reach HC/HR.
+def test_key_change_after_an_esop_harvest_leaves_the_pte_protected(engine_cls):
+    # 3.16.0 set_guest_storage_key (mm/pgtable.c) has no fault-and-retry (3.17.0 added it): the
+    # harvested pte stays protected, the real R/C of the earlier store are merged into HC/HR
+    # before the SSKE of ACC/F resets them, and the key change alone sets UC.
     e = make(engine_cls, esop=True)
     e.store([4])
     e.harvest()  # 0x23D: protected
     e.set_key([4], 0x30)
-    assert pte(e, 4) & 0xFFF == 0x03D  # writable again after the fault
+    assert pte(e, 4) & 0xFFF == 0x23D  # still protected: no fault was taken
+    assert e.faults == {"translation": 1, "protection": 0}
     assert pgste(e, 4) & UC
-    assert not pgste(e, 4) & (b.PGSTE_HC_BIT | b.PGSTE_HR_BIT)
+    host_rc = b.PGSTE_HC_BIT | b.PGSTE_HR_BIT
+    assert pgste(e, 4) & host_rc == host_rc
+    assert skey(e, 4) == 0x30
+    assert e.harvest() == [4]
+    e.store([4])  # the next store takes the protection fault and is dirty as usual
+    assert e.faults["protection"] == 1 and e.harvest() == [4]
+
+
+def test_same_key_after_an_esop_harvest_is_not_reported(engine_cls):
+    # 3.16.0: no fault first, so nothing but the key-change rule can set UC.
+    e = make(engine_cls, esop=True)
+    e.set_key([4], 0x30)
+    e.store([4])
+    e.harvest()
+    e.set_key([4], 0x30)
+    assert pte(e, 4) & 0xFFF == 0x23D and e.harvest() == []
+
+
+def test_revalidating_an_aged_pte_does_not_rewrite_the_real_key(engine_cls):
+    # 3.16.0 ptep_set_access_flags has no pgste_set_key (3.17.0 added it): a key the guest
+    # changed while the pte was old reaches the PGSTE only, not the real key.
+    e = make(engine_cls)
+    e.set_key([4], 0x30)
+    e.load([4])  # set_pte_at → pgste_set_key: real key ACC 3
+    assert skey(e, 4) == 0x34  # ACC 3, R from the load
+    e.age([4])  # pte old: INVALID
+    e.set_key([4], 0x50)  # invalid pte: PGSTE only
+    e.load([4])  # present pte → pte_mkyoung → ptep_set_access_flags
+    assert skey(e, 4) == 0x34  # 3.17 would have written ACC 5 here
+    assert (pgste(e, 4) & b.PGSTE_ACC_BITS) >> 56 == 0x50
 
 
 def test_dma_store_sets_the_change_bit_but_not_uc(engine_cls):
@@ -171,9 +203,21 @@ def test_ipte_notify_calls_the_notifier_once_with_the_guest_address(engine_cls):
     assert e.notified == [GUEST + 6 * 4096]  # once: IN was cleared
 
 
-def test_aging_makes_the_pte_old_and_folds_the_key_into_gr_gc(engine_cls):
+def test_aging_makes_the_pte_old_and_leaves_the_pgste_key_fields(engine_cls):
+    # 3.16.0 ptep_test_and_clear_young: no pgste_update_all (3.17.0 folds the key there).
     e = make(engine_cls)
     e.store([11])
     assert e.age([11, 12]) == [True]  # page 12 is not mapped, so it is not aged
     assert pte(e, 11) & b._PAGE_INVALID and not pte(e, 11) & b._PAGE_YOUNG
-    assert pgste(e, 11) & (b.PGSTE_GR_BIT | b.PGSTE_GC_BIT) == b.PGSTE_GR_BIT | b.PGSTE_GC_BIT
+    assert not pgste(e, 11) & (b.PGSTE_GR_BIT | b.PGSTE_GC_BIT)
+    assert skey(e, 11) & 0x06 == 0x06  # R/C stay in the real key
+
+
+def test_set_pte_at_keeps_page_unused():
+    # 3.16.0 set_pte_at does not clear _PAGE_UNUSED (that line is from 4.x kernels).
+    from kvmshim.s390 import reference as ref
+
+    mm = ref.new_mm(1, "3.16", frame_base=FRAME)
+    entry = FRAME + 0x03D + b._PAGE_UNUSED
+    ref.linux_3_16.set_pte_at(mm, 0, entry)
+    assert mm.pte[0] == entry

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from kvmshim.abi import KVM_MEM_LOG_DIRTY_PAGES as LOG
+from kvmshim.backends import create_backend
 from kvmshim.backends.base import Pattern, ReadPath, WorkloadSpec, WritePath
 from kvmshim.backends.softmmu import SoftMmuBackend
-from kvmshim.errors import KvmError
+from kvmshim.errors import KvmError, KvmShimError
 from kvmshim.s390 import bits as b
 
 MiB = 1 << 20
@@ -220,8 +221,8 @@ def test_a_slot_whose_model_does_not_fit_in_memory_is_enomem_and_changes_nothing
     assert info.value.errno == errno.ENOMEM
     assert "262144 pages needs 4.2 MiB; 1.0 MiB is available (ENOMEM)" in str(info.value)
     assert vm.memslots.get(2) is None
-    vm.set_user_memory_region(2, LOG, 1 << 30, 16 * 4096)  # 1088 bytes fit
-    assert vm.memslots.get(2).npages == 16
+    vm.set_user_memory_region(2, LOG, 1 << 30, MiB)  # 4352 bytes fit
+    assert vm.memslots.get(2).npages == 256
 
 
 def test_memory_available_reads_the_host():
@@ -230,3 +231,129 @@ def test_memory_available_reads_the_host():
     with open("/proc/meminfo") as f:
         total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
     assert 0 < memory_available() <= total
+
+
+# --- the s390 memslot rule (kvm_arch_prepare_memory_region, 3.10.65 through 3.18.30) -----------
+@pytest.mark.parametrize("size", [4096, 64 * 4096, MiB + 4096])
+def test_a_slot_size_that_is_not_a_1_mib_multiple_is_einval_and_changes_nothing(vm, size):
+    with pytest.raises(KvmError, match="1 MiB multiples") as info:
+        vm.set_user_memory_region(2, LOG, 64 * MiB, size)
+    assert info.value.errno == errno.EINVAL
+    assert vm.memslots.get(2) is None and vm.ram.next_offset == 6 * MiB
+
+
+def test_a_restored_slot_off_a_1_mib_boundary_of_the_ram_file_is_einval(vm):
+    with pytest.raises(KvmError, match="1 MiB boundary") as info:
+        vm.restore_memslot(2, LOG, 64 * MiB, MiB, 6 * MiB + 4096)
+    assert info.value.errno == errno.EINVAL
+
+
+def test_the_guest_address_needs_only_4_kib_alignment(vm):
+    vm.set_user_memory_region(2, LOG, 64 * MiB + 4096, MiB)  # the rule is on host memory
+    assert vm.ram_region(2).offset == 6 * MiB
+
+
+# --- kvm_s390_sync_dirty_log's inclusive bound (3.16.0: cur_gfn <= last_gfn) -----------------
+KERNELS = ["3.15", "3.16"]
+
+
+def settled(tmp_path, kernel, *slots):
+    """A VM with the given (guest address) 1 MiB slots, consecutive in the RAM file, and every
+    slot harvested once in reverse order, so that 3.15's allocation-time HC bits are gone."""
+    vm = SoftMmuBackend(f"bound-{kernel}", str(tmp_path), kernel=kernel)
+    for i, gpa in enumerate(slots):
+        vm.set_user_memory_region(i, LOG, gpa, MiB)
+    for _ in range(2):  # the second round takes what the first marked
+        for i in reversed(range(len(slots))):
+            vm.get_dirty_log(i)
+    return vm
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_get_of_a_slot_consumes_the_first_page_of_the_slot_after_it_in_host_memory(
+    tmp_path, kernel
+):
+    # A: gpa [0, 1 MiB), host [0, 1 MiB); B: gpa [16 MiB, 17 MiB), host [1 MiB, 2 MiB).
+    # GET A also harvests host page 1 MiB (B's page 0) and marks gfn 256, which no slot holds:
+    # the kernel loses B's page 0. overreach(A) names it for the caller to mark.
+    vm = settled(tmp_path, kernel, 0, 16 * MiB)
+    vm.write_pages(np.array([4096]), 7, WritePath.GUEST)
+    assert dirty(vm, 0) == []
+    assert dirty(vm, 1) == []  # the lost page
+    assert vm.overreach(0) == [(1, 0)]
+    assert vm.overreach(1) == []  # nothing after B in the RAM file
+    vm.close()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_the_page_after_a_slot_adjacent_in_both_memories_is_reported_to_its_slot(tmp_path, kernel):
+    # B follows A in guest and host memory: gfn 256 is B's page 0, mark_page_dirty puts it in
+    # B's dirty bitmap and B's next GET returns it.
+    vm = settled(tmp_path, kernel, 0, MiB)
+    vm.write_pages(np.array([256]), 7, WritePath.GUEST)
+    assert dirty(vm, 0) == []
+    assert dirty(vm, 1) == [0]
+    assert dirty(vm, 1) == []  # copied out and cleared
+    assert vm.overreach(0) == []
+    vm.close()
+
+
+def test_the_mark_lands_in_the_slot_holding_the_gfn_after_the_slot(tmp_path):
+    # C holds gfn 256 (gpa 1 MiB) but sits after B in host memory: GET A harvests B's page 0
+    # and reports it as C's page 0, a false positive for C and a loss for B.
+    vm = settled(tmp_path, "3.16", 0, 16 * MiB, MiB)  # A, B, C
+    vm.write_pages(np.array([4096]), 7, WritePath.GUEST)
+    assert dirty(vm, 0) == []
+    assert dirty(vm, 2) == [0]
+    assert dirty(vm, 1) == []
+    assert vm.overreach(0) == [(1, 0)]
+    vm.close()
+
+
+def test_a_pending_mark_goes_with_the_dirty_bitmap_when_logging_stops(tmp_path):
+    vm = settled(tmp_path, "3.16", 0, MiB)
+    vm.write_pages(np.array([256]), 7, WritePath.GUEST)
+    dirty(vm, 0)  # marks B's page 0 in B's dirty bitmap
+    vm.set_user_memory_region(1, 0, MiB, MiB)  # logging off: the bitmap is freed
+    # With B not logging, a mark for B goes nowhere (mark_page_dirty_in_slot), while B's UC is
+    # consumed all the same and B keeps no record of it until logging resumes: named.
+    assert vm.overreach(0) == [(1, 0)]
+    vm.set_user_memory_region(1, LOG, MiB, MiB)
+    assert dirty(vm, 1) == []
+    assert vm.overreach(0) == []
+    vm.close()
+
+
+# --- kernel generations ---------------------------------------------------------------------
+def test_under_3_15_a_dma_store_to_a_mapped_page_is_reported(tmp_path):
+    vm = SoftMmuBackend("k315", str(tmp_path), kernel="3.15")
+    vm.set_user_memory_region(0, LOG, 0, MiB)
+    vm.write_pages(np.array([9]), 1, WritePath.GUEST)  # maps the page
+    dirty(vm, 0)
+    dirty(vm, 0)
+    vm.write_pages(np.array([9]), 77, WritePath.DMA)
+    assert dirty(vm, 0) == [9]
+    vm.close()
+
+
+def test_kernel_is_an_option_and_a_capability(tmp_path):
+    vm = SoftMmuBackend("k", str(tmp_path))
+    assert vm.options() == {"esop": True, "kernel": "3.16"}
+    assert vm.capabilities()["kernel"] == "3.16"
+    vm.close()
+    vm = create_backend("softmmu", "k", str(tmp_path), **{"esop": False, "kernel": "3.15"})
+    assert vm.options() == {"esop": False, "kernel": "3.15"}
+    vm.close()
+
+
+def test_an_unknown_kernel_is_refused_naming_the_choices(tmp_path):
+    with pytest.raises(KvmShimError, match=r"unknown kernel '3.14'.*3\.15, 3\.16"):
+        create_backend("softmmu", "bad", str(tmp_path), kernel="3.14")
+    assert os.listdir(tmp_path) == []  # refused before the RAM file exists
+
+
+def test_the_kvm_backend_refuses_a_kernel(tmp_path):
+    with pytest.raises(KvmShimError, match="softmmu backend only") as info:
+        create_backend("kvm", "k", str(tmp_path), kernel="3.16")
+    assert type(info.value) is KvmShimError
+    assert os.listdir(tmp_path) == []

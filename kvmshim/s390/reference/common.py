@@ -1,13 +1,17 @@
-"""The s390 dirty-tracking primitives of Linux 3.16, one page at a time, named as in the kernel.
+"""What the s390 reference shares across kernel generations, one page at a time.
 
-This is the oracle: each function does what its kernel namesake does (kernel-semantics §2, §4;
-the seed commit), in plain Python on plain ints, so it can be checked by reading. The
-vectorised engine in :mod:`kvmshim.s390.mmu` is tested to produce identical pte, PGSTE and
-storage-key arrays and identical harvest results.
+The oracle of the model: each function does what its kernel namesake does, in plain Python on
+plain ints, so it can be checked by reading. The functions that differ between generations live
+in :mod:`.linux_3_15` and :mod:`.linux_3_16`, one module per kernel, literal and without
+switches; an :class:`Mm` carries its kernel's module as ``pgtable`` and the generic code here
+(the fault path of mm/memory.c, the accesses, the harvest loop of kvm-s390.c) calls through it.
+The vectorised engine in :mod:`kvmshim.s390.mmu` is tested to produce identical pte, PGSTE and
+storage-key arrays and identical harvest results for each generation.
 
 What is modelled
   * One host mm with PGSTE page tables (``mm_has_pgste``) that uses storage keys
-    (``mm_use_skey``), covering the host pages that back one memslot; ``ptep`` is an index.
+    (``mm_use_skey``; an assumption for 3.16, where it is set at the guest's first key
+    instruction), covering the host pages that back one memslot; ``ptep`` is an index.
   * The guest RAM VMA is a shared, writable file mapping that wants write notification, so its
     ``vm_page_prot`` is PAGE_READ: a read fault maps the page read-only, a write fault maps it
     writable and dirty (mm/memory.c do_read_fault / do_shared_fault / wp_page_reuse).
@@ -16,42 +20,31 @@ What is modelled
   * IPTE is atomic: it sets _PAGE_INVALID in the entry and there is no TLB to purge.
 
 Not modelled: swap and file ptes, THP, CMMA usage states beyond clearing _PGSTE_GPS_ZERO, the
-lazy ``s390_enable_skey``, and the harvest loop's inclusive bound (kernel-semantics §3.1).
+lazy ``s390_enable_skey``, page-table teardown. The harvest loop's inclusive bound needs the
+memslot layout, so it is modelled one level up, in the softmmu backend.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import ModuleType
 
 from kvmshim.s390.bits import (
-    _PAGE_ACC_BITS,
     _PAGE_CHANGED,
     _PAGE_DIRTY,
-    _PAGE_FP_BIT,
     _PAGE_INVALID,
     _PAGE_PRESENT,
     _PAGE_PROTECT,
     _PAGE_READ,
     _PAGE_REFERENCED,
-    _PAGE_UNUSED,
     _PAGE_WRITE,
     _PAGE_YOUNG,
-    _PGSTE_GPS_ZERO,
-    GUEST_RC_SHIFT,
-    HOST_RC_SHIFT,
-    KEY_ACC_SHIFT,
     PAGE_MASK,
     PAGE_READ,
     PAGE_SHIFT,
     PAGE_SIZE,
-    PGSTE_ACC_BITS,
-    PGSTE_FP_BIT,
-    PGSTE_GC_BIT,
-    PGSTE_GR_BIT,
-    PGSTE_IN_BIT,
     PGSTE_PCL_BIT,
-    PGSTE_UC_BIT,
     PTRS_PER_PTE,
 )
 
@@ -60,9 +53,13 @@ MAX_FAULT_RETRIES = 4  # every access in the model resolves in one fault; more m
 
 @dataclass
 class Mm:
-    """The host mm state the primitives act on: ptes, PGSTEs, real storage keys, the gmap."""
+    """The host mm state the primitives act on: ptes, PGSTEs, real storage keys, the gmap.
+
+    ``pgtable`` is the kernel generation's module (:mod:`.linux_3_15` or :mod:`.linux_3_16`).
+    """
 
     npages: int
+    pgtable: ModuleType
     esop: bool = True
     frame_base: int = 0  # physical address of the frame backing page 0
     guest_base: int = 0  # guest address of page 0 (the gmap's view, for IPTE notify)
@@ -73,7 +70,7 @@ class Mm:
 
     def __post_init__(self) -> None:
         if not self.pte:
-            self.pte, self.pgste = page_table_alloc_pgste(self.npages)
+            self.pte, self.pgste = self.pgtable.page_table_alloc_pgste(self.npages)
             self.skey = [0] * len(self.pte)
 
     def frame_index(self, entry: int) -> int:
@@ -83,12 +80,9 @@ class Mm:
         return self.frame_base + (ptep << PAGE_SHIFT)
 
 
-# --- page tables -----------------------------------------------------------------------------
-def page_table_alloc_pgste(npages: int) -> tuple[list[int], list[int]]:
-    """Whole 256-entry tables: ptes _PAGE_INVALID, PGSTEs 0 (HR|HC before the seed commit)."""
-    ntables = -(-npages // PTRS_PER_PTE)
-    n = ntables * PTRS_PER_PTE
-    return [_PAGE_INVALID] * n, [0] * n
+def whole_tables(npages: int) -> int:
+    """Entries in the 256-entry page tables that cover ``npages`` pages."""
+    return -(-npages // PTRS_PER_PTE) * PTRS_PER_PTE
 
 
 # --- pte predicates and modifiers (asm/pgtable.h) --------------------------------------------
@@ -166,39 +160,12 @@ def page_set_storage_key(mm: Mm, address: int, key: int, mapped: bool) -> None:
     mm.skey[(address - mm.frame_base) >> PAGE_SHIFT] = key & 0xFF
 
 
-def pgste_update_all(mm: Mm, pte: int, pgste: int) -> int:
-    """Fold the real key's R/C into GR/GC and copy its ACC/F; nothing for an invalid pte."""
-    if pte & _PAGE_INVALID:
-        return pgste
-    skey = page_get_storage_key(mm, pte & PAGE_MASK)
-    bits = skey & (_PAGE_CHANGED | _PAGE_REFERENCED)
-    pgste |= bits << GUEST_RC_SHIFT
-    pgste &= ~(PGSTE_ACC_BITS | PGSTE_FP_BIT)
-    pgste |= (skey & (_PAGE_ACC_BITS | _PAGE_FP_BIT)) << KEY_ACC_SHIFT
-    return pgste
-
-
-def pgste_set_key(mm: Mm, ptep: int, pgste: int, entry: int) -> None:
-    """When a mapping is established, the real key gets the guest's ACC/F and (seed) R/C."""
-    if entry & _PAGE_INVALID:
-        return
-    assert mm.pte[ptep] & _PAGE_INVALID, "pgste_set_key on a valid pte (VM_BUG_ON)"
-    nkey = (pgste & (PGSTE_ACC_BITS | PGSTE_FP_BIT)) >> KEY_ACC_SHIFT
-    nkey |= (pgste & (PGSTE_GR_BIT | PGSTE_GC_BIT)) >> GUEST_RC_SHIFT
-    page_set_storage_key(mm, entry & PAGE_MASK, nkey, False)
-
-
-def pgste_set_pte(mm: Mm, ptep: int, pgste: int, entry: int, esop: bool) -> int:
-    """Store a pte; a hardware-writable, valid one sets PGSTE_UC_BIT (the seed's core rule)."""
-    if entry & _PAGE_PRESENT and entry & _PAGE_WRITE and not entry & _PAGE_INVALID:
-        if not esop:
-            # Without ESOP every writable pte is forced dirty, i.e. hardware writable.
-            entry |= _PAGE_DIRTY
-            entry &= ~_PAGE_PROTECT
-        if not entry & _PAGE_PROTECT:
-            pgste |= PGSTE_UC_BIT
-    mm.pte[ptep] = entry
-    return pgste
+def page_reset_referenced(mm: Mm, address: int) -> bool:
+    """RRBE: clear the key's R bit, return whether it was set."""
+    i = (address - mm.frame_base) >> PAGE_SHIFT
+    old = mm.skey[i]
+    mm.skey[i] = old & ~_PAGE_REFERENCED
+    return bool(old & _PAGE_REFERENCED)
 
 
 # --- IPTE and its notification ----------------------------------------------------------------
@@ -206,13 +173,6 @@ def gmap_do_ipte_notify(mm: Mm, ptep: int) -> None:
     gaddr = mm.guest_base + ptep * PAGE_SIZE
     for notifier_call in mm.notifiers:
         notifier_call(gaddr)
-
-
-def pgste_ipte_notify(mm: Mm, ptep: int, pgste: int) -> int:
-    if pgste & PGSTE_IN_BIT:
-        pgste &= ~PGSTE_IN_BIT
-        gmap_do_ipte_notify(mm, ptep)
-    return pgste
 
 
 def __ptep_ipte(mm: Mm, ptep: int) -> None:
@@ -226,112 +186,20 @@ def ptep_flush_direct(mm: Mm, ptep: int) -> None:
     __ptep_ipte(mm, ptep)
 
 
-# --- pte updates ------------------------------------------------------------------------------
-def set_pte_at(mm: Mm, ptep: int, entry: int) -> None:
-    if pte_present(entry):
-        entry &= ~_PAGE_UNUSED
-    pgste = pgste_get_lock(mm, ptep)
-    pgste &= ~_PGSTE_GPS_ZERO
-    pgste_set_key(mm, ptep, pgste, entry)
-    pgste = pgste_set_pte(mm, ptep, pgste, entry, mm.esop)
-    pgste_set_unlock(mm, ptep, pgste)
-
-
-def ptep_set_access_flags(mm: Mm, ptep: int, entry: int) -> bool:
-    if mm.pte[ptep] == entry:
-        return False
-    pgste = pgste_get_lock(mm, ptep)
-    pgste = pgste_ipte_notify(mm, ptep, pgste)
-    ptep_flush_direct(mm, ptep)
-    pgste_set_key(mm, ptep, pgste, entry)
-    pgste = pgste_set_pte(mm, ptep, pgste, entry, mm.esop)
-    pgste_set_unlock(mm, ptep, pgste)
-    return True
-
-
-def ptep_test_and_clear_young(mm: Mm, ptep: int) -> bool:
-    """Page aging (reclaim's referenced scan): make the pte old, fold the key into the PGSTE."""
-    pgste = pgste_get_lock(mm, ptep)
-    pgste = pgste_ipte_notify(mm, ptep, pgste)
-    oldpte = pte = mm.pte[ptep]
-    ptep_flush_direct(mm, ptep)
-    young = pte_young(pte)
-    pte = pte_mkold(pte)
-    pgste = pgste_update_all(mm, oldpte, pgste)
-    pgste = pgste_set_pte(mm, ptep, pgste, pte, mm.esop)
-    pgste_set_unlock(mm, ptep, pgste)
-    return young
-
-
-def ptep_test_and_clear_user_dirty(mm: Mm, ptep: int) -> bool:
-    """The harvest of one page: test-and-clear UC; protect (ESOP) or invalidate the pte."""
-    pgste = pgste_get_lock(mm, ptep)
-    dirty = bool(pgste & PGSTE_UC_BIT)
-    pgste &= ~PGSTE_UC_BIT
-    pte = mm.pte[ptep]
-    if dirty and pte & _PAGE_PRESENT:
-        pgste = pgste_ipte_notify(mm, ptep, pgste)
-        __ptep_ipte(mm, ptep)
-        if mm.esop or not pte & _PAGE_WRITE:
-            pte |= _PAGE_PROTECT
-        else:
-            pte |= _PAGE_INVALID
-        mm.pte[ptep] = pte
-    pgste_set_unlock(mm, ptep, pgste)
-    return dirty
-
-
-def set_guest_storage_key(mm: Mm, ptep: int, key: int, nq: bool = False) -> None:
-    """SSKE by the guest: keys live in the PGSTE; a changed key counts as a change of the page."""
-    for _ in range(MAX_FAULT_RETRIES):
-        pte = mm.pte[ptep]
-        if pte & _PAGE_INVALID or not pte & _PAGE_PROTECT:
-            break
-        fixup_user_fault(mm, ptep, write=True)
-    else:
-        raise AssertionError("set_guest_storage_key: fault did not resolve")
-    new = old = pgste_get_lock(mm, ptep)
-    new &= ~(PGSTE_GR_BIT | PGSTE_GC_BIT | PGSTE_ACC_BITS | PGSTE_FP_BIT)
-    new |= (key & (_PAGE_CHANGED | _PAGE_REFERENCED)) << GUEST_RC_SHIFT
-    new |= (key & (_PAGE_ACC_BITS | _PAGE_FP_BIT)) << KEY_ACC_SHIFT
-    pte = mm.pte[ptep]
-    if not pte & _PAGE_INVALID:
-        address = pte & PAGE_MASK
-        skey = page_get_storage_key(mm, address)
-        bits = skey & (_PAGE_CHANGED | _PAGE_REFERENCED)
-        page_set_storage_key(mm, address, key & (_PAGE_ACC_BITS | _PAGE_FP_BIT), not nq)
-        new |= bits << HOST_RC_SHIFT
-    if (new ^ old) & (PGSTE_ACC_BITS | PGSTE_FP_BIT | PGSTE_GR_BIT | PGSTE_GC_BIT):
-        new |= PGSTE_UC_BIT
-    pgste_set_unlock(mm, ptep, new)
-
-
-def gmap_ipte_notify(mm: Mm, ptep: int) -> None:
-    """Arm IPTE notification for one page: fault it in writable, then set PGSTE_IN_BIT."""
-    for _ in range(MAX_FAULT_RETRIES):
-        fixup_user_fault(mm, ptep, write=True)
-        pte = mm.pte[ptep]
-        if not pte & (_PAGE_INVALID | _PAGE_PROTECT):
-            pgste = pgste_get_lock(mm, ptep)
-            pgste_set_unlock(mm, ptep, pgste | PGSTE_IN_BIT)
-            return
-    raise AssertionError("gmap_ipte_notify: fault did not resolve")
-
-
 # --- the generic fault path (mm/memory.c) ---------------------------------------------------------
 def do_fault(mm: Mm, ptep: int, write: bool) -> None:
     """Fault on a none pte of the shared file mapping: do_read_fault / do_shared_fault."""
     entry = mk_pte_phys(mm.frame_of(ptep), PAGE_READ)
     if write:
         entry = pte_mkwrite(pte_mkdirty(entry))  # maybe_mkwrite: the VMA is VM_WRITE
-    set_pte_at(mm, ptep, entry)
+    mm.pgtable.set_pte_at(mm, ptep, entry)
 
 
 def do_wp_page(mm: Mm, ptep: int, orig_pte: int) -> None:
     """Write to a read-only pte of the shared mapping: wp_page_reuse makes it writable, dirty."""
     entry = pte_mkyoung(orig_pte)
     entry = pte_mkwrite(pte_mkdirty(entry))
-    ptep_set_access_flags(mm, ptep, entry)
+    mm.pgtable.ptep_set_access_flags(mm, ptep, entry)
 
 
 def handle_mm_fault(mm: Mm, ptep: int, write: bool) -> None:
@@ -347,7 +215,7 @@ def handle_mm_fault(mm: Mm, ptep: int, write: bool) -> None:
             return
         entry = pte_mkdirty(entry)
     entry = pte_mkyoung(entry)
-    ptep_set_access_flags(mm, ptep, entry)
+    mm.pgtable.ptep_set_access_flags(mm, ptep, entry)
 
 
 def fixup_user_fault(mm: Mm, ptep: int, write: bool) -> None:
@@ -399,3 +267,9 @@ def guest_load(mm: Mm, ptep: int) -> str | None:
 def io_store(mm: Mm, ptep: int) -> None:
     """DMA or a kernel-mapping store: the frame's key gets R and C; the pte and UC do not move."""
     mm.skey[ptep] |= _PAGE_REFERENCED | _PAGE_CHANGED
+
+
+# --- the harvest loop (arch/s390/kvm/kvm-s390.c) ----------------------------------------------
+def kvm_s390_sync_dirty_log(mm: Mm, npages: int) -> list[int]:
+    """The pages [0, npages) whose user-dirty state the generation's test-and-clear reports."""
+    return [p for p in range(npages) if mm.pgtable.ptep_test_and_clear_user_dirty(mm, p)]
