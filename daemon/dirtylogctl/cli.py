@@ -25,6 +25,7 @@ from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 from dirtylogctl import __version__, connection, migrate_cli, output
 from dirtylogctl.argtypes import finite_float, positive_float
 from dirtylogctl.paths import SOCKET_ENV, default_socket, socket_path
+from kvmshim.s390.generations import DEFAULT_KERNEL, KERNELS
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_QMP, EXIT_CONNECT = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED, EXIT_STDOUT_CLOSED = migrate_cli.EXIT_INTERRUPTED, output.EXIT_STDOUT_CLOSED
@@ -73,6 +74,12 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _backend(vm: Mapping[str, Any]) -> str:
+    """'softmmu 3.16' for a model (its kernel generation), the kind alone for kvm."""
+    kernel = vm.get("kernel")
+    return f"{vm['backend']} {kernel}" if kernel else str(vm["backend"])
 
 
 class Ctl:
@@ -127,6 +134,7 @@ class Ctl:
             {
                 "name": v["name"],
                 "backend": v["backend"],
+                "kernel": v.get("kernel", "-"),
                 "slots": len(v["memslots"]),
                 "consumers": len(v["consumers"]),
                 "paused": v["paused"],
@@ -140,7 +148,17 @@ class Ctl:
         self.show(
             vms,
             table(
-                rows, ["name", "backend", "slots", "consumers", "paused", "generation", "workload"]
+                rows,
+                [
+                    "name",
+                    "backend",
+                    "kernel",
+                    "slots",
+                    "consumers",
+                    "paused",
+                    "generation",
+                    "workload",
+                ],
             ),
         )
 
@@ -155,7 +173,7 @@ class Ctl:
         )
         self.show(
             vm,
-            f"{vm['name']} ({vm['backend']}, ram {vm.get('ram-path', '-')})\n\n"
+            f"{vm['name']} ({_backend(vm)}, ram {vm.get('ram-path', '-')})\n\n"
             f"{slots}\n\n{consumers}",
         )
 
@@ -169,6 +187,8 @@ class Ctl:
 
     async def cmd_vm_create(self, a: argparse.Namespace) -> None:
         args = {"name": a.name, "memslots": a.slot or [], "backend": a.backend, "esop": a.esop}
+        if a.kernel is not None:
+            args["kernel"] = a.kernel
         self.show(await self.qmp.execute("vm-create", args), f"created vm {a.name}")
 
     async def cmd_vm_remove(self, a: argparse.Namespace) -> None:
@@ -469,6 +489,12 @@ def build_parser(fallback: str | None = None) -> argparse.ArgumentParser:
     q.add_argument("--backend", choices=("auto", "softmmu", "kvm"), default="auto")
     q.add_argument(
         "--no-esop", dest="esop", action="store_false", help="softmmu: model a machine without ESOP"
+    )
+    q.add_argument(
+        "--kernel",
+        choices=KERNELS,
+        help=f"softmmu: the Linux generation the model follows (default {DEFAULT_KERNEL}, the "
+        "seed's tree; 3.15: the hardware change bit the seed removed)",
     )
     cmd(vm, "remove", "vm_remove", "remove a VM").add_argument("vm")
 

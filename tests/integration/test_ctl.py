@@ -56,13 +56,14 @@ def test_vm_lifecycle_in_tables_and_json(ctl):
     assert listing[0].split() == [
         "NAME",
         "BACKEND",
+        "KERNEL",
         "SLOTS",
         "CONSUMERS",
         "PAUSED",
         "GENERATION",
         "WORKLOAD",
     ]
-    assert any(line.split()[:3] == ["cli", "softmmu", "2"] for line in listing[1:])
+    assert any(line.split()[:4] == ["cli", "softmmu", "3.16", "2"] for line in listing[1:])
     shown = json.loads(ctl("--json", "vm", "show", "cli").stdout)
     assert [m["log-dirty-pages"] for m in shown["memslots"]] == [True, False]
     ctl("vm", "remove", "cli")

@@ -58,7 +58,7 @@ async def closefd(ctx: Context, a: dict[str, Any]) -> Any:
 
 
 async def vm_create(ctx: Context, a: dict[str, Any]) -> Any:
-    await ctx.service.create_vm(a["name"], a["memslots"], a["backend"], a["esop"])
+    await ctx.service.create_vm(a["name"], a["memslots"], a["backend"], a["esop"], a.get("kernel"))
     return {}
 
 

@@ -205,6 +205,7 @@ BACKEND_CAPABILITIES = Object(
         Arg("manual-dirty-log-protect2", Int(), "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"),
         Arg("dirty-log-ring", Int(), "KVM_CAP_DIRTY_LOG_RING"),
         Arg("esop", Bool(), "softmmu only: the model is an ESOP machine", None),
+        Arg("kernel", Str(), "softmmu only: the Linux generation the model follows", None),
         Arg("multi-address-space", Int(), "kvm only: KVM_CAP_MULTI_ADDRESS_SPACE", None),
         Arg("nr-vcpus", Int(), "kvm only: KVM_CAP_NR_VCPUS", None),
         Arg("arch", Str(), "kvm only: the host's machine (uname -m)", None),
@@ -245,6 +246,12 @@ VM_INFO = Union(
                 (
                     Arg("backend", Enum("BackendKind", ("softmmu", "kvm")), "its backend"),
                     Arg("capabilities", BACKEND_CAPABILITIES, "what its backend offers"),
+                    Arg(
+                        "kernel",
+                        Str(),
+                        "softmmu only: the Linux generation the model follows",
+                        None,
+                    ),
                     Arg("paused", Bool(), "stopped by stop"),
                     Arg("generation", Int(), "the stamp the next simulated store carries"),
                     Arg("memslots", List(MEMSLOT_INFO), "by address space, then slot id"),

@@ -26,6 +26,7 @@ from dirtylogd.api.argtypes import (
     Str,
 )
 from dirtylogd.api.command import Command, Event
+from kvmshim.s390.generations import DEFAULT_KERNEL, KERNELS
 
 # --- shared argument types --------------------------------------------------------------------
 NAME = Str(max_len=64, pattern=r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", hint="1-64 of A-Z a-z 0-9 _ . -")
@@ -35,6 +36,7 @@ FDNAME = Str(
 SLOT_ID = Int(0, 0xFFFF)
 ADDR = Int(0, U64_MAX)
 BACKEND = Enum("Backend", ("auto", "softmmu", "kvm"))
+KERNEL = Enum("Kernel", KERNELS)
 WRITE_PATH = Enum("WritePath", ("guest", "dma", "kernel"))
 READ_PATH = Enum("ReadPath", ("host", "guest"))
 ENCODING = Enum("Encoding", ("bitmap", "ranges", "fd"))
@@ -120,8 +122,19 @@ COMMANDS: tuple[Command, ...] = (
             Arg("memslots", List(MEMSLOT_SPEC, max_items=512), "initial memslots", []),
             Arg("backend", BACKEND, "where dirty bits come from", "auto"),
             Arg("esop", Bool(), "softmmu: model an ESOP machine", True),
+            Arg(
+                "kernel",
+                KERNEL,
+                f"softmmu: the Linux generation the model follows ('{DEFAULT_KERNEL}' if "
+                "omitted: the seed's tree; '3.15': the code the seed removed); refused for kvm, "
+                "which runs the host's kernel",
+                None,
+            ),
         ),
-        errors=("GenericError if the name is taken or a memslot is refused",),
+        errors=(
+            "GenericError if the name is taken, a memslot is refused or 'kernel' is given "
+            "for the kvm backend",
+        ),
     ),
     Command(
         "vm-remove",

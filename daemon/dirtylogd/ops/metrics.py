@@ -85,6 +85,11 @@ class DirtylogdCollector(Collector):
         io_marked = CounterMetricFamily(
             P + "io_marked_pages", "Pages reported by I/O", labels=["vm"]
         )
+        overreach = CounterMetricFamily(
+            P + "overreach_pages",
+            "Pages an s390 harvest of a neighbouring slot consumed, counted dirty for safety",
+            labels=["vm"],
+        )
         failed = CounterMetricFamily(P + "vcpu_failures", "vCPU threads that died", labels=["vm"])
         rate = GaugeMetricFamily(
             P + "dirty_pages_per_second", "Dirty rate of the latest harvests", labels=["vm"]
@@ -103,6 +108,7 @@ class DirtylogdCollector(Collector):
             for source in ("uc", "io"):
                 dirty.add_metric([vm.name, source], t.dirty_pages[source])
             io_marked.add_metric([vm.name], t.io_marked_pages)
+            overreach.add_metric([vm.name], t.overreach_pages)
             with vm.lock:
                 consumers = [
                     (c.name, c.pending_pages(), c.reads, c.delivered_pages)
@@ -130,6 +136,7 @@ class DirtylogdCollector(Collector):
             delivered,
             faults,
             ipte,
+            overreach,
             failed,
             writes,
             io_marked,

@@ -17,6 +17,7 @@ from typing import Any
 from dirtylogd.service.store import StoredRecord
 from dirtylogd.service.vm import DEFAULT_CONSUMER, VmState
 from kvmshim.backends import BACKENDS, WorkloadSpec
+from kvmshim.s390.generations import KERNELS
 
 RECORD_VERSION = 1
 
@@ -166,6 +167,8 @@ def parse_record(stored: StoredRecord) -> dict[str, Any]:
             raise RecordError(f"'{key}' is not a boolean")
     if "esop" in data and not _bool(data["esop"]):
         raise RecordError("'esop' is not a boolean")
+    if "kernel" in data and data["kernel"] not in KERNELS:
+        raise RecordError(f"unknown kernel {data['kernel']!r}")
     for what, fields in (("memslots", _MEMSLOT), ("consumers", _CONSUMER)):
         items = data.get(what)
         if not isinstance(items, list):

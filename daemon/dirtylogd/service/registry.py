@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from collections import Counter
@@ -304,7 +305,12 @@ class Service:
 
     # --- VMs ----------------------------------------------------------------------------------
     async def create_vm(
-        self, name: str, memslots: list[dict[str, Any]], backend: str, esop: bool
+        self,
+        name: str,
+        memslots: list[dict[str, Any]],
+        backend: str,
+        esop: bool,
+        kernel: str | None = None,
     ) -> None:
         if name in self.vms or name in self._creating:
             raise GenericError(f"a VM named '{name}' already exists")
@@ -318,7 +324,9 @@ class Service:
             os.makedirs(self.runtime_dir, mode=0o750, exist_ok=True)
             try:
                 created = await asyncio.to_thread(
-                    create_backend, backend, name, self.runtime_dir, esop
+                    functools.partial(
+                        create_backend, backend, name, self.runtime_dir, esop=esop, kernel=kernel
+                    )
                 )
             except (KvmShimError, OSError) as exc:
                 raise GenericError(
@@ -395,6 +403,9 @@ class Service:
             backend = vm.backend
             entry["backend"] = backend.kind
             entry["capabilities"] = backend.capabilities()
+            kernel = backend.options().get("kernel")
+            if kernel is not None:
+                entry["kernel"] = kernel
             entry["paused"] = backend.paused
             entry["generation"] = backend.generation
             entry["ram-path"] = backend.ram_path

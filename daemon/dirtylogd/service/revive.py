@@ -7,6 +7,7 @@ in what order, and what to do when one fails (see its restore policy).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any
 
@@ -23,8 +24,17 @@ async def revive(record: dict[str, Any]) -> VmState:
     """The VM a checked record describes, over the RAM file it names (adopted, not created)."""
     name = record["name"]
     runtime_dir = record["ram-path"].rsplit("/", 1)[0]
+    # Records written before kernel generations existed are Linux 3.16 models (the default).
     backend = await asyncio.to_thread(
-        create_backend, record["backend"], name, runtime_dir, record.get("esop", True), True
+        functools.partial(
+            create_backend,
+            record["backend"],
+            name,
+            runtime_dir,
+            esop=record.get("esop", True),
+            adopt=True,
+            kernel=record.get("kernel"),
+        )
     )
     vm = VmState(name, backend)
     try:

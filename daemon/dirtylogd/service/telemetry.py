@@ -67,3 +67,5 @@ class VmTelemetry:
     harvest_seconds: DurationHistogram = field(default_factory=DurationHistogram)
     dirty_pages: Counter[str] = field(default_factory=Counter)  # by source: uc, io
     io_marked_pages: int = 0
+    # Pages another slot's s390 harvest consumed one gfn past its end, marked dirty here.
+    overreach_pages: int = 0

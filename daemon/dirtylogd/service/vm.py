@@ -177,7 +177,9 @@ class VmState:
         started = time.monotonic()
         with self.harvest_lock:
             harvest = self.backend.get_dirty_log(slot)
+            overreach = self.backend.overreach(slot)
             with self.lock:
+                self._mark_overreach(overreach)
                 state = self.slots.get(slot)
                 who = self.consumers.get(consumer)
                 if state is None or state.io_log is None:
@@ -211,14 +213,36 @@ class VmState:
         self.telemetry.dirty_pages["uc"] += uc_bits.count()
         self.telemetry.dirty_pages["io"] += io_count
 
+    def _mark_overreach(self, pages: list[tuple[int, int]]) -> None:
+        """Pages of other slots that the harvest just consumed without reporting them there.
+
+        s390's harvest loop runs one gfn past its slot (``cur_gfn <= last_gfn`` in
+        kvm_s390_sync_dirty_log, Linux 3.16): it clears the dirty bit of the host page after
+        the slot and reports it under a gfn that may belong to another slot or to none. The
+        daemon cannot see whether that page was dirty, so it counts it dirty: the page goes
+        into its own slot's I/O log, which every consumer gets at that slot's next harvest.
+        A logging-off slot has no log (its stores before logging starts are not promised)."""
+        for slot, page in pages:
+            state = self.slots.get(slot)
+            if state is not None and state.io_log is not None:
+                state.io_log.set_range(page, 1)
+                self.telemetry.overreach_pages += 1
+
     def flush(self) -> None:
-        """Harvest every logged slot into every consumer, taking nothing (before a stop)."""
+        """Harvest every logged slot into every consumer, taking nothing (before a stop).
+
+        Twice: an s390 harvest of one slot may mark a page into the KVM dirty bitmap of the
+        slot after it (the inclusive bound, when the two are adjacent in guest memory too),
+        which only that slot's next harvest returns; the second pass collects such marks
+        whatever the order of the first (the vCPUs are paused, so it finds nothing else)."""
         with self.lock:
             logged = [s.memslot.slot for s in self.slots.values() if s.io_log is not None]
-        for slot in logged:
+        for slot in logged * 2:
             with self.harvest_lock:
                 harvest = self.backend.get_dirty_log(slot)
+                overreach = self.backend.overreach(slot)
                 with self.lock:
+                    self._mark_overreach(overreach)
                     state = self.slots.get(slot)
                     if state is not None and state.io_log is not None:
                         self._merge(state, harvest.bitmap)
