@@ -61,7 +61,17 @@ def test_delivered_pages_and_reads_count_only_answers_that_reached_the_reader(da
     )
     time.sleep(0.5)
     raw.close()
-    time.sleep(0.2)
+
+    def mig_pending() -> int:
+        vm = next(v for v in qmp("query-vms") if v["name"] == "count")
+        return next(c["pending-pages"] for c in vm["consumers"] if c["name"] == "mig")
+
+    # The answer is put back once the daemon finds the client gone, which on a loaded machine
+    # can be after a fixed sleep: wait for it, or the next GET would race the put-back.
+    deadline = time.monotonic() + 30
+    while mig_pending() != 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mig_pending() == 3
 
     def counters() -> dict[str, tuple[float, float]]:
         text = daemon.metrics()
