@@ -77,9 +77,11 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 
 
 def _backend(vm: Mapping[str, Any]) -> str:
-    """'softmmu 3.16' for a model (its kernel generation), the kind alone for kvm."""
+    """'softmmu 3.16' for a model (its kernel generation; ' 1M' with 1 MiB pages), else the kind."""
     kernel = vm.get("kernel")
-    return f"{vm['backend']} {kernel}" if kernel else str(vm["backend"])
+    if not kernel:
+        return str(vm["backend"])
+    return f"{vm['backend']} {kernel}" + (" 1M" if vm.get("hugepages") else "")
 
 
 class Ctl:
@@ -189,6 +191,8 @@ class Ctl:
         args = {"name": a.name, "memslots": a.slot or [], "backend": a.backend, "esop": a.esop}
         if a.kernel is not None:
             args["kernel"] = a.kernel
+        if a.hugepages:
+            args["hugepages"] = True
         self.show(await self.qmp.execute("vm-create", args), f"created vm {a.name}")
 
     async def cmd_vm_remove(self, a: argparse.Namespace) -> None:
@@ -494,7 +498,14 @@ def build_parser(fallback: str | None = None) -> argparse.ArgumentParser:
         "--kernel",
         choices=KERNELS,
         help=f"softmmu: the Linux generation the model follows (default {DEFAULT_KERNEL}, the "
-        "seed's tree; 3.15: the hardware change bit the seed removed)",
+        "seed's tree; 3.15: the hardware change bit the seed removed; 4.19: 1 MiB pages "
+        "possible)",
+    )
+    q.add_argument(
+        "--hugepages",
+        action="store_true",
+        help="softmmu with --kernel 4.19: back guest memory with 1 MiB pages, tracked per "
+        "segment (a one-page store reports 256 pages)",
     )
     cmd(vm, "remove", "vm_remove", "remove a VM").add_argument("vm")
 

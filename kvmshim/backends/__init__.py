@@ -38,7 +38,8 @@ BACKENDS: dict[str, BackendInfo] = {
         BackendInfo(
             "softmmu",
             "the simulated s390 VM, by kernel generation: PGSTE_UC harvesting (Linux 3.16, "
-            "the default) or the storage key's change bit (3.15, before the seed)",
+            "the default), the storage key's change bit (3.15, before the seed), or 4.19 "
+            "with optional 1 MiB pages tracked per segment",
         ),
         BackendInfo("kvm", "a real KVM VM owned by the daemon, harvested with the real ioctls"),
     )
@@ -62,19 +63,28 @@ def create_backend(
     esop: bool = True,
     adopt: bool = False,
     kernel: str | None = None,
+    hugepages: bool = False,
 ) -> Backend:
     """A new VM of the given kind, its RAM file under ``runtime_dir`` (or, with ``adopt``, the
     RAM file a previous daemon left there).
 
     ``kernel`` picks the s390 model's generation (:data:`kvmshim.s390.generations.KERNELS`;
     None: the default, "3.16") and applies to softmmu only; KvmShimError for an unknown one,
-    or for any with the kvm backend, which runs the host's own kernel.
+    or for any with the kvm backend, which runs the host's own kernel. ``hugepages`` backs the
+    guest with 1 MiB pages: a generation that has KVM_CAP_S390_HPAGE_1M (4.19) only.
     """
     kind = resolve_kind(kind)
     if kind == "softmmu":
         from kvmshim.backends.softmmu import SoftMmuBackend
 
-        return SoftMmuBackend(name, runtime_dir, esop=esop, adopt=adopt, kernel=kernel)
+        return SoftMmuBackend(
+            name, runtime_dir, esop=esop, adopt=adopt, kernel=kernel, hugepages=hugepages
+        )
+    if hugepages:
+        raise KvmShimError(
+            "hugepages selects 1 MiB pages in the s390 model (kernel 4.19) and applies to the "
+            "softmmu backend only"
+        )
     if kernel is not None:
         raise KvmShimError(
             f"kernel {kernel!r} selects a generation of the s390 model and applies to the "

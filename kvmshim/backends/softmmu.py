@@ -1,12 +1,14 @@
 """A simulated s390 VM: guest RAM in a file, one software MMU per memslot, for one kernel
-generation (:mod:`kvmshim.s390.generations`: "3.16", the seed tree, or "3.15", before it).
+generation (:mod:`kvmshim.s390.generations`: "3.16", the seed tree; "3.15", before it; "4.19",
+optionally with guest memory on 1 MiB pages).
 
 Guest stores go through :class:`~kvmshim.s390.mmu.S390Mmu` (faults, UC) and land in the RAM file;
 DMA and kernel-mapping stores only touch the storage key and the data — under 3.16 the gap the
 seed commit documents, which the daemon closes with its I/O log; under 3.15 the harvest finds
 them through the key's change bit. ``get_dirty_log`` is 3.16's s390 KVM_GET_DIRTY_LOG:
 kvm_s390_sync_dirty_log over the slot, including the one page past it that its ``<=`` bound
-reaches, then the slot's KVM dirty bitmap is copied out and cleared.
+reaches (4.19: the guest segment past it), then the slot's KVM dirty bitmap is copied out and
+cleared.
 
 Memslots follow the s390 rule (host address and size 1 MiB aligned); the RAM file places each
 slot's region at the next 1 MiB boundary, so slots created one after another are adjacent in
@@ -29,11 +31,13 @@ from kvmshim.errors import KvmError
 from kvmshim.memslot import S390_USER_MEM_SLOTS, Change, Memslot, MemslotChange, MemslotTable
 from kvmshim.s390.generations import kernel_generation
 from kvmshim.s390.kvm_s390 import (
+    gmap_map_segment_rule,
+    guest_segment_after,
     host_page_after,
     kvm_arch_prepare_memory_region,
     sync_dirty_log_overreach,
 )
-from kvmshim.s390.mmu import MmuStats, S390Mmu
+from kvmshim.s390.mmu import MmuStats, S390Mmu, check_hugepages
 
 WORDS_PER_PAGE = abi.PAGE_SIZE // 8
 
@@ -51,8 +55,11 @@ class SoftMmuBackend(GuestVm):
         max_slots: int = S390_USER_MEM_SLOTS,
         adopt: bool = False,
         kernel: str | None = None,
+        hugepages: bool = False,
     ) -> None:
         self.kernel = kernel_generation(kernel)  # first: a bad name creates no RAM file
+        check_hugepages(self.kernel, hugepages)
+        self.hugepages = hugepages
         super().__init__(
             name, runtime_dir, MemslotTable(max_slots=max_slots, address_spaces=1), adopt
         )
@@ -61,18 +68,21 @@ class SoftMmuBackend(GuestVm):
         self._retired = MmuStats()  # counters of deleted slots' MMUs
         # KVM's memslot->dirty_bitmap holds only what mark_page_dirty put there from another
         # slot's harvest (the slot's own pages go straight from the PGSTEs into the result);
-        # at most one page per other slot, so a set per slot.
+        # at most one page (3.16) or one segment (4.19) per other slot, so a set per slot.
         self._marks: dict[int, set[int]] = {}
 
     def options(self) -> dict[str, object]:
-        return {"esop": self.esop, "kernel": self.kernel.name}
+        return {"esop": self.esop, "kernel": self.kernel.name, "hugepages": self.hugepages}
 
     def capabilities(self) -> dict[str, object]:
-        """What the generation's s390 KVM would report (KVM_CAP_S390_COW is MACHINE_HAS_ESOP)."""
+        """What the generation's s390 KVM would report (KVM_CAP_S390_COW is MACHINE_HAS_ESOP;
+        KVM_CAP_S390_HPAGE_1M exists from 4.19, and this VM enabled it if ``hugepages``)."""
         return {
             "kernel": self.kernel.name,
             "esop": self.esop,
+            "hugepages": self.hugepages,
             "s390-cow": int(self.esop),
+            "s390-hpage-1m": int(self.kernel.hugepages),
             "nr-memslots": self.memslots.max_slots,
             "manual-dirty-log-protect2": 0,
             "dirty-log-ring": 0,
@@ -91,9 +101,11 @@ class SoftMmuBackend(GuestVm):
             change = self.memslots.prepare(slot, flags, guest_phys_addr, memory_size, uaddr)
             if change.kind is not Change.NONE and self.kernel.memslot_segment_rule:
                 kvm_arch_prepare_memory_region(slot, uaddr, memory_size)
+            if change.new is not None and self.kernel.memslot_gpa_segment_rule:
+                gmap_map_segment_rule(slot, guest_phys_addr)
             if change.kind is Change.CREATE:
                 assert change.new is not None
-                _check_model_fits(change.new.npages, slot)
+                _check_model_fits(change.new.npages, slot, self.hugepages)
                 region = self.ram.allocate_at(uaddr, memory_size)
                 self._regions[slot] = region
                 self._mmus[slot] = S390Mmu(
@@ -102,6 +114,7 @@ class SoftMmuBackend(GuestVm):
                     region.offset,
                     guest_phys_addr,
                     kernel=self.kernel.name,
+                    hugepages=self.hugepages,
                 )
             elif change.kind is Change.DELETE:
                 self._retire(self._mmus.pop(slot).stats)
@@ -123,10 +136,13 @@ class SoftMmuBackend(GuestVm):
             memslot = self.memslots.for_dirty_log(slot)
             mmu = self._mmus[slot]
             past = host_page_after(self.memslots, memslot)
+            segment_after = guest_segment_after(self.memslots, memslot)
         generation = self.generation
         bitmap = DirtyBitmap(memslot.npages)
         dirty = mmu.harvest(bitmap.bytes_view(), memslot.npages)
-        if self.kernel.sync_dirty_log_inclusive:
+        if self.kernel.sync_dirty_log_by_segment:
+            self._sync_segment_after(segment_after)
+        elif self.kernel.sync_dirty_log_inclusive:
             self._sync_past_the_end(memslot, past)
         with self._lock:
             marks = self._marks.pop(slot, None)
@@ -156,6 +172,25 @@ class SoftMmuBackend(GuestVm):
                 if target is not None and target.log_dirty_pages:
                     self._marks.setdefault(target.slot, set()).add(gfn - target.base_gfn)
 
+    def _sync_segment_after(self, after: tuple[Memslot, np.ndarray] | None) -> None:
+        """The ``cur_gfn == last_gfn`` iteration of 4.19's kvm_s390_sync_dirty_log.
+
+        gmap_sync_dirty_log_pmd walks the gmap to the guest segment after the slot and
+        test-and-clears it (all 256 ptes, or the large segment entry); mark_page_dirty then sets
+        those very gfns in their own slot's bitmap if it logs dirty pages, else they are lost.
+        """
+        if after is None:
+            return
+        other, pages = after
+        mmu = self._mmus.get(other.slot)  # None if deleted meanwhile
+        if mmu is None:
+            return
+        dirty = pages[mmu.test_and_clear_user_dirty(pages)]
+        with self._lock:
+            current = self.memslots.get(other.slot)
+            if dirty.size and current is not None and current.log_dirty_pages:
+                self._marks.setdefault(other.slot, set()).update(dirty.tolist())
+
     def overreach(self, slot: int) -> list[tuple[int, int]]:
         """Pages of other slots a GET of ``slot`` consumes without reporting them to their own
         slot (see :func:`kvmshim.s390.kvm_s390.sync_dirty_log_overreach`)."""
@@ -163,7 +198,9 @@ class SoftMmuBackend(GuestVm):
             memslot = self.memslots.get(slot)
             if memslot is None or not self.kernel.sync_dirty_log_inclusive:
                 return []
-            return sync_dirty_log_overreach(self.memslots, memslot)
+            return sync_dirty_log_overreach(
+                self.memslots, memslot, self.kernel.sync_dirty_log_by_segment
+            )
 
     def check_clear_dirty_log(self, slot: int, first_page: int, num_pages: int) -> None:
         """KVM_CLEAR_DIRTY_LOG's argument rules (s390 has no such ioctl; the rules are KVM's)."""
@@ -284,13 +321,13 @@ def memory_available() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _check_model_fits(npages: int, slot: int) -> None:
+def _check_model_fits(npages: int, slot: int, hugepages: bool = False) -> None:
     """ENOMEM, as KVM's own bitmap allocation would fail, rather than the OOM killer later.
 
     The model's pte, PGSTE and key arrays are real memory (the guest RAM file is sparse); a slot
     whose arrays do not fit in what the host has available is refused before any is allocated.
     """
-    need = npages * S390Mmu.BYTES_PER_PAGE
+    need = int(npages * (S390Mmu.BYTES_PER_HUGE_PAGE if hugepages else S390Mmu.BYTES_PER_PAGE))
     have = memory_available()
     if need > have:
         raise KvmError(

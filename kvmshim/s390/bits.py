@@ -53,6 +53,18 @@ _PGSTE_GPS_USAGE_MASK = 0x0000_0000_0300_0000
 _PGSTE_GPS_USAGE_STABLE = 0x0000_0000_0000_0000
 _PGSTE_GPS_USAGE_UNUSED = 0x0000_0000_0100_0000
 
+# --- segment-table entry (pmd), 4.19 asm/pgtable.h and asm/gmap.h ----------------------------
+# A guest segment the gmap maps with a 1 MiB page (KVM_CAP_S390_HPAGE_1M, 4.19): its entry in
+# the gmap's segment table carries the dirty and notify state the PGSTEs carry for 4 KiB pages.
+_SEGMENT_ENTRY_INVALID = 0x20  # HW: invalid segment-table entry
+_SEGMENT_ENTRY_PROTECT = 0x200  # HW: segment protection
+_SEGMENT_ENTRY_LARGE = 0x400  # HW: STE-format control, a large (1 MiB) page
+_SEGMENT_ENTRY_EMPTY = _SEGMENT_ENTRY_INVALID  # what an unlinked gmap entry holds
+_SEGMENT_ENTRY_GMAP_UC = 0x4000  # gmap.h: dirty for migration (the segment's PGSTE_UC)
+_SEGMENT_ENTRY_GMAP_IN = 0x8000  # gmap.h: invalidation notify (the segment's PGSTE_IN)
+HPAGE_SHIFT = 20  # 1 MiB pages
+PAGES_PER_SEGMENT = 1 << (HPAGE_SHIFT - 12)  # 256, _PAGE_ENTRIES
+
 # --- storage key byte | ACC(4) | F | R | C | 0 | (asm/page.h, §1.3) -----------------------------
 _PAGE_ACC_BITS = 0xF0
 _PAGE_FP_BIT = 0x08
@@ -97,6 +109,13 @@ PGSTE_BITS = {
 PGSTE_BITS_315 = {
     **{k: v for k, v in PGSTE_BITS.items() if k not in ("PGSTE_UC_BIT", "PGSTE_IN_BIT")},
     "PGSTE_IN_BIT": PGSTE_IN_BIT_315,
+}
+SEGMENT_BITS = {
+    "_SEGMENT_ENTRY_INVALID": _SEGMENT_ENTRY_INVALID,
+    "_SEGMENT_ENTRY_PROTECT": _SEGMENT_ENTRY_PROTECT,
+    "_SEGMENT_ENTRY_LARGE": _SEGMENT_ENTRY_LARGE,
+    "_SEGMENT_ENTRY_GMAP_UC": _SEGMENT_ENTRY_GMAP_UC,
+    "_SEGMENT_ENTRY_GMAP_IN": _SEGMENT_ENTRY_GMAP_IN,
 }
 STORAGE_KEY_BITS = {
     "_PAGE_ACC_BITS": _PAGE_ACC_BITS,

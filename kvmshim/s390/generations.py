@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from kvmshim.errors import KvmShimError
 from kvmshim.s390 import bits as b
 
-KERNELS: tuple[str, ...] = ("3.15", "3.16")
+KERNELS: tuple[str, ...] = ("3.15", "3.16", "4.19")
 DEFAULT_KERNEL = "3.16"
 
 
@@ -50,6 +50,16 @@ class KernelGeneration:
     harvest_protects: bool  # ptep_test_and_clear_user_dirty: IPTE, then PROTECT/INVALID
     sync_dirty_log_inclusive: bool  # kvm_s390_sync_dirty_log: cur_gfn <= last_gfn
     memslot_segment_rule: bool  # kvm_arch_prepare_memory_region: uaddr, size 1 MiB aligned
+    # --- since 3.17 (all False before) --------------------------------------------------------
+    xchg_commit_keys: bool = False  # ptep_xchg_commit: set the key when the old pte was
+    #   invalid, fold it (pgste_update_all) when the new one is; ptep_set_access_flags and
+    #   ptep_test_and_clear_young both exchange through it
+    notify_arm_sets_pte: bool = False  # ptep_force_prot: pgste_set_pte after arming IN
+    sync_dirty_log_by_segment: bool = False  # kvm_s390_sync_dirty_log: gmap_sync_dirty_log_pmd
+    #   per 1 MiB guest segment; the inclusive bound reaches the guest segment after the slot
+    hugepages: bool = False  # KVM_CAP_S390_HPAGE_1M: guest memory on 1 MiB pages
+    memslot_gpa_segment_rule: bool = False  # the model refuses a guest address off 1 MiB
+    #   (kvm_arch_commit_memory_region's gmap_map_segment cannot map it; see kvm_s390.py)
 
 
 GENERATIONS: dict[str, KernelGeneration] = {
@@ -84,6 +94,27 @@ GENERATIONS: dict[str, KernelGeneration] = {
         harvest_protects=True,  # 3.16.0 ptep_test_and_clear_user_dirty (the seed)
         sync_dirty_log_inclusive=True,  # 3.16.0 kvm_s390_sync_dirty_log
         memslot_segment_rule=True,  # 3.16.0 kvm_arch_prepare_memory_region
+    ),
+    "4.19": KernelGeneration(
+        name="4.19",
+        source="Linux 4.19 (research kernel-419)",
+        pgste_in_bit=b.PGSTE_IN_BIT,  # 4.19 asm/pgtable.h: unchanged since 3.16
+        user_dirty_bit=b.PGSTE_UC_BIT,  # 4.19 mm/pgtable.c pgste_set_pte
+        harvest_bit=b.PGSTE_UC_BIT,  # 4.19 mm/pgtable.c ptep_test_and_clear_uc
+        key_change_bit=b.PGSTE_UC_BIT,  # 4.19 mm/pgtable.c set_guest_storage_key
+        pgste_initial=0,  # 4.19 mm/pgalloc.c page_table_alloc_pgste
+        update_all_moves_host_rc=False,  # 4.19 mm/pgtable.c pgste_update_all
+        set_key_copies_guest_rc=True,  # 4.19 mm/pgtable.c pgste_set_key
+        force_dirty_on_invalid=False,  # 4.19 mm/pgtable.c pgste_set_pte
+        harvest_folds_key=False,  # 4.19 mm/pgtable.c ptep_test_and_clear_uc
+        harvest_protects=True,  # 4.19 mm/pgtable.c ptep_test_and_clear_uc
+        sync_dirty_log_inclusive=True,  # 4.19 kvm/kvm-s390.c kvm_s390_sync_dirty_log
+        memslot_segment_rule=True,  # 4.19 kvm/kvm-s390.c kvm_arch_prepare_memory_region
+        xchg_commit_keys=True,  # 4.19 mm/pgtable.c ptep_xchg_commit
+        notify_arm_sets_pte=True,  # 4.19 mm/pgtable.c ptep_force_prot
+        sync_dirty_log_by_segment=True,  # 4.19 kvm/kvm-s390.c, mm/gmap.c
+        hugepages=True,  # 4.19 KVM_CAP_S390_HPAGE_1M (new in 4.19)
+        memslot_gpa_segment_rule=True,  # 4.19 gmap_map_segment via the by-segment harvest
     ),
 }
 assert tuple(GENERATIONS) == KERNELS

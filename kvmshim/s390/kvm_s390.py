@@ -8,12 +8,22 @@ over memslots, for the model and for a real s390 KVM alike.
   ``<``) loops ``cur_gfn <= last_gfn`` with ``last_gfn = base_gfn + npages``: one gfn past the
   slot. That iteration test-and-clears the host page right after the slot's userspace range and,
   if it was dirty, marks gfn ``base_gfn + npages`` in whichever slot holds that gfn (§4.2).
+* 4.19 (:func:`guest_segment_after`): the loop steps by 1 MiB guest segments
+  (``gmap_sync_dirty_log_pmd``), still ``cur_gfn <= last_gfn``; its extra iteration walks the
+  gmap to the guest segment after the slot and marks those 256 gfns, so they reach their own
+  slot's bitmap, unless that slot does not log dirty pages.
+* :func:`gmap_map_segment_rule` (the model's, for 4.19): a slot whose guest address is not
+  1 MiB aligned is accepted by ``kvm_arch_prepare_memory_region`` but ``gmap_map_segment``
+  refuses to map it in ``kvm_arch_commit_memory_region`` (which only prints an error), so the
+  guest could never touch it; the model refuses it with EINVAL instead.
 """
 
 from __future__ import annotations
 
 import errno
 from collections.abc import Iterable
+
+import numpy as np
 
 from kvmshim.abi import PAGE_SHIFT, PAGE_SIZE
 from kvmshim.errors import KvmError
@@ -39,6 +49,31 @@ def kvm_arch_prepare_memory_region(slot: int, userspace_addr: int, memory_size: 
         )
 
 
+def gmap_map_segment_rule(slot: int, guest_phys_addr: int) -> None:
+    """EINVAL unless ``guest_phys_addr`` is a multiple of 1 MiB (see the module docstring)."""
+    if guest_phys_addr % SEGMENT_SIZE:
+        raise KvmError(
+            errno.EINVAL,
+            f"the gmap maps 1 MiB guest segments: guest address {guest_phys_addr:#x} is not "
+            "1 MiB aligned",
+            slot,
+        )
+
+
+def guest_segment_after(
+    slots: Iterable[Memslot], slot: Memslot
+) -> tuple[Memslot, np.ndarray] | None:
+    """The slot holding the guest segment just past ``slot`` and its pages there, if any: what
+    the extra iteration of 4.19's kvm_s390_sync_dirty_log test-and-clears."""
+    gfn = slot.base_gfn + slot.npages
+    for other in slots:
+        if other.slot != slot.slot and other.base_gfn <= gfn < other.base_gfn + other.npages:
+            first = gfn - other.base_gfn
+            pages = np.arange(first, min(first + SEGMENT_SIZE // PAGE_SIZE, other.npages))
+            return other, pages
+    return None
+
+
 def host_page_after(slots: Iterable[Memslot], slot: Memslot) -> list[tuple[Memslot, int]]:
     """The (memslot, page) pairs backed by the host page just past ``slot``'s userspace range.
 
@@ -54,7 +89,9 @@ def host_page_after(slots: Iterable[Memslot], slot: Memslot) -> list[tuple[Memsl
     ]
 
 
-def sync_dirty_log_overreach(slots: Iterable[Memslot], slot: Memslot) -> list[tuple[int, int]]:
+def sync_dirty_log_overreach(
+    slots: Iterable[Memslot], slot: Memslot, by_segment: bool = False
+) -> list[tuple[int, int]]:
     """(slot, page) pairs whose dirty state a GET_DIRTY_LOG of ``slot`` consumes unreported.
 
     The extra iteration clears the dirty state of the host page after ``slot`` and marks gfn
@@ -64,6 +101,11 @@ def sync_dirty_log_overreach(slots: Iterable[Memslot], slot: Memslot) -> list[tu
     pair is returned, for the caller to mark dirty itself.
     """
     slots = list(slots)
+    if by_segment:  # 4.19: the same gfns as the pages cleared, into their own slot if it logs
+        after = guest_segment_after(slots, slot)
+        if after is None or after[0].log_dirty_pages:
+            return []
+        return [(after[0].slot, int(page)) for page in after[1]]
     gfn = slot.base_gfn + slot.npages
     return [
         (other.slot, page)

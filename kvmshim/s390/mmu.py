@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvmshim.errors import KvmShimError
 from kvmshim.s390 import bits as b
 from kvmshim.s390.generations import (
     DEFAULT_KERNEL,
@@ -55,6 +56,13 @@ _GUEST_RC = U64(b.PGSTE_GR_BIT | b.PGSTE_GC_BIT)
 _ACC_FP = U64(b.PGSTE_ACC_BITS | b.PGSTE_FP_BIT)
 _KEY_FIELDS = U64(b.PGSTE_ACC_BITS | b.PGSTE_FP_BIT | b.PGSTE_GR_BIT | b.PGSTE_GC_BIT)
 _GPS_ZERO = U64(b._PGSTE_GPS_ZERO)
+_SEG_INVALID = U64(b._SEGMENT_ENTRY_INVALID)
+_SEG_PROTECT = U64(b._SEGMENT_ENTRY_PROTECT)
+_SEG_LARGE = U64(b._SEGMENT_ENTRY_LARGE)
+_SEG_EMPTY = U64(b._SEGMENT_ENTRY_EMPTY)
+_SEG_UC = U64(b._SEGMENT_ENTRY_GMAP_UC)
+_SEG_IN = U64(b._SEGMENT_ENTRY_GMAP_IN)
+_SEG_PAGES = b.PAGES_PER_SEGMENT
 _KEY_RC = b._PAGE_REFERENCED | b._PAGE_CHANGED
 _KEY_ACC_F = b._PAGE_ACC_BITS | b._PAGE_FP_BIT
 _GUEST_RC_SHIFT = U64(b.GUEST_RC_SHIFT)
@@ -119,6 +127,16 @@ def pgste_set_pte(
     return np.where(user_dirty, pgste | U64(kernel.user_dirty_bit), pgste), entry
 
 
+def check_hugepages(gen: KernelGeneration, hugepages: bool) -> None:
+    """KvmShimError unless the generation can back guest memory with 1 MiB pages."""
+    if hugepages and not gen.hugepages:
+        with_them = ", ".join(k for k, g in GENERATIONS.items() if g.hugepages)
+        raise KvmShimError(
+            f"kernel {gen.name} cannot back guest memory with 1 MiB pages "
+            f"(KVM_CAP_S390_HPAGE_1M is new in 4.19; choose kernel {with_them})"
+        )
+
+
 @dataclass
 class MmuStats:
     """Event counters for metrics; plain ints bumped once per batch, read at scrape time."""
@@ -136,6 +154,7 @@ class S390Mmu:
     """ptes, PGSTEs and storage keys for the host pages backing one memslot."""
 
     BYTES_PER_PAGE = 8 + 8 + 1  # pte, PGSTE, storage key
+    BYTES_PER_HUGE_PAGE = 1 + 8 / b.PAGES_PER_SEGMENT  # storage key, 1/256 of a segment entry
 
     def __init__(
         self,
@@ -145,19 +164,26 @@ class S390Mmu:
         guest_base: int = 0,
         harvest_chunk: int = HARVEST_CHUNK,
         kernel: str = DEFAULT_KERNEL,
+        hugepages: bool = False,
     ) -> None:
         if harvest_chunk <= 0 or harvest_chunk % 64:
             raise ValueError("harvest_chunk must be a positive multiple of 64")
         self.kernel = gen = kernel_generation(kernel)
+        check_hugepages(gen, hugepages)
         # page_table_alloc_pgste: whole tables, ptes _PAGE_INVALID, the generation's PGSTE.
         ntables = -(-npages // b.PTRS_PER_PTE)
         n = ntables * b.PTRS_PER_PTE
         self.npages = npages
+        self.hugepages = hugepages
+        # With 1 MiB pages there are no page tables: the gmap's segment entry per 1 MiB (4.19
+        # mm/gmap.c) holds the dirty and notify state; storage keys stay per 4 KiB frame.
+        self.segment = np.full(ntables if hugepages else 0, _SEG_EMPTY, dtype=U64)
+        n_tables = 0 if hugepages else n
         self.esop = esop
         self.frame_base = frame_base
         self.guest_base = guest_base
-        self.pte = np.full(n, _INVALID, dtype=U64)
-        self.pgste = np.full(n, U64(gen.pgste_initial), dtype=U64)
+        self.pte = np.full(n_tables, _INVALID, dtype=U64)
+        self.pgste = np.full(n_tables, U64(gen.pgste_initial), dtype=U64)
         self._in = U64(gen.pgste_in_bit)
         self._dirty_bit = U64(gen.harvest_bit)
         self._key_change = U64(gen.key_change_bit)
@@ -184,7 +210,10 @@ class S390Mmu:
         """Guest stores to ``pages``: fault each in writable, run ``commit`` (the data), set R|C."""
         pages = np.asarray(pages, dtype=np.int64)
         with self.lock:
-            self._fault_in(pages, write=True)
+            if self.hugepages:
+                self._gmap_fault(pages, write=True)
+            else:
+                self._fault_in(pages, write=True)
             if commit is not None:
                 commit()
             self.skey[pages] |= np.uint8(_KEY_RC)
@@ -194,7 +223,10 @@ class S390Mmu:
         """Guest loads: only invalid ptes fault; the key gets R."""
         pages = np.asarray(pages, dtype=np.int64)
         with self.lock:
-            self._fault_in(pages, write=False)
+            if self.hugepages:
+                self._gmap_fault(pages, write=False)
+            else:
+                self._fault_in(pages, write=False)
             if commit is not None:
                 commit()
             self.skey[pages] |= np.uint8(b._PAGE_REFERENCED)
@@ -218,6 +250,11 @@ class S390Mmu:
         """
         with self.lock:
             idx = np.unique(np.asarray(pages, dtype=np.int64))
+            if self.hugepages:
+                # 4.19 set_guest_storage_key on a large pmd: the whole key into the frame, no
+                # PGSTE and no dirty state: a key change on a 1 MiB page does not make it go again.
+                self.skey[idx] = np.uint8(key & 0xFF)
+                return
             old = self.pgste[idx]
             new = old & ~_KEY_FIELDS
             new |= U64((key & _KEY_RC) << b.GUEST_RC_SHIFT)
@@ -237,13 +274,21 @@ class S390Mmu:
         """Arm IPTE notification: fault each page in writable, then set PGSTE_IN_BIT."""
         with self.lock:
             idx = np.unique(np.asarray(pages, dtype=np.int64))
+            if self.hugepages:
+                self._gmap_protect_pmd_notify(idx)
+                return
             for _ in range(MAX_FAULT_ROUNDS):
                 if idx.size == 0:
                     return
                 self._handle_mm_fault(idx, write=True)
                 p = self.pte[idx]
                 ok = (p & (_INVALID | _PROTECT)) == 0
-                self.pgste[idx[ok]] |= self._in
+                okidx = idx[ok]
+                pg = self.pgste[okidx] | self._in
+                if self.kernel.notify_arm_sets_pte:
+                    pg, entry = pgste_set_pte(pg, p[ok], self.esop, self.kernel)
+                    self.pte[okidx] = entry
+                self.pgste[okidx] = pg
                 idx = idx[~ok]
             raise AssertionError("gmap_ipte_notify: fault did not resolve")
 
@@ -253,11 +298,15 @@ class S390Mmu:
         The key is not folded into the PGSTE (3.16.0 and 3.15.5; 3.17.0 added that).
         """
         with self.lock:
+            if self.hugepages:  # hugetlb pages are not on the LRU: nothing ages them
+                return np.zeros(0, dtype=bool)
             idx = np.unique(np.asarray(pages, dtype=np.int64))
             oldpte = self.pte[idx]
             present = (oldpte & _PRESENT) != 0
             idx, oldpte = idx[present], oldpte[present]
             pg = self._pgste_ipte_notify(idx, self.pgste[idx])
+            if self.kernel.xchg_commit_keys:  # the new pte is invalid: fold the key first
+                pg = self._pgste_update_all(oldpte, pg)
             young: np.ndarray = (oldpte & _YOUNG) != 0
             pte = pte_mkold(oldpte)
             pg, pte = pgste_set_pte(pg, pte, self.esop, self.kernel)
@@ -276,6 +325,13 @@ class S390Mmu:
         ``out`` is a uint8 array of at least ceil(npages/8) bytes; returns the dirty count.
         """
         npages = self.npages if npages is None else npages
+        if self.hugepages:
+            with self.lock:
+                dirty = self._sync_segments(np.arange(-(-npages // _SEG_PAGES)))
+            out[: dirty.size * _SEG_PAGES // 8] = np.repeat(dirty.astype(np.uint8) * 0xFF, 32)
+            total = int(np.count_nonzero(dirty)) * _SEG_PAGES
+            self.stats.harvested_dirty += total
+            return total
         total = 0
         for start in range(0, npages, self.harvest_chunk):
             stop = min(start + self.harvest_chunk, npages)
@@ -291,6 +347,10 @@ class S390Mmu:
         """
         idx = np.unique(np.asarray(pages, dtype=np.int64))
         with self.lock:
+            if self.hugepages:
+                seg = np.unique(idx // _SEG_PAGES)
+                dirty_seg = seg[self._sync_segments(seg)]
+                return np.isin(idx // _SEG_PAGES, dirty_seg)
             if self.kernel.harvest_folds_key:
                 self.pgste[idx] = self._pgste_update_all(self.pte[idx], self.pgste[idx])
             dirty: np.ndarray = (self.pgste[idx] & self._dirty_bit) != 0
@@ -423,7 +483,8 @@ class S390Mmu:
         self.pgste[idx] = pg
 
     def _ptep_set_access_flags(self, idx: np.ndarray, entry: np.ndarray) -> None:
-        """ptep_set_access_flags without pgste_set_key (3.15.5, 3.16.0; 3.17.0 added it)."""
+        """ptep_set_access_flags: 3.15.5 and 3.16.0 only notify, flush and set the pte; 4.19
+        exchanges through ptep_xchg_commit, which also sets or folds the storage key."""
         changed = self.pte[idx] != entry  # pte_same → nothing to do
         idx, entry = idx[changed], entry[changed]
         if idx.size == 0:
@@ -431,6 +492,12 @@ class S390Mmu:
         pg = self._pgste_ipte_notify(idx, self.pgste[idx])
         # ptep_flush_direct's IPTE only sets INVALID in the old entry, which pgste_set_pte
         # overwrites below, so it leaves no trace here.
+        if self.kernel.xchg_commit_keys:  # ptep_xchg_commit (4.19)
+            old = self.pte[idx]
+            was_invalid = (old & _INVALID) != 0
+            if was_invalid.any():
+                self._pgste_set_key(pg[was_invalid], entry[was_invalid])
+            pg = self._pgste_update_all(np.where((entry & _INVALID) != 0, old, _INVALID), pg)
         pg, entry = pgste_set_pte(pg, entry, self.esop, self.kernel)
         self.pte[idx] = entry
         self.pgste[idx] = pg
@@ -480,6 +547,64 @@ class S390Mmu:
         gaddrs = self.guest_base + idx.astype(np.int64) * b.PAGE_SIZE
         for notifier_call in self.notifiers:
             notifier_call(gaddrs)
+
+    # --- 1 MiB pages: the gmap's segment entries (4.19 mm/gmap.c) ------------------------------
+    def _gmap_fault(self, pages: np.ndarray, write: bool) -> None:
+        """A guest access to large segments: an invalid entry (or a protected one, for a store)
+        faults; gmap_fault makes the host's huge pmd present and writable (a shared hugetlbfs
+        mapping is writable from its first fault) and __gmap_link links or unprotects the
+        entry, setting _SEGMENT_ENTRY_GMAP_UC either way. One fault per segment, not per page."""
+        seg = np.unique(pages // _SEG_PAGES)
+        entry = self.segment[seg]
+        invalid = (entry & _SEG_INVALID) != 0
+        blocked = invalid | ((entry & _SEG_PROTECT) != 0) if write else invalid
+        if not blocked.any():
+            return
+        translation = int(np.count_nonzero(invalid))
+        self.stats.translation_faults += translation
+        self.stats.protection_faults += int(np.count_nonzero(blocked)) - translation
+        self._gmap_link(seg[blocked])
+
+    def _gmap_link(self, seg: np.ndarray) -> None:
+        """__gmap_link for faulted segments: an empty entry gets the host pmd's bits (large,
+        writable) and GMAP_UC; a protected one loses PROTECT through gmap_pmdp_xchg (which
+        fires and clears GMAP_IN) and gets GMAP_UC."""
+        entry = self.segment[seg]
+        empty = (entry & _SEG_INVALID) != 0
+        unprotect = ~empty & ((entry & _SEG_PROTECT) != 0)
+        self._pmdp_notify(seg[unprotect], entry[unprotect])
+        new = np.where(empty, _SEG_LARGE, entry & ~(_SEG_PROTECT | _SEG_IN))
+        self.segment[seg[empty | unprotect]] = new[empty | unprotect] | _SEG_UC
+
+    def _sync_segments(self, seg: np.ndarray) -> np.ndarray:
+        """gmap_test_and_clear_dirty_pmd per segment: which were dirty. An invalid entry is
+        clean, so is a protected one without GMAP_UC; a dirty one loses GMAP_UC and is
+        protected again (gmap_protect_pmd, PROT_READ: an xchg that fires GMAP_IN)."""
+        entry = self.segment[seg]
+        dirty: np.ndarray = ((entry & _SEG_INVALID) == 0) & (
+            ((entry & _SEG_PROTECT) == 0) | ((entry & _SEG_UC) != 0)
+        )
+        d, e = seg[dirty], entry[dirty] & ~_SEG_UC
+        unprotected = (e & _SEG_PROTECT) == 0
+        self._pmdp_notify(d[unprotected], e[unprotected])
+        self.segment[d] = np.where(unprotected, (e & ~_SEG_IN) | _SEG_PROTECT, e)
+        return dirty
+
+    def _gmap_protect_pmd_notify(self, idx: np.ndarray) -> None:
+        """gmap_mprotect_notify (4.19's gmap_ipte_notify) on large segments: an invalid or
+        protected entry is fixed up by a write fault first, then GMAP_IN is set."""
+        seg = np.unique(idx // _SEG_PAGES)
+        entry = self.segment[seg]
+        blocked = (entry & (_SEG_INVALID | _SEG_PROTECT)) != 0
+        self._gmap_link(seg[blocked])
+        self.segment[seg] |= _SEG_IN
+
+    def _pmdp_notify(self, seg: np.ndarray, entry: np.ndarray) -> None:
+        """pmdp_notify_gmap: a segment whose entry had GMAP_IN notifies all its pages."""
+        armed = seg[(entry & _SEG_IN) != 0]
+        if armed.size:
+            pages = (armed[:, None] * _SEG_PAGES + np.arange(_SEG_PAGES)).ravel()
+            self._gmap_do_ipte_notify(pages)
 
     @staticmethod
     def _check_dense_shifts(gen: KernelGeneration) -> None:

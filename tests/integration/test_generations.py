@@ -1,7 +1,7 @@
 """Kernel generations through the daemon: choosing one, keeping it across a restart, what each
 sees of DMA in a migration, and the harvest that runs one gfn past its slot.
 
-Sources: Linux 3.15.5 and 3.16.0 (kvmshim/s390/generations.py cites each function)."""
+Sources: Linux 3.15.5, 3.16.0 and 4.19 (kvmshim/s390/generations.py cites each function)."""
 
 import json
 import subprocess
@@ -107,6 +107,55 @@ def test_a_page_the_kernels_harvest_of_the_slot_before_takes_still_reaches_every
             assert got1["ranges"] == [[0, 1]], (consumer, got1)
     finally:
         qmp("vm-remove", vm=name)
+
+
+@pytest.mark.parametrize(("hugepages", "pages"), [(False, [[44, 1]]), (True, [[0, 256]])])
+def test_under_4_19_a_one_page_store_reports_its_segment_with_huge_pages_else_the_page(
+    qmp, hugepages, pages
+):
+    """4.19 gmap_sync_dirty_log_pmd: a large segment is dirty or clean as a whole, so a store to
+    one page of it reports all 256 (gmap_test_and_clear_dirty_pmd); with 4 KiB pages, the page."""
+    name = new_name()
+    qmp(
+        "vm-create",
+        name=name,
+        backend="softmmu",
+        kernel="4.19",
+        hugepages=hugepages,
+        memslots=[{"slot": 0, "guest-phys-addr": 1 << 30, "size": 4 * MiB}],
+    )
+    try:
+        info = vm_info(qmp, name)
+        assert info["hugepages"] is hugepages and info["capabilities"]["s390-hpage-1m"] == 1
+        qmp("dirty-log-get", vm=name, slot=0, encoding="ranges")
+        qmp("sim-write-pages", vm=name, gfns=[((1 << 30) >> 12) + 44], value=7)
+        assert qmp("dirty-log-get", vm=name, slot=0, encoding="ranges")["ranges"] == pages
+        assert qmp("dirty-log-get", vm=name, slot=0, encoding="ranges")["ranges"] == []
+    finally:
+        qmp("vm-remove", vm=name)
+
+
+@pytest.mark.parametrize("kernel", ["3.15", "3.16"])
+def test_huge_pages_before_4_19_are_refused_and_nothing_is_created(qmp, kernel):
+    name = new_name()
+    cls, desc = qmp.error("vm-create", name=name, backend="softmmu", kernel=kernel, hugepages=True)
+    assert cls == "GenericError" and "1 MiB pages" in desc and "4.19" in desc, desc
+    assert all(v["name"] != name for v in qmp("query-vms"))
+
+
+def test_huge_pages_survive_a_restart(fresh_daemon):
+    d = fresh_daemon()
+    with d.client() as q:
+        q("vm-create", name="big", backend="softmmu", kernel="4.19", hugepages=True)
+        q("memslot-set", vm="big", slot=0, guest_phys_addr=0, size=MiB)
+        q("sim-write-pages", vm="big", gfns=[3], value=1)
+    assert d.stop() == 0
+    d = fresh_daemon()
+    with d.client() as q:
+        assert vm_info(q, "big")["hugepages"] is True
+        q("sim-write-pages", vm="big", gfns=[9], value=2)
+        got = q("dirty-log-get", vm="big", slot=0, encoding="ranges")["ranges"]
+        assert got == [[0, 256]]
 
 
 def _migrate(daemon, vm, dest):

@@ -58,7 +58,9 @@ async def closefd(ctx: Context, a: dict[str, Any]) -> Any:
 
 
 async def vm_create(ctx: Context, a: dict[str, Any]) -> Any:
-    await ctx.service.create_vm(a["name"], a["memslots"], a["backend"], a["esop"], a.get("kernel"))
+    await ctx.service.create_vm(
+        a["name"], a["memslots"], a["backend"], a["esop"], a.get("kernel"), a["hugepages"]
+    )
     return {}
 
 

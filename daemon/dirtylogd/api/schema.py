@@ -126,14 +126,21 @@ COMMANDS: tuple[Command, ...] = (
                 "kernel",
                 KERNEL,
                 f"softmmu: the Linux generation the model follows ('{DEFAULT_KERNEL}' if "
-                "omitted: the seed's tree; '3.15': the code the seed removed); refused for kvm, "
-                "which runs the host's kernel",
+                "omitted: the seed's tree; '3.15': the code the seed removed; '4.19': with "
+                "1 MiB pages if asked); refused for kvm, which runs the host's kernel",
                 None,
+            ),
+            Arg(
+                "hugepages",
+                Bool(),
+                "softmmu, kernel '4.19' only: back guest memory with 1 MiB pages "
+                "(KVM_CAP_S390_HPAGE_1M); a store to any page reports its whole 1 MiB segment",
+                False,
             ),
         ),
         errors=(
-            "GenericError if the name is taken, a memslot is refused or 'kernel' is given "
-            "for the kvm backend",
+            "GenericError if the name is taken, a memslot is refused, 'kernel' is given "
+            "for the kvm backend, or 'hugepages' for a generation without 1 MiB pages",
         ),
     ),
     Command(

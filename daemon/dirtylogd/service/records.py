@@ -169,6 +169,8 @@ def parse_record(stored: StoredRecord) -> dict[str, Any]:
         raise RecordError("'esop' is not a boolean")
     if "kernel" in data and data["kernel"] not in KERNELS:
         raise RecordError(f"unknown kernel {data['kernel']!r}")
+    if "hugepages" in data and not _bool(data["hugepages"]):
+        raise RecordError("'hugepages' is not a boolean")
     for what, fields in (("memslots", _MEMSLOT), ("consumers", _CONSUMER)):
         items = data.get(what)
         if not isinstance(items, list):

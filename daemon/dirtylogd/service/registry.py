@@ -311,6 +311,7 @@ class Service:
         backend: str,
         esop: bool,
         kernel: str | None = None,
+        hugepages: bool = False,
     ) -> None:
         if name in self.vms or name in self._creating:
             raise GenericError(f"a VM named '{name}' already exists")
@@ -325,7 +326,13 @@ class Service:
             try:
                 created = await asyncio.to_thread(
                     functools.partial(
-                        create_backend, backend, name, self.runtime_dir, esop=esop, kernel=kernel
+                        create_backend,
+                        backend,
+                        name,
+                        self.runtime_dir,
+                        esop=esop,
+                        kernel=kernel,
+                        hugepages=hugepages,
                     )
                 )
             except (KvmShimError, OSError) as exc:
@@ -403,9 +410,10 @@ class Service:
             backend = vm.backend
             entry["backend"] = backend.kind
             entry["capabilities"] = backend.capabilities()
-            kernel = backend.options().get("kernel")
-            if kernel is not None:
-                entry["kernel"] = kernel
+            options = backend.options()
+            if options.get("kernel") is not None:
+                entry["kernel"] = options["kernel"]
+                entry["hugepages"] = options.get("hugepages", False)
             entry["paused"] = backend.paused
             entry["generation"] = backend.generation
             entry["ram-path"] = backend.ram_path

@@ -34,6 +34,7 @@ async def revive(record: dict[str, Any]) -> VmState:
             esop=record.get("esop", True),
             adopt=True,
             kernel=record.get("kernel"),
+            hugepages=record.get("hugepages", False),
         )
     )
     vm = VmState(name, backend)

@@ -17,7 +17,7 @@ from kvmshim.s390.generations import (
 
 
 def test_every_kernel_has_a_generation_and_an_oracle():
-    assert KERNELS == ("3.15", "3.16") and DEFAULT_KERNEL == "3.16"
+    assert KERNELS == ("3.15", "3.16", "4.19") and DEFAULT_KERNEL == "3.16"
     assert tuple(GENERATIONS) == KERNELS == tuple(ref.PGTABLE)
     assert all(GENERATIONS[k].name == k for k in KERNELS)
 
@@ -29,8 +29,8 @@ def test_generations_are_frozen():
 
 def test_the_default_and_an_unknown_name():
     assert kernel_generation(None) is GENERATIONS["3.16"]
-    with pytest.raises(KvmShimError, match=r"unknown kernel '4\.19'.*3\.15, 3\.16"):
-        kernel_generation("4.19")
+    with pytest.raises(KvmShimError, match=r"unknown kernel '5\.4'.*3\.15, 3\.16, 4\.19"):
+        kernel_generation("5.4")
 
 
 def test_the_two_generations_differ_exactly_where_the_seed_changed_the_code():
@@ -58,3 +58,23 @@ def test_the_two_generations_differ_exactly_where_the_seed_changed_the_code():
     assert (
         old.harvest_bit == b.PGSTE_HC_BIT and old.pgste_initial == b.PGSTE_HR_BIT | old.harvest_bit
     )
+
+
+def test_what_4_19_changed_after_the_seed():
+    seed, later = GENERATIONS["3.16"], GENERATIONS["4.19"]
+    differ = {
+        f.name
+        for f in dataclasses.fields(KernelGeneration)
+        if getattr(seed, f.name) != getattr(later, f.name)
+    }
+    # The PGSTE bits and the harvest's test-and-clear are the seed's; what changed is around them.
+    assert differ == {
+        "name",
+        "source",
+        "xchg_commit_keys",
+        "notify_arm_sets_pte",
+        "sync_dirty_log_by_segment",
+        "hugepages",
+        "memslot_gpa_segment_rule",
+    }
+    assert [k for k in KERNELS if GENERATIONS[k].hugepages] == ["4.19"]

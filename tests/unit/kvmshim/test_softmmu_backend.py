@@ -338,16 +338,21 @@ def test_under_3_15_a_dma_store_to_a_mapped_page_is_reported(tmp_path):
 
 def test_kernel_is_an_option_and_a_capability(tmp_path):
     vm = SoftMmuBackend("k", str(tmp_path))
-    assert vm.options() == {"esop": True, "kernel": "3.16"}
+    assert vm.options() == {"esop": True, "kernel": "3.16", "hugepages": False}
     assert vm.capabilities()["kernel"] == "3.16"
+    assert vm.capabilities()["s390-hpage-1m"] == 0  # KVM_CAP_S390_HPAGE_1M is new in 4.19
     vm.close()
     vm = create_backend("softmmu", "k", str(tmp_path), **{"esop": False, "kernel": "3.15"})
-    assert vm.options() == {"esop": False, "kernel": "3.15"}
+    assert vm.options() == {"esop": False, "kernel": "3.15", "hugepages": False}
+    vm.close()
+    vm = create_backend("softmmu", "k", str(tmp_path), kernel="4.19", hugepages=True)
+    assert vm.options() == {"esop": True, "kernel": "4.19", "hugepages": True}
+    assert vm.capabilities()["s390-hpage-1m"] == 1 and vm.capabilities()["hugepages"]
     vm.close()
 
 
 def test_an_unknown_kernel_is_refused_naming_the_choices(tmp_path):
-    with pytest.raises(KvmShimError, match=r"unknown kernel '3.14'.*3\.15, 3\.16"):
+    with pytest.raises(KvmShimError, match=r"unknown kernel '3.14'.*3\.15, 3\.16, 4\.19"):
         create_backend("softmmu", "bad", str(tmp_path), kernel="3.14")
     assert os.listdir(tmp_path) == []  # refused before the RAM file exists
 
@@ -357,3 +362,81 @@ def test_the_kvm_backend_refuses_a_kernel(tmp_path):
         create_backend("kvm", "k", str(tmp_path), kernel="3.16")
     assert type(info.value) is KvmShimError
     assert os.listdir(tmp_path) == []
+
+
+# --- 4.19: 1 MiB pages and the harvest by segment ---------------------------------------------
+@pytest.mark.parametrize(("hugepages", "reported"), [(False, [300]), (True, list(range(256, 512)))])
+def test_under_4_19_a_one_page_store_reports_its_page_or_with_huge_pages_its_segment(
+    tmp_path, hugepages, reported
+):
+    vm = SoftMmuBackend("h", str(tmp_path), kernel="4.19", hugepages=hugepages)
+    vm.set_user_memory_region(0, LOG, 0, 4 * MiB)
+    dirty(vm, 0)  # nothing yet
+    vm.write_pages(np.array([300]), 7, WritePath.GUEST)
+    assert dirty(vm, 0) == reported
+    assert dirty(vm, 0) == []
+    vm.write_pages(np.array([300, 301]), 8, WritePath.GUEST)  # protected again: faults
+    assert dirty(vm, 0) == (reported if hugepages else [300, 301])
+    # 1 MiB pages: one translation fault, then one protection fault, for the whole segment.
+    assert sum(vm.stats().faults_by_kind.values()) == (2 if hugepages else 3)
+    assert stamps(vm, 0)[300] == 8
+    vm.close()
+
+
+@pytest.mark.parametrize("kernel", ["3.15", "3.16"])
+def test_huge_pages_are_refused_before_4_19_and_on_kvm(tmp_path, kernel):
+    with pytest.raises(KvmShimError, match=r"1 MiB pages.*4\.19"):
+        create_backend("softmmu", "h", str(tmp_path), kernel=kernel, hugepages=True)
+    with pytest.raises(KvmShimError, match="softmmu backend only"):
+        create_backend("kvm", "h", str(tmp_path), hugepages=True)
+    assert os.listdir(tmp_path) == []
+
+
+def test_under_4_19_a_guest_address_off_1_mib_is_einval(tmp_path):
+    vm = SoftMmuBackend("h", str(tmp_path), kernel="4.19")
+    with pytest.raises(KvmError, match="1 MiB aligned") as info:
+        vm.set_user_memory_region(0, LOG, 4096, MiB)
+    assert info.value.errno == errno.EINVAL and vm.memslots.get(0) is None
+    vm.close()
+
+
+@pytest.mark.parametrize("hugepages", [False, True])
+def test_under_4_19_the_extra_iteration_takes_the_next_guest_segment_into_its_own_slot(
+    tmp_path, hugepages
+):
+    # A: gpa [0, 1 MiB); B: gpa [1 MiB, 2 MiB), host [1 MiB, 2 MiB). GET A walks the gmap to
+    # guest segment 1 and marks gfns 256..511: B's own pages, so B's next GET has them.
+    vm = SoftMmuBackend("h", str(tmp_path), kernel="4.19", hugepages=hugepages)
+    vm.set_user_memory_region(0, LOG, 0, MiB)
+    vm.set_user_memory_region(1, LOG, MiB, MiB)
+    vm.write_pages(np.array([256 + 5]), 7, WritePath.GUEST)
+    assert dirty(vm, 0) == []
+    assert dirty(vm, 1) == ([5] if not hugepages else list(range(256)))
+    assert vm.overreach(0) == []
+    # B not logging: mark_page_dirty_in_slot drops the marks, and the whole segment is named.
+    vm.set_user_memory_region(1, 0, MiB, MiB)
+    assert vm.overreach(0) == [(1, p) for p in range(256)]
+    vm.close()
+
+
+def test_under_4_19_a_slot_far_away_in_guest_memory_is_not_reached(tmp_path):
+    # The 3.16 loop reached the host page after A (B's page 0); 4.19's reaches guest memory
+    # after A, which no slot holds here: B keeps its store.
+    vm = SoftMmuBackend("h", str(tmp_path), kernel="4.19")
+    vm.set_user_memory_region(0, LOG, 0, MiB)
+    vm.set_user_memory_region(1, LOG, 16 * MiB, MiB)
+    vm.write_pages(np.array([4096]), 7, WritePath.GUEST)
+    assert dirty(vm, 0) == [] and vm.overreach(0) == []
+    assert dirty(vm, 1) == [0]
+    vm.close()
+
+
+def test_with_huge_pages_a_key_change_is_not_a_change_of_the_page(tmp_path):
+    # 4.19 set_guest_storage_key on a large pmd sets the frame's key and nothing else.
+    vm = SoftMmuBackend("h", str(tmp_path), kernel="4.19", hugepages=True)
+    vm.set_user_memory_region(0, LOG, 0, MiB)
+    vm.write_pages(np.array([3]), 7, WritePath.GUEST)
+    dirty(vm, 0)
+    vm.set_storage_key(3 * 4096, 0x30)
+    assert dirty(vm, 0) == []
+    vm.close()
