@@ -24,6 +24,8 @@ _PAGE_UNUSED = 0x080  # SW: CMMA "unused" state carried in the pte
 _PAGE_PROTECT = 0x200  # HW: DAT protection, stores forbidden
 _PAGE_INVALID = 0x400  # HW: invalid for translation
 _PAGE_LARGE = 0x800  # SW: large pte
+_PAGE_SOFT_DIRTY = 0x002  # 4.19: SW soft dirty (CONFIG_MEM_SOFT_DIRTY=y in the s390
+#                           defconfigs) where 3.16 has _PAGE_TYPE; pte_mkdirty sets it
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT

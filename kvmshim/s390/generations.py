@@ -58,6 +58,7 @@ class KernelGeneration:
     sync_dirty_log_by_segment: bool = False  # kvm_s390_sync_dirty_log: gmap_sync_dirty_log_pmd
     #   per 1 MiB guest segment; the inclusive bound reaches the guest segment after the slot
     hugepages: bool = False  # KVM_CAP_S390_HPAGE_1M: guest memory on 1 MiB pages
+    pte_soft_dirty: int = 0  # what pte_mkdirty sets beside _PAGE_DIRTY (_PAGE_SOFT_DIRTY)
     memslot_gpa_segment_rule: bool = False  # the model refuses a guest address off 1 MiB
     #   (kvm_arch_commit_memory_region's gmap_map_segment cannot map it; see kvm_s390.py)
 
@@ -115,6 +116,7 @@ GENERATIONS: dict[str, KernelGeneration] = {
         sync_dirty_log_by_segment=True,  # 4.19 kvm/kvm-s390.c, mm/gmap.c
         hugepages=True,  # 4.19 KVM_CAP_S390_HPAGE_1M (new in 4.19)
         memslot_gpa_segment_rule=True,  # 4.19 gmap_map_segment via the by-segment harvest
+        pte_soft_dirty=b._PAGE_SOFT_DIRTY,  # 4.19 asm/pgtable.h pte_mkdirty, defconfig
     ),
 }
 assert tuple(GENERATIONS) == KERNELS

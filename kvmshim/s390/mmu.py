@@ -56,6 +56,7 @@ _GUEST_RC = U64(b.PGSTE_GR_BIT | b.PGSTE_GC_BIT)
 _ACC_FP = U64(b.PGSTE_ACC_BITS | b.PGSTE_FP_BIT)
 _KEY_FIELDS = U64(b.PGSTE_ACC_BITS | b.PGSTE_FP_BIT | b.PGSTE_GR_BIT | b.PGSTE_GC_BIT)
 _GPS_ZERO = U64(b._PGSTE_GPS_ZERO)
+_NO_BITS = U64(0)
 _SEG_INVALID = U64(b._SEGMENT_ENTRY_INVALID)
 _SEG_PROTECT = U64(b._SEGMENT_ENTRY_PROTECT)
 _SEG_LARGE = U64(b._SEGMENT_ENTRY_LARGE)
@@ -86,8 +87,8 @@ IpteNotifier = Callable[[np.ndarray], None]
 
 
 # --- pte modifiers over arrays (asm/pgtable.h) --------------------------------------------------
-def pte_mkdirty(pte: np.ndarray) -> np.ndarray:
-    pte = pte | _DIRTY
+def pte_mkdirty(pte: np.ndarray, soft_dirty: np.uint64 = _NO_BITS) -> np.ndarray:
+    pte = pte | _DIRTY | soft_dirty  # 4.19 also sets _PAGE_SOFT_DIRTY
     return np.where(pte & _WRITE, pte & ~_PROTECT, pte)
 
 
@@ -202,6 +203,13 @@ class S390Mmu:
         # Per chunk: was it dirty at its last harvest? Only picks the path (a chunk that was
         # clean is first checked with one OR-reduction); both paths scan exactly.
         self._chunk_was_dirty = np.ones(-(-n // harvest_chunk), dtype=bool)
+        self._soft_dirty = U64(gen.pte_soft_dirty)
+        # 4.19 harvests through the gmap: a segment the guest never touched is not linked there
+        # and its PGSTEs are skipped (a key change can set UC in one; it waits for the link).
+        self.linked = np.zeros(ntables if gen.sync_dirty_log_by_segment else 0, dtype=bool)
+        self._unlinked = self.linked.size
+        # 1 MiB pages: is the host's huge pmd present (its 256 keys were reset when it came)?
+        self.hpmd_present = np.zeros(self.segment.size, dtype=bool)
         self._t64b = np.empty(harvest_chunk, dtype=U64)
         self._tbool = np.empty(harvest_chunk, dtype=bool)
 
@@ -214,6 +222,7 @@ class S390Mmu:
                 self._gmap_fault(pages, write=True)
             else:
                 self._fault_in(pages, write=True)
+                self._gmap_link_tables(pages)
             if commit is not None:
                 commit()
             self.skey[pages] |= np.uint8(_KEY_RC)
@@ -227,6 +236,7 @@ class S390Mmu:
                 self._gmap_fault(pages, write=False)
             else:
                 self._fault_in(pages, write=False)
+                self._gmap_link_tables(pages)
             if commit is not None:
                 commit()
             self.skey[pages] |= np.uint8(b._PAGE_REFERENCED)
@@ -252,7 +262,10 @@ class S390Mmu:
             idx = np.unique(np.asarray(pages, dtype=np.int64))
             if self.hugepages:
                 # 4.19 set_guest_storage_key on a large pmd: the whole key into the frame, no
-                # PGSTE and no dirty state: a key change on a 1 MiB page does not make it go again.
+                # PGSTE and no dirty state: a key change on a 1 MiB page does not make it go
+                # again. A host pmd not yet present is -EFAULT; the caller write-faults it in
+                # (fixup_user_fault) and retries.
+                self._hugetlb_fault(np.unique(idx // _SEG_PAGES))
                 self.skey[idx] = np.uint8(key & 0xFF)
                 return
             old = self.pgste[idx]
@@ -277,6 +290,7 @@ class S390Mmu:
             if self.hugepages:
                 self._gmap_protect_pmd_notify(idx)
                 return
+            self._gmap_link_tables(idx)
             for _ in range(MAX_FAULT_ROUNDS):
                 if idx.size == 0:
                     return
@@ -351,13 +365,22 @@ class S390Mmu:
                 seg = np.unique(idx // _SEG_PAGES)
                 dirty_seg = seg[self._sync_segments(seg)]
                 return np.isin(idx // _SEG_PAGES, dirty_seg)
-            if self.kernel.harvest_folds_key:
-                self.pgste[idx] = self._pgste_update_all(self.pte[idx], self.pgste[idx])
-            dirty: np.ndarray = (self.pgste[idx] & self._dirty_bit) != 0
-            if self.kernel.harvest_protects:
-                self._protect_sparse(idx[dirty])
-            else:
-                self.pgste[idx[dirty]] &= ~self._dirty_bit
+            if self._unlinked:
+                linked = self.linked[idx // _SEG_PAGES]
+                dirty = np.zeros(idx.size, dtype=bool)
+                dirty[linked] = self._test_and_clear(idx[linked])
+                return dirty
+            return self._test_and_clear(idx)
+
+    def _test_and_clear(self, idx: np.ndarray) -> np.ndarray:
+        """The per-page harvest of ``idx`` (distinct pages), under the lock."""
+        if self.kernel.harvest_folds_key:
+            self.pgste[idx] = self._pgste_update_all(self.pte[idx], self.pgste[idx])
+        dirty: np.ndarray = (self.pgste[idx] & self._dirty_bit) != 0
+        if self.kernel.harvest_protects:
+            self._protect_sparse(idx[dirty])
+        else:
+            self.pgste[idx[dirty]] &= ~self._dirty_bit
         return dirty
 
     def _harvest_chunk_fold(self, start: int, stop: int, out: np.ndarray) -> int:
@@ -384,13 +407,17 @@ class S390Mmu:
         # One pass picks out UC and IN; since UC is the higher bit, dirty <=> flags >= UC.
         flags = np.bitwise_and(pg, uc | self._in, out=self._t64[:n])
         dirty = np.greater_equal(flags, uc, out=self._tbool[:n])
+        if self._unlinked:  # 4.19: only segments linked in the gmap are walked
+            dirty &= np.repeat(
+                self.linked[start // _SEG_PAGES : -(-stop // _SEG_PAGES)], _SEG_PAGES
+            )[:n]
         packed = np.packbits(dirty, bitorder="little")
         out[start // 8 : start // 8 + packed.size] = packed
         count = int(np.bitwise_count(packed).sum(dtype=np.int64))
         self._chunk_was_dirty[chunk] = count > 0
         if count == 0:
             return 0
-        if count * DENSE_FRACTION > n:
+        if count * DENSE_FRACTION > n and not self._unlinked:  # dense passes touch every page
             self._protect_dense(start, stop, flags)
         else:
             self._protect_sparse(np.flatnonzero(dirty) + start)
@@ -464,14 +491,14 @@ class S390Mmu:
             ni = idx[none]
             entry = pte_mkyoung(self._frames(ni) + _PAGE_READ_PROT)  # mk_pte(page, PAGE_READ)
             if write:
-                entry = pte_mkwrite(pte_mkdirty(entry))  # do_shared_fault: maybe_mkwrite
+                entry = pte_mkwrite(pte_mkdirty(entry, self._soft_dirty))  # maybe_mkwrite
             self._set_pte_at(ni, entry)
         if present.any():
             pi, entry = idx[present], pte[present]
             if write:
                 # handle_pte_fault's pte_mkdirty for writable ptes, do_wp_page's
                 # wp_page_reuse (mkyoung, mkdirty, mkwrite) for read-only ones: same result.
-                entry = pte_mkwrite(pte_mkdirty(entry))
+                entry = pte_mkwrite(pte_mkdirty(entry, self._soft_dirty))
             self._ptep_set_access_flags(pi, pte_mkyoung(entry))
 
     def _set_pte_at(self, idx: np.ndarray, entry: np.ndarray) -> None:
@@ -569,10 +596,11 @@ class S390Mmu:
         """__gmap_link for faulted segments: an empty entry gets the host pmd's bits (large,
         writable) and GMAP_UC; a protected one loses PROTECT through gmap_pmdp_xchg (which
         fires and clears GMAP_IN) and gets GMAP_UC."""
+        self._hugetlb_fault(seg)
         entry = self.segment[seg]
         empty = (entry & _SEG_INVALID) != 0
         unprotect = ~empty & ((entry & _SEG_PROTECT) != 0)
-        self._pmdp_notify(seg[unprotect], entry[unprotect])
+        self._pmdp_notify(seg[unprotect])
         new = np.where(empty, _SEG_LARGE, entry & ~(_SEG_PROTECT | _SEG_IN))
         self.segment[seg[empty | unprotect]] = new[empty | unprotect] | _SEG_UC
 
@@ -586,7 +614,7 @@ class S390Mmu:
         )
         d, e = seg[dirty], entry[dirty] & ~_SEG_UC
         unprotected = (e & _SEG_PROTECT) == 0
-        self._pmdp_notify(d[unprotected], e[unprotected])
+        self._pmdp_notify(d[unprotected])
         self.segment[d] = np.where(unprotected, (e & ~_SEG_IN) | _SEG_PROTECT, e)
         return dirty
 
@@ -599,12 +627,30 @@ class S390Mmu:
         self._gmap_link(seg[blocked])
         self.segment[seg] |= _SEG_IN
 
-    def _pmdp_notify(self, seg: np.ndarray, entry: np.ndarray) -> None:
-        """pmdp_notify_gmap: a segment whose entry had GMAP_IN notifies all its pages."""
-        armed = seg[(entry & _SEG_IN) != 0]
-        if armed.size:
-            pages = (armed[:, None] * _SEG_PAGES + np.arange(_SEG_PAGES)).ravel()
+    def _pmdp_notify(self, seg: np.ndarray) -> None:
+        """pmdp_notify_gmap, on every exchange of a segment entry: GMAP_IN set or not, the
+        notifiers hear of the whole 1 MiB (4.19 gmap_pmdp_xchg); KVM's own checks whether a
+        prefix page is in it. The caller clears GMAP_IN in the new entry."""
+        if seg.size:
+            pages = (seg[:, None] * _SEG_PAGES + np.arange(_SEG_PAGES)).ravel()
             self._gmap_do_ipte_notify(pages)
+
+    def _hugetlb_fault(self, seg: np.ndarray) -> None:
+        """Make the host's huge pmds present: hugetlb_no_page maps a shared writable
+        hugetlbfs page writable and dirty, and set_huge_pte_at's clear_huge_pte_skeys resets
+        the 256 keys of a page mapped for the first time (PG_arch_1)."""
+        new = seg[~self.hpmd_present[seg]]
+        if new.size:
+            self.hpmd_present[new] = True
+            self.skey[(new[:, None] * _SEG_PAGES + np.arange(_SEG_PAGES)).ravel()] = 0
+
+    def _gmap_link_tables(self, pages: np.ndarray) -> None:
+        """__gmap_link for 4 KiB pages (4.19): the gmap entry points at the page table; it
+        marks nothing dirty, but from now on the harvest walks this segment."""
+        if self._unlinked:
+            seg = np.unique(pages // _SEG_PAGES)
+            self._unlinked -= int(np.count_nonzero(~self.linked[seg]))
+            self.linked[seg] = True
 
     @staticmethod
     def _check_dense_shifts(gen: KernelGeneration) -> None:

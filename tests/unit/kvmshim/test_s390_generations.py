@@ -76,5 +76,6 @@ def test_what_4_19_changed_after_the_seed():
         "sync_dirty_log_by_segment",
         "hugepages",
         "memslot_gpa_segment_rule",
+        "pte_soft_dirty",
     }
     assert [k for k in KERNELS if GENERATIONS[k].hugepages] == ["4.19"]
