@@ -266,7 +266,8 @@ def pmdp_xchg_direct(mm: Mm, seg: int, new: int) -> int:
 def pmdp_notify_gmap(mm: Mm, seg: int) -> None:
     """Clear GMAP_IN and call the notifiers for the whole segment, armed or not."""
     mm.segment[seg] &= ~_SEGMENT_ENTRY_GMAP_IN
-    gmap_call_notifier(mm, mm.guest_base + seg * HPAGE_SIZE)
+    gaddr = mm.guest_base + seg * HPAGE_SIZE
+    gmap_call_notifier(mm, gaddr, gaddr + HPAGE_SIZE - 1)
 
 
 def gmap_pmdp_xchg(mm: Mm, seg: int, new: int) -> None:

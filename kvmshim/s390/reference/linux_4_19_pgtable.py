@@ -133,17 +133,19 @@ def pgste_pte_notify(mm: Mm, ptep: int, pgste: int) -> int:
     return pgste
 
 
-def gmap_call_notifier(mm: Mm, start: int) -> None:
-    """mm/gmap.c, used by both sides. The kernel passes a range (start, end); the model's
-    notifiers get its start: one call per page for a pte, one per 1 MiB segment."""
-    for notifier_call in mm.notifiers:
-        notifier_call(start)
+def gmap_call_notifier(mm: Mm, start: int, end: int) -> None:
+    """mm/gmap.c, used by both sides: the range [start, end]. The model's notifiers take page
+    addresses, so a range is delivered page by page (256 for a segment)."""
+    for gaddr in range(start, end + 1, PAGE_SIZE):
+        for notifier_call in mm.notifiers:
+            notifier_call(gaddr)
 
 
 def ptep_notify(mm: Mm, ptep: int, bits: int) -> None:
     """mm/gmap.c: only a gmap that has the segment linked (host_to_guest) is told."""
     if mm.segment[segment_of(ptep)] != _SEGMENT_ENTRY_EMPTY and bits & PGSTE_IN_BIT:
-        gmap_call_notifier(mm, mm.guest_base + ptep * PAGE_SIZE)
+        gaddr = mm.guest_base + ptep * PAGE_SIZE
+        gmap_call_notifier(mm, gaddr, gaddr + PAGE_SIZE - 1)
 
 
 # --- pte exchange (4.19.1 mm/pgtable.c) -----------------------------------------------------------
