@@ -8,6 +8,13 @@ switches; an :class:`Mm` carries its kernel's module as ``pgtable`` and the gene
 The vectorised engine in :mod:`kvmshim.s390.mmu` is tested to produce identical pte, PGSTE and
 storage-key arrays and identical harvest results for each generation.
 
+From 4.19 (:mod:`.linux_4_19`) the model also has the gmap's segment table (``Mm.segment``,
+one entry per 1 MiB of guest memory): a guest access to a segment it has not linked faults and
+links it (mm/fault.c do_exception → __gmap_link), and the harvest walks it by segment. With
+``hugepages`` the guest memory is a shared hugetlbfs mapping: no page tables, one host pmd per
+segment (``Mm.pmd``) and the dirty state in the gmap entry (_SEGMENT_ENTRY_GMAP_UC). 3.15 and
+3.16 have neither list: their harvest walks the host mm, and linking is invisible to it.
+
 What is modelled
   * One host mm with PGSTE page tables (``mm_has_pgste``) that uses storage keys
     (``mm_use_skey``; an assumption for 3.16, where it is set at the guest's first key
@@ -40,8 +47,11 @@ from kvmshim.s390.bits import (
     _PAGE_REFERENCED,
     _PAGE_WRITE,
     _PAGE_YOUNG,
+    _SEGMENT_ENTRY_INVALID,
+    _SEGMENT_ENTRY_LARGE,
+    _SEGMENT_ENTRY_ORIGIN_LARGE,
+    _SEGMENT_ENTRY_PROTECT,
     PAGE_MASK,
-    PAGE_READ,
     PAGE_SHIFT,
     PAGE_SIZE,
     PGSTE_PCL_BIT,
@@ -55,7 +65,8 @@ MAX_FAULT_RETRIES = 4  # every access in the model resolves in one fault; more m
 class Mm:
     """The host mm state the primitives act on: ptes, PGSTEs, real storage keys, the gmap.
 
-    ``pgtable`` is the kernel generation's module (:mod:`.linux_3_15` or :mod:`.linux_3_16`).
+    ``pgtable`` is the kernel generation's module (:mod:`.linux_3_15`, :mod:`.linux_3_16` or
+    :mod:`.linux_4_19`); ``hugepages`` backs the memory with 1 MiB pages (4.19 only).
     """
 
     npages: int
@@ -63,21 +74,40 @@ class Mm:
     esop: bool = True
     frame_base: int = 0  # physical address of the frame backing page 0
     guest_base: int = 0  # guest address of page 0 (the gmap's view, for IPTE notify)
+    hugepages: bool = False
     pte: list[int] = field(default_factory=list)
     pgste: list[int] = field(default_factory=list)
-    skey: list[int] = field(default_factory=list)  # real storage key per frame
+    skey: list[int] = field(default_factory=list)  # real storage key per 4 KiB frame
+    # Per 1 MiB segment, from 4.19: the host pmd (hugepages; a page table's otherwise), the
+    # gmap's segment-table entry, and PG_arch_1 of the huge page (its keys were initialised).
+    pmd: list[int] = field(default_factory=list)
+    segment: list[int] = field(default_factory=list)
+    pg_arch_1: list[bool] = field(default_factory=list)
     notifiers: list[Callable[[int], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if not self.pte:
+        if self.skey:
+            return
+        n = whole_tables(self.npages)
+        if not self.hugepages:
             self.pte, self.pgste = self.pgtable.page_table_alloc_pgste(self.npages)
-            self.skey = [0] * len(self.pte)
+        self.skey = [0] * n
+        # Only 4.19's module models the gmap (3.x harvest the host mm, where linking is moot).
+        gmap_create = getattr(self.pgtable, "gmap_create", None)
+        if gmap_create is not None:
+            self.pmd, self.segment = gmap_create(n // PTRS_PER_PTE, self.hugepages)
+            self.pg_arch_1 = [False] * len(self.pmd)
 
     def frame_index(self, entry: int) -> int:
         return ((entry & PAGE_MASK) - self.frame_base) >> PAGE_SHIFT
 
     def frame_of(self, ptep: int) -> int:
         return self.frame_base + (ptep << PAGE_SHIFT)
+
+
+def segment_of(ptep: int) -> int:
+    """The 1 MiB segment (page table, gmap segment entry) a page belongs to."""
+    return ptep // PTRS_PER_PTE
 
 
 def whole_tables(npages: int) -> int:
@@ -188,22 +218,29 @@ def ptep_flush_direct(mm: Mm, ptep: int) -> None:
 
 # --- the generic fault path (mm/memory.c) ---------------------------------------------------------
 def do_fault(mm: Mm, ptep: int, write: bool) -> None:
-    """Fault on a none pte of the shared file mapping: do_read_fault / do_shared_fault."""
-    entry = mk_pte_phys(mm.frame_of(ptep), PAGE_READ)
+    """Fault on a none pte of the shared file mapping: do_read_fault / do_shared_fault.
+
+    ``pte_mkdirty`` and the VMA's ``vm_page_prot`` are the generation's (4.19: soft dirty,
+    PAGE_RO with _PAGE_NOEXEC)."""
+    entry = mk_pte_phys(mm.frame_of(ptep), mm.pgtable.VM_PAGE_PROT)
     if write:
-        entry = pte_mkwrite(pte_mkdirty(entry))  # maybe_mkwrite: the VMA is VM_WRITE
+        entry = pte_mkwrite(mm.pgtable.pte_mkdirty(entry))  # maybe_mkwrite: VM_WRITE
     mm.pgtable.set_pte_at(mm, ptep, entry)
 
 
 def do_wp_page(mm: Mm, ptep: int, orig_pte: int) -> None:
     """Write to a read-only pte of the shared mapping: wp_page_reuse makes it writable, dirty."""
     entry = pte_mkyoung(orig_pte)
-    entry = pte_mkwrite(pte_mkdirty(entry))
+    entry = pte_mkwrite(mm.pgtable.pte_mkdirty(entry))
     mm.pgtable.ptep_set_access_flags(mm, ptep, entry)
 
 
 def handle_mm_fault(mm: Mm, ptep: int, write: bool) -> None:
-    """handle_pte_fault for the cases the model has: none, present read-only, present writable."""
+    """handle_pte_fault for the cases the model has: none, present read-only, present writable;
+    a hugetlb VMA goes to hugetlb_fault (mm/memory.c handle_mm_fault, 4.19 with hugepages)."""
+    if mm.hugepages:
+        mm.pgtable.hugetlb_fault(mm, segment_of(ptep), write)
+        return
     entry = mm.pte[ptep]
     if not pte_present(entry):
         assert pte_none(entry), f"swap/file pte {entry:#x} is not modelled"
@@ -213,7 +250,7 @@ def handle_mm_fault(mm: Mm, ptep: int, write: bool) -> None:
         if not pte_write(entry):
             do_wp_page(mm, ptep, entry)
             return
-        entry = pte_mkdirty(entry)
+        entry = mm.pgtable.pte_mkdirty(entry)
     entry = pte_mkyoung(entry)
     mm.pgtable.ptep_set_access_flags(mm, ptep, entry)
 
@@ -222,44 +259,68 @@ def fixup_user_fault(mm: Mm, ptep: int, write: bool) -> None:
     handle_mm_fault(mm, ptep, write)
 
 
+def do_exception(mm: Mm, ptep: int, write: bool) -> None:
+    """mm/fault.c do_exception for a fault in SIE: the host fault, then (4.19, where the gmap is
+    modelled) __gmap_link of the guest segment; 3.16's __gmap_fault linked first, unobservably."""
+    handle_mm_fault(mm, ptep, write)
+    if mm.segment:
+        mm.pgtable.__gmap_link(mm, segment_of(ptep))
+
+
 def do_protection_exception(mm: Mm, ptep: int) -> None:
     """Store to a DAT-protected page (TEID says a store): a write fault."""
-    handle_mm_fault(mm, ptep, write=True)
+    do_exception(mm, ptep, write=True)
 
 
 def do_dat_exception(mm: Mm, ptep: int, store: bool) -> None:
     """Translation exception; the store indication makes it a write fault."""
-    handle_mm_fault(mm, ptep, write=store)
+    do_exception(mm, ptep, write=store)
 
 
 # --- the accesses: what the CPU and devices do ---------------------------------------------
+def guest_translate(mm: Mm, ptep: int) -> tuple[bool, bool, int]:
+    """What DAT finds for a guest page: (invalid, protected, frame address).
+
+    Where the gmap is modelled (4.19) its segment entry comes first: invalid when not linked,
+    and for a large segment it is the last level (the frame is its origin plus the offset)."""
+    if mm.segment:
+        ste = mm.segment[segment_of(ptep)]
+        if ste & _SEGMENT_ENTRY_INVALID:
+            return True, False, 0
+        if ste & _SEGMENT_ENTRY_LARGE:
+            frame = (ste & _SEGMENT_ENTRY_ORIGIN_LARGE) + (ptep % PTRS_PER_PTE) * PAGE_SIZE
+            return False, bool(ste & _SEGMENT_ENTRY_PROTECT), frame
+    pte = mm.pte[ptep]
+    return bool(pte & _PAGE_INVALID), bool(pte & _PAGE_PROTECT), pte & PAGE_MASK
+
+
 def guest_store(mm: Mm, ptep: int) -> str | None:
     """A guest store through DAT. Returns the exception it took first (or None)."""
     taken = None
     for _ in range(MAX_FAULT_RETRIES):
-        pte = mm.pte[ptep]
-        if pte & _PAGE_INVALID:
+        invalid, protected, frame = guest_translate(mm, ptep)
+        if invalid:
             taken = taken or "translation"
             do_dat_exception(mm, ptep, store=True)
-        elif pte & _PAGE_PROTECT:
+        elif protected:
             taken = taken or "protection"
             do_protection_exception(mm, ptep)
         else:
-            mm.skey[mm.frame_index(pte)] |= _PAGE_REFERENCED | _PAGE_CHANGED
+            mm.skey[(frame - mm.frame_base) >> PAGE_SHIFT] |= _PAGE_REFERENCED | _PAGE_CHANGED
             return taken
     raise AssertionError("guest_store: fault did not resolve")
 
 
 def guest_load(mm: Mm, ptep: int) -> str | None:
-    """A guest load through DAT: only an invalid pte faults."""
+    """A guest load through DAT: only an invalid entry faults."""
     taken = None
     for _ in range(MAX_FAULT_RETRIES):
-        pte = mm.pte[ptep]
-        if pte & _PAGE_INVALID:
+        invalid, _protected, frame = guest_translate(mm, ptep)
+        if invalid:
             taken = taken or "translation"
             do_dat_exception(mm, ptep, store=False)
         else:
-            mm.skey[mm.frame_index(pte)] |= _PAGE_REFERENCED
+            mm.skey[(frame - mm.frame_base) >> PAGE_SHIFT] |= _PAGE_REFERENCED
             return taken
     raise AssertionError("guest_load: fault did not resolve")
 
@@ -271,5 +332,11 @@ def io_store(mm: Mm, ptep: int) -> None:
 
 # --- the harvest loop (arch/s390/kvm/kvm-s390.c) ----------------------------------------------
 def kvm_s390_sync_dirty_log(mm: Mm, npages: int) -> list[int]:
-    """The pages [0, npages) whose user-dirty state the generation's test-and-clear reports."""
+    """The pages [0, npages) whose user-dirty state the generation's test-and-clear reports.
+
+    3.16.0's loop, page by page over the host mm; 4.19 walks the gmap one segment at a time
+    (:func:`.linux_4_19.kvm_s390_sync_dirty_log`)."""
+    if mm.segment:
+        result: list[int] = mm.pgtable.kvm_s390_sync_dirty_log(mm, npages)
+        return result
     return [p for p in range(npages) if mm.pgtable.ptep_test_and_clear_user_dirty(mm, p)]

@@ -24,6 +24,7 @@ from kvmshim.s390.bits import (
     HOST_RC_SHIFT,
     KEY_ACC_SHIFT,
     PAGE_MASK,
+    PAGE_READ,
     PGSTE_ACC_BITS,
     PGSTE_FP_BIT,
     PGSTE_GC_BIT,
@@ -46,6 +47,13 @@ from kvmshim.s390.reference.common import (
     ptep_flush_direct,
     whole_tables,
 )
+from kvmshim.s390.reference.common import (
+    pte_mkdirty as pte_mkdirty,  # re-exported: the generic fault path calls it through here
+)
+
+# The guest RAM VMA's protection (shared, writable, wants write notification) and the dirty
+# modifier, as 3.16.0 has them: the generic fault path in common calls through these.
+VM_PAGE_PROT = PAGE_READ
 
 
 # --- page tables (mm/pgtable.c) ---------------------------------------------------------------

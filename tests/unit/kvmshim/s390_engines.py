@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kvmshim.s390 import bits as b
 from kvmshim.s390 import reference as ref
 from kvmshim.s390.generations import DEFAULT_KERNEL
 from kvmshim.s390.mmu import S390Mmu
@@ -23,8 +24,9 @@ class RefEngine:
         frame_base: int = 0,
         guest_base: int = 0,
         kernel: str = DEFAULT_KERNEL,
+        hugepages: bool = False,
     ):
-        self.mm = ref.new_mm(npages, kernel, esop, frame_base, guest_base)
+        self.mm = ref.new_mm(npages, kernel, esop, frame_base, guest_base, hugepages)
         self.k = self.mm.pgtable
         self.npages = npages
         self.notified: list[int] = []
@@ -48,14 +50,19 @@ class RefEngine:
             common.io_store(self.mm, int(p))
 
     def set_key(self, pages, key):
+        # 4.19 emulates the guest's SSKE (always, with 1 MiB pages): the page is faulted in first
+        # if the host has no pmd for it. 3.x reach set_guest_storage_key from PFMF directly.
+        set_key = getattr(self.k, "handle_sske", self.k.set_guest_storage_key)
         for p in pages:
-            self.k.set_guest_storage_key(self.mm, int(p), key)
+            set_key(self.mm, int(p), key)
 
     def arm_notify(self, pages):
         for p in pages:
             self.k.gmap_ipte_notify(self.mm, int(p))
 
     def age(self, pages):
+        if self.mm.hugepages:  # hugetlb pages are not on the LRU: nothing ages them
+            return []
         present = sorted({int(p) for p in pages if common.pte_present(self.mm.pte[int(p)])})
         return [self.k.ptep_test_and_clear_young(self.mm, p) for p in present]
 
@@ -63,9 +70,17 @@ class RefEngine:
         return common.kvm_s390_sync_dirty_log(self.mm, self.npages)
 
     def harvest_pages(self, pages) -> list[int]:
-        """The harvest of single pages, as another slot's inclusive bound reaches them."""
+        """The harvest of single pages, as another slot's inclusive bound reaches them (4.19:
+        through the gmap, so only linked segments; a large one as a whole)."""
         pages = sorted({int(p) for p in pages})
-        return [p for p in pages if self.k.ptep_test_and_clear_user_dirty(self.mm, p)]
+        if not self.mm.segment:
+            return [p for p in pages if self.k.ptep_test_and_clear_user_dirty(self.mm, p)]
+        if self.mm.hugepages:
+            segs = sorted({p // 256 for p in pages})
+            dirty = {s for s in segs if self.k.gmap_sync_dirty_log_pmd(self.mm, s)}
+            return [p for p in pages if p // 256 in dirty]
+        linked = [p for p in pages if self.mm.segment[p // 256] != b._SEGMENT_ENTRY_EMPTY]
+        return [p for p in linked if self.k.ptep_test_and_clear_uc(self.mm, p)]
 
     def arrays(self):
         return (
@@ -73,6 +88,10 @@ class RefEngine:
             np.array(self.mm.pgste, dtype=np.uint64),
             np.array(self.mm.skey, dtype=np.uint8),
         )
+
+    def segments(self):
+        """The gmap's segment entries (4.19; empty for 3.x)."""
+        return np.array(self.mm.segment, dtype=np.uint64)
 
 
 class VecEngine:
@@ -88,6 +107,7 @@ class VecEngine:
         guest_base: int = 0,
         kernel: str = DEFAULT_KERNEL,
         harvest_chunk: int = 64,
+        hugepages: bool = False,
     ):
         self.mmu = S390Mmu(
             npages,
@@ -96,6 +116,7 @@ class VecEngine:
             guest_base=guest_base,
             harvest_chunk=harvest_chunk,
             kernel=kernel,
+            hugepages=hugepages,
         )
         self.npages = npages
         self.notified: list[int] = []
@@ -137,6 +158,9 @@ class VecEngine:
 
     def arrays(self):
         return self.mmu.pte.copy(), self.mmu.pgste.copy(), self.mmu.skey.copy()
+
+    def segments(self):
+        return self.mmu.segment.copy()
 
 
 ENGINES = [RefEngine, VecEngine]

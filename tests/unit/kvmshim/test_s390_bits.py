@@ -11,6 +11,10 @@ GROUPS = {
     "pte": b.PTE_BITS,
     "pgste": b.PGSTE_BITS,
     "pgste 3.15": b.PGSTE_BITS_315,
+    "pte 4.19": b.PTE_BITS_419,
+    "pgste 4.19": b.PGSTE_BITS_419,
+    "gmap segment entry": b.GMAP_SEGMENT_BITS,
+    "host segment entry": b.HOST_SEGMENT_BITS,
     "storage key": b.STORAGE_KEY_BITS,
 }
 
@@ -50,3 +54,22 @@ def test_protections_encode_the_hardware_invariant():
     # HW INVALID unless YOUNG and READ; HW PROTECT unless DIRTY and WRITE.
     assert b.PAGE_READ & b._PAGE_INVALID and b.PAGE_READ & b._PAGE_PROTECT
     assert not b.PAGE_SHARED & (b._PAGE_INVALID | b._PAGE_PROTECT)
+
+
+def test_4_19_values():
+    # 4.19.1 asm/pgtable.h, asm/gmap.h, asm/page.h (research kernel-419 §1).
+    assert b._PAGE_SOFT_DIRTY == b._PAGE_TYPE == 0x002 and b._PAGE_NOEXEC == 0x100
+    assert b.PGSTE_VSIE_BIT == 0x0000200000000000 and b._PGSTE_GPS_NODAT == 0x40000000
+    assert (b._SEGMENT_ENTRY_GMAP_IN, b._SEGMENT_ENTRY_GMAP_UC) == (0x8000, 0x4000)
+    # GMAP_UC shares its value with the host pmd's soft-dirty bit, which __gmap_link masks out.
+    assert b._SEGMENT_ENTRY_SOFT_DIRTY == b._SEGMENT_ENTRY_GMAP_UC
+    assert not b._SEGMENT_ENTRY_HARDWARE_BITS_LARGE & b._SEGMENT_ENTRY_SOFT_DIRTY
+    assert b._SEGMENT_ENTRY_HARDWARE_BITS_LARGE & 0xFFFFF == (
+        b._SEGMENT_ENTRY_LARGE
+        | b._SEGMENT_ENTRY_PROTECT
+        | b._SEGMENT_ENTRY_NOEXEC
+        | b._SEGMENT_ENTRY_INVALID
+        | 0x10
+    )
+    assert b.HPAGE_SIZE == 1 << 20 == b.PAGES_PER_SEGMENT * 4096
+    assert b.PAGE_RO == b.PAGE_READ | b._PAGE_NOEXEC and b.PAGE_RW == b.PAGE_RO | b._PAGE_WRITE

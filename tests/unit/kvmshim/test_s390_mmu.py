@@ -20,7 +20,7 @@ from kvmshim.s390.mmu import S390Mmu
 from .s390_engines import RefEngine, VecEngine
 
 # Examples per generation: operation sequences, pgste_set_pte states, harvested states.
-EXAMPLES = {"3.15": (300, 150, 150), "3.16": (300, 150, 150)}
+EXAMPLES = {"3.15": (300, 150, 150), "3.16": (300, 150, 150), "4.19": (300, 150, 150)}
 assert set(EXAMPLES) == set(KERNELS)
 
 # "reach" is the single-page harvest another slot's inclusive loop bound does.
