@@ -266,7 +266,7 @@ class S390Mmu:
                 # again. A host pmd not yet present is -EFAULT; the caller write-faults it in
                 # (fixup_user_fault) and retries.
                 self._hugetlb_fault(np.unique(idx // _SEG_PAGES))
-                self.skey[idx] = np.uint8(key & 0xFF)
+                self.skey[idx] = np.uint8(key & 0xFE)
                 return
             old = self.pgste[idx]
             new = old & ~_KEY_FIELDS
