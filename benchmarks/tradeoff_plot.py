@@ -90,11 +90,11 @@ PANELS = (
 
 
 def compact(n: float) -> str:
-    """A count short enough to sit above a bar: 727, 4,262, 64.3k, 3.05M."""
+    """A count short enough to sit above a bar: 727, 4,262, 12.0k, 3.05M."""
     if n >= 1e6:
-        return f"{n / 1e6:.3g}M"
+        return f"{n / 1e6:.2f}M"
     if n >= 1e4:
-        return f"{n / 1e3:.3g}k"
+        return f"{n / 1e3:.1f}k"
     return f"{n:,.0f}"
 
 
