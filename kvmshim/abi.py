@@ -88,6 +88,20 @@ class kvm_enable_cap(ctypes.Structure):
     )
 
 
+class kvm_s390_skeys(ctypes.Structure):
+    """KVM_S390_GET_SKEYS / KVM_S390_SET_SKEYS argument: ``count`` keys of the frames from
+    ``start_gfn``, one byte each, at ``skeydata_addr`` (Linux 4.19 include/uapi/linux/kvm.h,
+    unchanged since commit 30ee2a984f07 added it; later kernels moved it to asm/kvm.h)."""
+
+    _fields_ = (
+        ("start_gfn", ctypes.c_uint64),
+        ("count", ctypes.c_uint64),
+        ("skeydata_addr", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32 * 9),
+    )
+
+
 class kvm_dirty_gfn(ctypes.Structure):
     """One dirty-ring entry (KVM_CAP_DIRTY_LOG_RING); listed for completeness, unused."""
 
@@ -110,8 +124,11 @@ KVM_RUN = _IO(KVMIO, 0x80)
 KVM_ENABLE_CAP = _IOW(KVMIO, 0xA3, kvm_enable_cap)
 KVM_CLEAR_DIRTY_LOG = _IOWR(KVMIO, 0xC0, kvm_clear_dirty_log)
 KVM_RESET_DIRTY_RINGS = _IO(KVMIO, 0xC7)
+# s390 only, "Available with KVM_CAP_S390_SKEYS" (Linux 4.19 include/uapi/linux/kvm.h).
+KVM_S390_GET_SKEYS = _IOW(KVMIO, 0xB2, kvm_s390_skeys)
 
 KVM_API_VERSION = 12
+
 
 # --- memory region flags ---------------------------------------------------------------------
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
@@ -135,7 +152,10 @@ KVM_CAP_DIRTY_LOG_RING = 192
 KVM_CAP_DIRTY_LOG_RING_ACQ_REL = 223
 KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP = 225
 
-# KVM_S390_GET_SKEYS / KVM_S390_SET_SKEYS (uapi linux/kvm.h; research kernel-419 §5)
+# KVM_S390_GET_SKEYS / KVM_S390_SET_SKEYS (uapi linux/kvm.h; research kernel-419 §5). 4.19
+# kvm-s390.c kvm_s390_get_skeys: flags must be 0 (EINVAL); KVM_S390_GET_SKEYS_NONE comes back,
+# before the count is checked, when the guest never used a key instruction (!mm_uses_skeys);
+# count must be 1..KVM_S390_SKEYS_MAX (EINVAL); a frame in no memslot is EFAULT.
 KVM_S390_GET_SKEYS_NONE = 1  # GET_SKEYS' return value when the guest does not use keys
 KVM_S390_SKEYS_MAX = 1048576  # most keys one GET/SET_SKEYS moves
 

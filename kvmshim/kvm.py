@@ -152,6 +152,17 @@ class KvmVm:
         )
         _ioctl(self.fd, abi.KVM_CLEAR_DIRTY_LOG, log, "KVM_CLEAR_DIRTY_LOG", slot)
 
+    def get_skeys(self, start_gfn: int, keys: np.ndarray) -> bool:
+        """KVM_S390_GET_SKEYS of ``keys.size`` frames into ``keys`` (uint8, contiguous); False
+        if the guest uses no storage keys (the ioctl returned KVM_S390_GET_SKEYS_NONE)."""
+        args = abi.kvm_s390_skeys(
+            start_gfn=start_gfn, count=keys.size, skeydata_addr=keys.ctypes.data
+        )
+        return (
+            _ioctl(self.fd, abi.KVM_S390_GET_SKEYS, args, "KVM_S390_GET_SKEYS")
+            != abi.KVM_S390_GET_SKEYS_NONE
+        )
+
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         fd = _ioctl(self.fd, abi.KVM_CREATE_VCPU, vcpu_id, "KVM_CREATE_VCPU")
         return Vcpu(vcpu_id, fd, self.device.vcpu_mmap_size())

@@ -145,6 +145,16 @@ class Backend(Protocol):
 
     def set_storage_key(self, gpa: int, key: int) -> None: ...
 
+    def get_storage_keys(self, start_gfn: int, count: int) -> np.ndarray | None:
+        """KVM_S390_GET_SKEYS: the guest's storage key of each frame from ``start_gfn``, one
+        uint8 each, without changing any state; None if the guest uses no storage keys
+        (KVM_S390_GET_SKEYS_NONE: every key is then the default, 0).
+
+        KvmError EINVAL for a count outside 1..KVM_S390_SKEYS_MAX, EFAULT for a frame in no
+        memslot; NotSupportedError on a backend without storage keys (KVM on x86).
+        """
+        ...
+
     def ram_region(self, slot: int) -> RamRegion | None: ...
 
     def start_workload(self, spec: WorkloadSpec) -> None: ...

@@ -111,6 +111,7 @@ class KvmBackend(GuestVm):
             "manual-dirty-log-protect2": check(abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2),
             "dirty-log-ring": check(abi.KVM_CAP_DIRTY_LOG_RING),
             "s390-cow": check(abi.KVM_CAP_S390_COW),
+            "s390-skeys": check(abi.KVM_CAP_S390_SKEYS),
             "nr-vcpus": check(abi.KVM_CAP_NR_VCPUS),
         }
 
@@ -263,6 +264,21 @@ class KvmBackend(GuestVm):
 
     def set_storage_key(self, gpa: int, key: int) -> None:
         raise NotSupportedError("storage keys exist only in the s390 model (backend 'softmmu')")
+
+    def get_storage_keys(self, start_gfn: int, count: int) -> np.ndarray | None:
+        """KVM_S390_GET_SKEYS on an s390x host; no other architecture has storage keys."""
+        if not self._caps["s390-skeys"]:
+            raise NotSupportedError(
+                f"this backend has no storage keys: KVM on {self.arch} has no "
+                "KVM_S390_GET_SKEYS (keys are s390's; the s390 model, backend 'softmmu', "
+                "has them)"
+            )
+        if not 1 <= count <= abi.KVM_S390_SKEYS_MAX:  # the kernel's EINVAL, before allocating
+            raise KvmError(
+                errno.EINVAL, f"a count of {count} keys is outside 1..{abi.KVM_S390_SKEYS_MAX}"
+            )
+        keys = np.zeros(count, dtype=np.uint8)
+        return keys if self.vm.get_skeys(start_gfn, keys) else None
 
     def _refuse_reserved(self, gfns: np.ndarray) -> None:
         if np.isin(RESERVED_GFNS, gfns).any():

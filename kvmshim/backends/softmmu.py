@@ -83,6 +83,7 @@ class SoftMmuBackend(GuestVm):
             "hugepages": self.hugepages,
             "s390-cow": int(self.esop),
             "s390-hpage-1m": int(self.kernel.hugepages),
+            "s390-skeys": 1,  # KVM_CAP_S390_SKEYS: get_storage_keys reads them
             "nr-memslots": self.memslots.max_slots,
             "manual-dirty-log-protect2": 0,
             "dirty-log-ring": 0,
@@ -261,6 +262,24 @@ class SoftMmuBackend(GuestVm):
         guest SSKE is interpreted by SIE after its first intercept) [inferred, research §5]."""
         for slot, pages in self._locate(np.array([gpa >> abi.PAGE_SHIFT], dtype=np.int64)):
             self._mmus[slot].set_guest_storage_key(pages, key)
+
+    def get_storage_keys(self, start_gfn: int, count: int) -> np.ndarray | None:
+        """kvm_s390_get_skeys (4.19 arch/s390/kvm/kvm-s390.c): every frame through its memslot
+        (EFAULT for a gap, nothing read), each key as get_guest_storage_key gives it
+        (:meth:`S390Mmu.get_guest_storage_key`). Never None: the model's mm uses storage keys
+        (see :mod:`kvmshim.s390.reference.common`), so KVM_S390_GET_SKEYS_NONE cannot happen."""
+        if not 1 <= count <= abi.KVM_S390_SKEYS_MAX:
+            raise KvmError(
+                errno.EINVAL,
+                f"a count of {count} keys is outside 1..{abi.KVM_S390_SKEYS_MAX} "
+                "(KVM_S390_SKEYS_MAX)",
+            )
+        gfns = np.arange(start_gfn, start_gfn + count, dtype=np.int64)
+        # Frames ascend and sorted_slots ascend by address: the parts come in frame order.
+        parts = [
+            self._mmus[slot].get_guest_storage_key(pages) for slot, pages in self._locate(gfns)
+        ]
+        return np.concatenate(parts)
 
     def arm_ipte_notify(self, gpa: int, length: int) -> None:
         """gmap_ipte_notify: KVM arms this for a vCPU's prefix pages."""

@@ -51,9 +51,15 @@ from kvmshim.s390.bits import (
     _SEGMENT_ENTRY_LARGE,
     _SEGMENT_ENTRY_ORIGIN_LARGE,
     _SEGMENT_ENTRY_PROTECT,
+    GUEST_RC_SHIFT,
+    KEY_ACC_SHIFT,
     PAGE_MASK,
     PAGE_SHIFT,
     PAGE_SIZE,
+    PGSTE_ACC_BITS,
+    PGSTE_FP_BIT,
+    PGSTE_GC_BIT,
+    PGSTE_GR_BIT,
     PGSTE_PCL_BIT,
     PTRS_PER_PTE,
 )
@@ -196,6 +202,27 @@ def page_reset_referenced(mm: Mm, address: int) -> bool:
     old = mm.skey[i]
     mm.skey[i] = old & ~_PAGE_REFERENCED
     return bool(old & _PAGE_REFERENCED)
+
+
+def get_guest_storage_key(mm: Mm, ptep: int) -> int:
+    """The guest's view of one page's key, what KVM_S390_GET_SKEYS returns for it, on a 3.15 or
+    3.16 state: Linux 4.19's function (arch/s390/mm/pgtable.c; the ioctl came after 3.16) from
+    its page-table level on — those models have no host pmd to be absent or huge. 4.19's own
+    module has the whole function (:func:`.linux_4_19_pgtable.get_guest_storage_key`); use
+    ``getattr(mm.pgtable, "get_guest_storage_key", this)``. The PGSTE lock is taken and given
+    back unchanged: reading a key sets no UC and no R bit.
+
+    Valid pte: the real key of its frame; invalid: ACC/F from the PGSTE; either way the
+    PGSTE's GR/GC ORed in as R/C (the kernel: "Reflect guest's logical view, not physical").
+    """
+    pgste = pgste_get_lock(mm, ptep)
+    key = (pgste & (PGSTE_ACC_BITS | PGSTE_FP_BIT)) >> KEY_ACC_SHIFT
+    pte = mm.pte[ptep]
+    if not pte & _PAGE_INVALID:
+        key = page_get_storage_key(mm, pte & PAGE_MASK)
+    key |= (pgste & (PGSTE_GR_BIT | PGSTE_GC_BIT)) >> GUEST_RC_SHIFT
+    pgste_set_unlock(mm, ptep, pgste)
+    return key
 
 
 # --- IPTE and its notification ----------------------------------------------------------------

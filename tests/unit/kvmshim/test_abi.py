@@ -23,6 +23,11 @@ from kvmshim import abi
         ),
         (abi.kvm_enable_cap, 104, {"cap": 0, "flags": 4, "args": 8, "pad": 40}),
         (abi.kvm_dirty_gfn, 16, {"flags": 0, "slot": 4, "offset": 8}),
+        (
+            abi.kvm_s390_skeys,
+            64,
+            {"start_gfn": 0, "count": 8, "skeydata_addr": 16, "flags": 24, "reserved": 28},
+        ),
     ],
 )
 def test_struct_layout_matches_uapi(struct, size, offsets):
@@ -42,6 +47,7 @@ def test_struct_layout_matches_uapi(struct, size, offsets):
         ("KVM_RESET_DIRTY_RINGS", 0xAEC7),
         ("KVM_CREATE_VM", 0xAE01),
         ("KVM_RUN", 0xAE80),
+        ("KVM_S390_GET_SKEYS", 0x4040AEB2),
     ],
 )
 def test_ioctl_numbers_encode_like_the_kernel(name, value):
@@ -54,6 +60,8 @@ def test_capability_and_flag_values():
     assert abi.KVM_CAP_MULTI_ADDRESS_SPACE == 118
     assert abi.KVM_CAP_S390_COW == 79
     assert abi.KVM_CAP_DIRTY_LOG_RING == 192
+    assert abi.KVM_CAP_S390_SKEYS == 110
+    assert (abi.KVM_S390_GET_SKEYS_NONE, abi.KVM_S390_SKEYS_MAX) == (1, 1 << 20)
     assert abi.KVM_MEM_LOG_DIRTY_PAGES == 1
     assert abi.KVM_MEM_READONLY == 2
     assert abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE == 1
