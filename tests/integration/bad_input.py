@@ -241,6 +241,12 @@ CASES: list[Case] = [
         "Parameter 'length' must be between 0 and 1048576",
     ),
     Case(
+        "more storage keys than KVM_S390_SKEYS_MAX",
+        cmd("storage-keys-get", vm=WITNESS, start_gfn=0, count=(1 << 20) + 1),
+        "GenericError",
+        "Parameter 'count' must be between 1 and 1048576, not 1048577",
+    ),
+    Case(
         "a name that could be a path",
         cmd("vm-create", name="../etc"),
         "GenericError",
@@ -341,6 +347,12 @@ CASES: list[Case] = [
         "guest address 0x4000000 is in no memslot (EFAULT)",
     ),
     Case(
+        "storage keys of frames past a memslot",
+        cmd("storage-keys-get", vm=WITNESS, start_gfn=255, count=2),
+        "GenericError",
+        "guest address 0x100000 is in no memslot (EFAULT)",
+    ),
+    Case(
         "an I/O range leaving the memslots",
         cmd(
             "io-dirty-mark",
@@ -425,6 +437,14 @@ CASES: list[Case] = [
     Case(
         "a descriptor that cannot take the bitmap (read-only)",
         cmd("dirty-log-get", vm=WITNESS, slot=0, consumer="auto", encoding="fd", fdname="ro"),
+        "GenericError",
+        "descriptor 'ro' is not open for writing (EBADF)",
+        fds=1,
+        setup=[cmd("getfd", fdname="ro")],
+    ),
+    Case(
+        "a descriptor that cannot take the storage keys (read-only)",
+        cmd("storage-keys-get", vm=WITNESS, start_gfn=0, count=256, encoding="fd", fdname="ro"),
         "GenericError",
         "descriptor 'ro' is not open for writing (EBADF)",
         fds=1,

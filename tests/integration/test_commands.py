@@ -250,6 +250,42 @@ def test_sim_read_write_and_storage_key(qmp, vm):
     )
 
 
+def test_storage_keys_get_reads_the_guests_view_and_dirties_nothing(qmp, vm):
+    """[2]: never touched, 0 / [3]: the guest set 0x36 on an unmapped page: ACC/F and R/C from
+    the PGSTE / [4]: 0 / [5]: a guest store mapped it: the real key with R|C (0x06)"""
+    qmp("sim-set-storage-key", vm=vm, guest_phys_addr=3 * 4096, key=0x36)
+    qmp("sim-write-pages", vm=vm, gfns=[5], value=1)
+    assert pages(qmp, vm) == [3, 5]  # harvested: from here on, nothing is dirty
+    got = qmp("storage-keys-get", vm=vm, start_gfn=2, count=4)
+    keys = base64.b64encode(bytes([0x00, 0x36, 0x00, 0x06])).decode()
+    assert got == {"start-gfn": 2, "count": 4, "uses-keys": True, "keys": keys}
+    assert pages(qmp, vm) == []  # reading keys set no UC
+    fd = os.memfd_create("keys")
+    try:
+        qmp.send_fd(fd)
+        qmp("getfd", fdname="keys")
+        got = qmp("storage-keys-get", vm=vm, start_gfn=0, count=1024, encoding="fd", fdname="keys")
+        assert got == {"start-gfn": 0, "count": 1024, "uses-keys": True}
+        written = os.pread(fd, 2048, 0)
+        assert len(written) == 1024 and written[3] == 0x36 and written[5] == 0x06
+        qmp("closefd", fdname="keys")
+    finally:
+        os.close(fd)
+
+
+def test_storage_keys_get_errors_name_the_rule(qmp, vm):
+    # slot 0 = gfn [0, 1024), slot 1 = gfn [4096, 4608): [1000, 1100) runs into the gap
+    cls, desc = qmp.error("storage-keys-get", vm=vm, start_gfn=1000, count=100)
+    assert cls == "GenericError"
+    assert desc == f"vm '{vm}': guest address 0x400000 is in no memslot (EFAULT)"
+    cls, desc = qmp.error("storage-keys-get", vm=vm, start_gfn=0, count=(1 << 20) + 1)
+    assert desc == "Parameter 'count' must be between 1 and 1048576, not 1048577"
+    assert qmp.error("storage-keys-get", vm="nobody", start_gfn=0, count=1) == (
+        "DeviceNotFound",
+        "no VM named 'nobody'",
+    )
+
+
 def test_workload_and_stop_cont_with_events(qmp, vm):
     qmp("sim-workload-start", vm=vm, pages_per_second=20000, vcpus=2, seed=1)
     time.sleep(0.2)

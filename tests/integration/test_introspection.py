@@ -100,6 +100,7 @@ def test_every_return_and_event_has_exactly_the_declared_members(daemon_with_una
         qmp("sim-write", vm="vm", guest_phys_addr=4096, data="aGVsbG8=")
         qmp("sim-write-pages", vm="vm", gfns=[0, 5, 1025], value=7)
         qmp("sim-set-storage-key", vm="vm", guest_phys_addr=0, key=0x10)
+        assert qmp("storage-keys-get", vm="vm", start_gfn=0, count=2)["keys"] == "EAY="  # 0x10, R|C
         assert qmp("sim-read", vm="vm", guest_phys_addr=4096, length=5)["data"] == "aGVsbG8="
         ranges = [{"guest-phys-addr": 6 * 4096, "length": 4096}]
         assert qmp("io-dirty-mark", vm="vm", ranges=ranges) == {"pages": 1}

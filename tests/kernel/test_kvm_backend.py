@@ -110,6 +110,11 @@ def test_s390_only_operations_say_which_backend_has_them(kqmp, kvm_vm):
     assert cls == "GenericError" and "backend 'softmmu'" in desc
     cls, desc = kqmp.error("sim-read", vm=kvm_vm, guest_phys_addr=0, length=8, path="guest")
     assert cls == "GenericError" and "backend 'softmmu'" in desc
+    cls, desc = kqmp.error("storage-keys-get", vm=kvm_vm, start_gfn=0, count=1)
+    assert cls == "GenericError"
+    assert desc.startswith(f"vm '{kvm_vm}': this backend has no storage keys: KVM on x86_64")
+    vm = next(v for v in kqmp("query-vms") if v["name"] == kvm_vm)
+    assert vm["capabilities"]["s390-skeys"] == 0  # KVM_CAP_S390_SKEYS, asked of the kernel
 
 
 @pytest.mark.parametrize(

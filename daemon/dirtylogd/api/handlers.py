@@ -118,8 +118,8 @@ async def dirty_log_get(ctx: Context, a: dict[str, Any]) -> Any:
 F_SEAL_FUTURE_WRITE = 0x0010
 
 
-def _check_writable(fd: int, name: str, nbytes: int | None) -> None:
-    """The bitmap goes to offset 0 of a regular file or memfd opened for writing.
+def _check_writable(fd: int, name: str, nbytes: int | None, what: str = "the bitmap") -> None:
+    """The answer (``what``) goes to offset 0 of a regular file or memfd opened for writing.
 
     Everything that can be known before the harvest is checked here, so a descriptor that
     cannot take the answer is refused with nothing harvested: O_APPEND (Linux's pwrite then
@@ -133,14 +133,14 @@ def _check_writable(fd: int, name: str, nbytes: int | None) -> None:
         raise GenericError(f"descriptor '{name}' is unusable: {exc.strerror}") from None
     if not stat.S_ISREG(info.st_mode):
         raise GenericError(
-            f"descriptor '{name}' is not a file or memfd: the bitmap is written "
+            f"descriptor '{name}' is not a file or memfd: {what} is written "
             "at offset 0, as KVM writes into the caller's buffer (EINVAL)"
         )
     if (flags & os.O_ACCMODE) not in (os.O_WRONLY, os.O_RDWR):
         raise GenericError(f"descriptor '{name}' is not open for writing (EBADF)")
     if flags & os.O_APPEND:
         raise GenericError(
-            f"descriptor '{name}' was opened with O_APPEND: the bitmap would land at the file's "
+            f"descriptor '{name}' was opened with O_APPEND: {what} would land at the file's "
             "end, not at offset 0 where it is read (EINVAL)"
         )
     try:
@@ -152,7 +152,7 @@ def _check_writable(fd: int, name: str, nbytes: int | None) -> None:
     if seals & fcntl.F_SEAL_GROW and nbytes is not None and info.st_size < nbytes:
         raise GenericError(
             f"descriptor '{name}' is sealed against growing at {info.st_size} bytes; "
-            f"the bitmap needs {nbytes} (EPERM)"
+            f"{what} needs {nbytes} (EPERM)"
         )
 
 
@@ -266,11 +266,16 @@ def _ranges(npages: int, starts: np.ndarray, lasts: np.ndarray) -> list[tuple[in
 
 
 def _write_bitmap(fd: int, fdname: str, data: memoryview) -> None:
+    """The bitmap at offset 0; the caller gives the bits back on the error, so the consumer
+    gets them again with its next GET."""
+    _write_at_zero(fd, fdname, data, "the bitmap", "; its pages stay pending")
+
+
+def _write_at_zero(fd: int, fdname: str, data: memoryview, what: str, after: str = "") -> None:
     """All of ``data`` at offset 0, or a GenericError naming the errno and how far it got.
 
     pwrite may write less than asked — a file system that fills up, RLIMIT_FSIZE — and only the
-    next call says why; an answer is a success only once every byte is in. The caller gives the
-    bits back on the error, so the consumer gets them again with its next GET."""
+    next call says why; an answer is a success only once every byte is in."""
     done = 0
     try:
         while done < len(data):
@@ -281,8 +286,8 @@ def _write_bitmap(fd: int, fdname: str, data: memoryview) -> None:
     except OSError as exc:
         code = errno.errorcode.get(exc.errno or errno.EIO, str(exc.errno))
         raise GenericError(
-            f"cannot write the bitmap to descriptor '{fdname}' ({done} of {len(data)} bytes "
-            f"written): {exc.strerror} ({code}); its pages stay pending"
+            f"cannot write {what} to descriptor '{fdname}' ({done} of {len(data)} bytes "
+            f"written): {exc.strerror} ({code}){after}"
         ) from None
 
 
@@ -325,6 +330,40 @@ async def sim_set_storage_key(ctx: Context, a: dict[str, Any]) -> Any:
     vm = ctx.service.vm(a["vm"])
     await ctx.service.set_storage_key(vm, a["guest_phys_addr"], a["key"])
     return {}
+
+
+async def storage_keys_get(ctx: Context, a: dict[str, Any]) -> Any:
+    vm = ctx.service.vm(a["vm"])
+    count, encoding, fdname = a["count"], a["encoding"], a["fdname"]
+    fd = -1
+    if encoding == "fd":
+        if fdname is None:
+            raise GenericError("encoding 'fd' needs fdname: pass a memfd with getfd first")
+        fd = ctx.fds.lookup(fdname)
+        _check_writable(fd, fdname, count, "the keys")  # before reading: nothing half done
+    elif fdname is not None:
+        raise GenericError("fdname is only used with encoding 'fd'")
+    elif (count + 2) // 3 * 4 + 256 > ctx.max_reply_bytes:
+        raise GenericError(
+            f"{count} keys do not fit an inline reply of at most {ctx.max_reply_bytes} bytes: "
+            "use encoding 'fd' (with getfd) or a smaller count"
+        )
+    keys = await ctx.service.storage_keys(vm, a["start_gfn"], count)
+    result: dict[str, Any] = {"start-gfn": a["start_gfn"], "count": count}
+    result["uses-keys"] = keys is not None
+    if keys is None:
+        return result
+    if encoding == "fd":  # the client's file may be slow: never on the loop
+        await asyncio.to_thread(_write_at_zero, fd, fdname, keys.data, "the keys")
+    elif count <= INLINE_ENCODE_MAX_BYTES:
+        result["keys"] = _keys_base64(keys)
+    else:  # up to a million keys: 1.4 MB of text, milliseconds the loop need not wait
+        result["keys"] = await asyncio.to_thread(_keys_base64, keys)
+    return result
+
+
+def _keys_base64(keys: np.ndarray) -> str:
+    return base64.b64encode(keys.data).decode("ascii")
 
 
 async def sim_workload_start(ctx: Context, a: dict[str, Any]) -> Any:

@@ -204,6 +204,12 @@ BACKEND_CAPABILITIES = Object(
         Arg("s390-cow", Int(), "KVM_CAP_S390_COW (MACHINE_HAS_ESOP on s390)"),
         Arg("manual-dirty-log-protect2", Int(), "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"),
         Arg("dirty-log-ring", Int(), "KVM_CAP_DIRTY_LOG_RING"),
+        Arg(
+            "s390-skeys",
+            Int(),
+            "KVM_CAP_S390_SKEYS: storage-keys-get reads the guest's storage keys (softmmu: 1; "
+            "kvm: the host's answer, 0 on x86)",
+        ),
         Arg("esop", Bool(), "softmmu only: the model is an ESOP machine", None),
         Arg("kernel", Str(), "softmmu only: the Linux generation the model follows", None),
         Arg("hugepages", Bool(), "softmmu only: guest memory on 1 MiB pages", None),
@@ -342,6 +348,25 @@ DIRTY_RATE_INFO = Object(
     ),
 )
 SIM_READ_INFO = Object("SimReadInfo", (Arg("data", Base64(), "the bytes read"),))
+STORAGE_KEYS_INFO = Object(
+    "StorageKeysInfo",
+    (
+        Arg("start-gfn", Int(), "the first frame, as asked"),
+        Arg("count", Int(), "frames, as asked"),
+        Arg(
+            "uses-keys",
+            Bool(),
+            "false if the guest never used a storage-key instruction "
+            "(KVM_S390_GET_SKEYS_NONE): every key is then 0 and none is returned or written",
+        ),
+        Arg(
+            "keys",
+            Base64(),
+            "with encoding 'base64' and uses-keys: one key byte per frame, in frame order",
+            None,
+        ),
+    ),
+)
 
 # --- events --------------------------------------------------------------------------------------
 EVENT_VM = Arg("vm", Str(), "the VM's name")

@@ -26,6 +26,7 @@ from dirtylogd.api.argtypes import (
     Str,
 )
 from dirtylogd.api.command import Command, Event
+from kvmshim.abi import KVM_S390_SKEYS_MAX
 from kvmshim.s390.generations import DEFAULT_KERNEL, KERNELS
 
 # --- shared argument types --------------------------------------------------------------------
@@ -40,6 +41,7 @@ KERNEL = Enum("Kernel", KERNELS)
 WRITE_PATH = Enum("WritePath", ("guest", "dma", "kernel"))
 READ_PATH = Enum("ReadPath", ("host", "guest"))
 ENCODING = Enum("Encoding", ("bitmap", "ranges", "fd"))
+KEY_ENCODING = Enum("KeyEncoding", ("base64", "fd"))
 PATTERN = Enum("Pattern", ("random", "sequential", "hot-set"))
 
 VM = Arg("vm", NAME, "the VM's name")
@@ -315,6 +317,35 @@ COMMANDS: tuple[Command, ...] = (
             Arg("key", Int(0, 255), "key"),
         ),
         errors=(*NOT_FOUND, *KVM_ERRORS),
+    ),
+    Command(
+        "storage-keys-get",
+        h.storage_keys_get,
+        "KVM_S390_GET_SKEYS: the guest's storage key of each frame from start-gfn, one byte "
+        "each, as 4.19's get_guest_storage_key sees it (a valid page's real key, else the "
+        "guest's ACC/F; the guest's R/C ORed in). Reading changes nothing: no page becomes "
+        "dirty. With encoding 'fd' the keys are written at offset 0 of the descriptor named "
+        "by getfd. The range may span adjacent memslots, as the ioctl's may.",
+        (
+            VM,
+            Arg("start-gfn", Int(0, (1 << 52) - 1), "first guest frame (guest address / 4096)"),
+            Arg(
+                "count",
+                Int(1, KVM_S390_SKEYS_MAX),
+                f"frames, at most KVM_S390_SKEYS_MAX ({KVM_S390_SKEYS_MAX}: 4 GiB of guest)",
+            ),
+            Arg("encoding", KEY_ENCODING, "how the keys travel", "base64"),
+            Arg("fdname", FDNAME, "with encoding 'fd': the descriptor to write to", None),
+        ),
+        returns=r.STORAGE_KEYS_INFO,
+        errors=(
+            *NOT_FOUND,
+            "GenericError (EFAULT) if a frame is in no memslot; nothing is read",
+            "GenericError 'this backend has no storage keys' on the kvm backend of a host "
+            "other than s390x",
+            "GenericError if the base64 answer would not fit an inline reply (use 'fd'), or "
+            "if the descriptor cannot take the keys at offset 0 (as for dirty-log-get)",
+        ),
     ),
     Command(
         "sim-workload-start",

@@ -599,6 +599,10 @@ class Service:
     async def set_storage_key(self, vm: VmState, gpa: int, key: int) -> None:
         await self._call(vm, vm.backend.set_storage_key, gpa, key)
 
+    async def storage_keys(self, vm: VmState, start_gfn: int, count: int) -> np.ndarray | None:
+        """KVM_S390_GET_SKEYS in a worker (up to a million frames); None: the guest uses none."""
+        return await self._call(vm, vm.backend.get_storage_keys, start_gfn, count)
+
     async def start_workload(self, vm: VmState, **spec: Any) -> None:
         try:
             spec["pattern"] = Pattern(spec["pattern"])
