@@ -7,6 +7,10 @@ answers the sender. A frame whose checksum does not match, or a stream that ends
 frame, is an error — never a silently wrong image. The destination image is a sparse file
 addressed by guest-physical address.
 
+With the header's "storage-keys", the guest's s390 storage keys travel too (KEYS frames at
+switch-over) and land in a key file beside the image (:mod:`dirtylogctl.keyfile`), put in
+place with it.
+
 ``migrate-receive`` listens without authentication, so :func:`serve_once` expects hostile
 peers: no peer's bytes cost it more memory than a few of the largest frames, or end it with
 anything but a one-line StreamError; a silent peer is dropped after an idle timeout; a peer
@@ -28,15 +32,18 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, Protocol, assert_never
+from typing import TYPE_CHECKING, BinaryIO, Protocol, TypeVar, assert_never
 
 import numpy as np
 
 from dirtylogctl import wireformat as wf
+from dirtylogctl.keyfile import KeyFile, key_path
 from dirtylogctl.wireformat import PAGE_SIZE, Header, Kind, StreamError
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
+
+T = TypeVar("T")
 
 
 def _why(exc: OSError) -> str:
@@ -181,30 +188,56 @@ class Sink(Protocol):
 
     def send_pages(self, gpas: np.ndarray, data: np.ndarray) -> None: ...
 
+    def send_keys(self, gpa: int, keys: np.ndarray) -> None:
+        """The storage keys of the pages from ``gpa`` on (a header with storage keys only)."""
+        ...
+
     def finish(self, total_pages: int) -> None: ...
 
     def verify(self, gpas: np.ndarray, pages: np.ndarray) -> list[int]: ...
+
+    def verify_keys(self, gpa: int, keys: np.ndarray) -> list[int]:
+        """The guest addresses of the pages from ``gpa`` whose key at the destination differs."""
+        ...
 
     def close(self) -> None: ...
 
 
 class FileSink(Sink):
-    """A local image file; pages land at their guest-physical offsets."""
+    """A local image file; pages land at their guest-physical offsets, keys in its key file."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.image: Image | None = None
+        self.keys: KeyFile | None = None
 
     def start(self, header: Header) -> None:
         self.image = image_for(self.path, header)
+        if header.storage_keys:
+            self.keys = KeyFile(key_path(self.path), header)
+        else:  # the keys of the image just replaced must not pass for this one's
+            _remove_stale_keys(self.path)
 
     def send_pages(self, gpas: np.ndarray, data: np.ndarray) -> None:
         assert self.image is not None
         self.image.write(gpas, data)
 
+    def send_keys(self, gpa: int, keys: np.ndarray) -> None:
+        assert self.keys is not None
+        self.keys.write(gpa, keys)
+
     def finish(self, total_pages: int) -> None:
         assert self.image is not None
+        if self.keys is not None:
+            why = self.keys.missing()
+            if why is not None:
+                raise StreamError(why)
+            self.keys.sync()
         self.image.sync()
+
+    def verify_keys(self, gpa: int, keys: np.ndarray) -> list[int]:
+        assert self.keys is not None
+        return [int(g) for g in self.keys.differing(gpa, keys)]
 
     def verify(self, gpas: np.ndarray, pages: np.ndarray) -> list[int]:
         assert self.image is not None
@@ -216,6 +249,19 @@ class FileSink(Sink):
         if self.image is not None:
             self.image.close()
             self.image = None
+        if self.keys is not None:
+            self.keys.close()
+            self.keys = None
+
+
+def _remove_stale_keys(image: str) -> None:
+    """Remove the key file of an earlier image at ``image``, if there is one."""
+    try:
+        os.unlink(key_path(image))
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise StreamError(f"cannot remove the stale {key_path(image)}: {_why(exc)}") from None
 
 
 class TcpSink(Sink):
@@ -254,6 +300,9 @@ class TcpSink(Sink):
     def send_pages(self, gpas: np.ndarray, data: np.ndarray) -> None:
         self._send(wf.pages_frame(gpas, data))
 
+    def send_keys(self, gpa: int, keys: np.ndarray) -> None:
+        self._send(wf.keys_frame(gpa, keys))
+
     def finish(self, total_pages: int) -> None:
         self._send(wf.done_frame(total_pages))
         written = wf.read_ack(self._recv)
@@ -263,6 +312,10 @@ class TcpSink(Sink):
     def verify(self, gpas: np.ndarray, pages: np.ndarray) -> list[int]:
         key = int.from_bytes(os.urandom(8), "little")
         self._send(wf.verify_frame(key, gpas, wf.page_digests(pages, key)))
+        return wf.read_diff(self._recv)
+
+    def verify_keys(self, gpa: int, keys: np.ndarray) -> list[int]:
+        self._send(wf.verify_keys_frame(gpa, keys))
         return wf.read_diff(self._recv)
 
     def _recv(self, n: int) -> bytes:
@@ -289,16 +342,25 @@ class Received:
     done: bool = False
     verified_pages: int = 0
     differing: int = 0
+    keys: int = 0  # storage keys received
+    verified_keys: int = 0
+    differing_keys: int = 0
 
 
 class Target(Protocol):
-    """What :func:`receive` writes into: an :class:`Image`, or a stand-in in tests."""
+    """What :func:`receive` writes into: a :class:`StagedImage`, or a stand-in in tests."""
 
     def write(self, gpas: np.ndarray, data: np.ndarray) -> None: ...
 
     def read(self, gpas: np.ndarray) -> np.ndarray: ...
 
-    def sync(self) -> None: ...
+    def write_keys(self, gpa: int, keys: np.ndarray) -> None: ...
+
+    def differing_keys(self, gpa: int, keys: np.ndarray) -> np.ndarray: ...
+
+    def sync(self) -> None:
+        """Make the image (and keys) durable; StreamError if declared keys are missing."""
+        ...
 
 
 def receive(
@@ -353,6 +415,11 @@ def receive(
             stats.frames += 1
             head = whole(head, wf.FRAME_HEAD.size)
             frame = wf.read_frame(head, read, stats.frames, stats.done)
+            if frame.kind in wf.KEY_KINDS and not header.storage_keys:
+                raise StreamError(
+                    f"frame {stats.frames}: {frame.kind.name} in a stream whose header "
+                    "declares no storage keys"
+                )
             _apply(frame, image, stats, reply)
     except StreamError as exc:
         with contextlib.suppress(OSError):  # the other end may be gone already
@@ -375,6 +442,16 @@ def _apply(
             raise StreamError(f"cannot store the image: {exc}") from None
         stats.done = True
         answer(wf.encode_ack(stats.pages))
+    elif frame.kind is Kind.KEYS:
+        gpa, keys = frame.keys()
+        _numbered(stats, image.write_keys, gpa, keys)
+        stats.keys += frame.count
+    elif frame.kind is Kind.VERIFY_KEYS:
+        gpa, keys = frame.keys()
+        differ = _numbered(stats, image.differing_keys, gpa, keys)
+        stats.verified_keys += frame.count
+        stats.differing_keys += int(differ.size)
+        answer(wf.encode_diff(differ))
     elif frame.kind is Kind.VERIFY:
         key, gpas, digests = frame.verify()
         # A PAGES frame's worth at a time: the frame names up to 64 MiB of pages, and reading
@@ -391,6 +468,16 @@ def _apply(
         assert_never(frame.kind)  # a new Kind needs its case here
 
 
+def _numbered(
+    stats: Received, step: Callable[[int, np.ndarray], T], gpa: int, keys: np.ndarray
+) -> T:
+    """``step(gpa, keys)``, its refusal naming the frame it came with."""
+    try:
+        return step(gpa, keys)
+    except StreamError as exc:
+        raise StreamError(f"frame {stats.frames}: {exc}") from None
+
+
 # --- migrate-receive ----------------------------------------------------------------------------
 IDLE_TIMEOUT = 30.0
 """Seconds a receiver waits for a connected peer's next bytes, and for its whole header. A
@@ -404,8 +491,9 @@ def check_output(output: str) -> str:
     path = os.path.realpath(output)
     if os.path.isdir(path):
         raise StreamError(f"cannot write the image {output}: it is a directory")
-    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
-        raise StreamError(f"cannot write the image {output}: it is not a regular file")
+    for where in (path, key_path(path)):  # the image, and its storage keys beside it
+        if os.path.exists(where) and not stat.S_ISREG(os.stat(where).st_mode):
+            raise StreamError(f"cannot write the image {output}: {where} is not a regular file")
     directory, name = os.path.split(path)
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=directory)
@@ -417,25 +505,42 @@ def check_output(output: str) -> str:
 
 
 class StagedImage:
-    """An image written beside ``output`` under a temporary name, renamed over it once the
-    sender's DONE is synced: until then ``output`` keeps whatever it held, so a peer that is
-    refused, goes silent or breaks off never costs the operator an existing file."""
+    """An image (and its storage keys, if the stream has them) written beside ``output`` under
+    temporary names, renamed over ``output`` (and ``output.skeys``) once the sender's DONE is
+    synced: until then both keep whatever they held, so a peer that is refused, goes silent or
+    breaks off never costs the operator an existing file. An image published without keys
+    takes an older image's key file with it: those keys described the image it replaced."""
 
     def __init__(self, output: str, header: Header) -> None:
         self.output = output
-        self.directory, name = os.path.split(output)
-        try:
-            fd, self.temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=self.directory)
-        except OSError as exc:  # the directory went away or became read-only since
-            raise StreamError(f"cannot create the image {output}: {_why(exc)}") from None
-        os.close(fd)
+        self.directory, self.name = os.path.split(output)
         self.published = False
+        self.temps: list[str] = []
+        self.keys: KeyFile | None = None
         try:
+            self.temp = self._temp("")
             self.image = image_for(self.temp, header, label=output)
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(self.temp)
+            self._discard()
             raise
+        try:
+            if header.storage_keys:
+                self.keys = KeyFile(self._temp(".skeys"), header, label=key_path(output))
+        except BaseException:
+            self.close()
+            raise
+
+    def _temp(self, kind: str) -> str:
+        """A fresh temporary file beside the output, removed on close unless published."""
+        try:
+            fd, temp = tempfile.mkstemp(
+                prefix=f".{self.name}{kind}.", suffix=".part", dir=self.directory
+            )
+        except OSError as exc:  # the directory went away or became read-only since
+            raise StreamError(f"cannot create the image {self.output}: {_why(exc)}") from None
+        os.close(fd)
+        self.temps.append(temp)
+        return temp
 
     def write(self, gpas: np.ndarray, data: np.ndarray) -> None:
         self.image.write(gpas, data)
@@ -443,23 +548,51 @@ class StagedImage:
     def read(self, gpas: np.ndarray) -> np.ndarray:
         return self.image.read(gpas)
 
+    def write_keys(self, gpa: int, keys: np.ndarray) -> None:
+        assert self.keys is not None  # receive() refuses KEYS a header does not declare
+        self.keys.write(gpa, keys)
+
+    def differing_keys(self, gpa: int, keys: np.ndarray) -> np.ndarray:
+        assert self.keys is not None
+        return self.keys.differing(gpa, keys)
+
     def sync(self) -> None:
-        """Sync, then put the image in place (once): the ACK that follows means both."""
+        """Sync, then put the image and keys in place (once): the ACK that follows means all.
+
+        Keys first: a crash between the renames leaves the new keys beside the old image,
+        unacknowledged — the sender then reports the migration failed either way."""
+        if self.keys is not None:
+            why = self.keys.missing()
+            if why is not None:
+                raise StreamError(why)
+            self.keys.sync()
         self.image.sync()
-        if not self.published:
-            os.replace(self.temp, self.output)
-            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)  # the rename itself survives a crash
-            finally:
-                os.close(fd)
-            self.published = True
+        if self.published:
+            return
+        if self.keys is not None:
+            os.replace(self.keys.path, key_path(self.output))
+        else:
+            _remove_stale_keys(self.output)
+        os.replace(self.temp, self.output)
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)  # the renames themselves survive a crash
+        finally:
+            os.close(fd)
+        self.published = True
 
     def close(self) -> None:
         self.image.close()
+        if self.keys is not None:
+            self.keys.close()
+        self._discard()
+
+    def _discard(self) -> None:
+        """Remove the temporary files, unless they were put in place."""
         if not self.published:
-            with contextlib.suppress(OSError):
-                os.unlink(self.temp)
+            for temp in self.temps:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
 
 
 def receive_image(

@@ -1,34 +1,53 @@
 """The migration stream's wire format, in one place: the sender builds and the receiver checks
 with the same definitions, so the two ends cannot drift apart.
 
-Format version 1. Every integer is little-endian.
+Format version 2. Every integer is little-endian.
 
-    stream = MAGIC, header, frame ... DONE frame, VERIFY frame ...   (then the sender closes)
+    stream = MAGIC, header, frame ... DONE frame, VERIFY and VERIFY_KEYS frames ...
+             (then the sender closes)
 
     MAGIC    8 bytes   b"DLGMIG1\\n"
     header   u32       length of the JSON that follows (at most MAX_HEADER_BYTES, 128 KiB)
-             JSON      {"version": 1, "page-size": 4096, "vm": "NAME",
+             JSON      {"version": 2, "page-size": 4096, "vm": "NAME", "storage-keys": BOOL,
                         "slots": [{"slot": N, "guest-phys-addr": GPA, "npages": N}, ...]}
                        at most MAX_SLOTS (1024) slots; "slot" is KVM's u32 slot field; each
-                       slot a page-aligned range of the 64-bit guest-physical address space
+                       slot a page-aligned range of the 64-bit guest-physical address space;
+                       "storage-keys": the source has s390 storage keys, and KEYS frames
+                       carry every slot's before DONE
 
     frame    +---------+-----------+---------+-------------------+-------------------------+
              | u8 kind | u32 count | u64 aux | payload           | u32 CRC-32 of all bytes |
              |         |           |         | (size from kind)  | of the frame before it  |
              +---------+-----------+---------+-------------------+-------------------------+
 
-    kind        count (at most)   aux          payload                               when
-    1 PAGES     pages (256)       0            count u64 gpa, then count*4096 bytes  before DONE
-    2 DONE      0                 pages sent   none                                  any time
-    3 VERIFY    pages (16384)     0            u64 key, then count (u64 gpa,         after DONE
-                                               u64 page digest) pairs
+    kind           count (at most)  aux            payload                          when
+    1 PAGES        pages (256)      0              count u64 gpa, then              before DONE
+                                                   count*4096 bytes
+    2 DONE         0                pages sent     none                             any time
+    3 VERIFY       pages (16384)    0              u64 key, then count (u64 gpa,    after DONE
+                                                   u64 page digest) pairs
+    4 KEYS         pages (1048576)  gpa of the     count storage keys, one byte     before DONE
+                                    first page     per page from aux on
+    5 VERIFY_KEYS  pages (16384)    gpa of the     count storage keys, as KEYS      after DONE
+                                    first page
     Every gpa is page-aligned. The count is checked before the payload is read, so no frame
     costs a receiver more than the largest one the format allows (a PAGES frame, ~1 MiB).
 
+    KEYS come only if the header declares storage keys, exactly once per page and in header
+    order: slot by slot, each from its first page up, a frame within one slot (QEMU sends its
+    s390-skeys section the same way, once, at the end). A receiver can thus check with one
+    position that DONE comes after all of them, and writes them to a key file beside the
+    image: one byte per page of every slot, slots in header order (see dirtylogctl.keyfile).
+
     replies (receiver to sender): a 4-byte tag, then
-    b"ACK "  u64 pages written                    to DONE: the image is synced
-    b"DIFF"  u32 count, count u64 gpa             to VERIFY: pages whose digest differs
+    b"ACK "  u64 pages written                    to DONE: the image (and keys) are synced
+    b"DIFF"  u32 count, count u64 gpa             to VERIFY: pages whose digest differs;
+                                                  to VERIFY_KEYS: pages whose key differs
     b"ERR "  u32 length, UTF-8 reason             instead of either; the receiver then closes
+
+Version 1 had no KEYS and no "storage-keys"; a version-1 receiver refuses a version-2 stream
+by its header ("stream format version 2 is not supported"), and this one refuses version 1,
+whose sender would silently leave an s390 guest's keys behind.
 
 Extending: MAGIC, the header's length prefix and its "version" member stay the same in every
 version, so any receiver can say which version it was sent. A new frame kind is a ``Kind``
@@ -49,7 +68,7 @@ from typing import Any
 
 import numpy as np
 
-VERSION = 1
+VERSION = 2
 MAGIC = b"DLGMIG1\n"
 PAGE_SIZE = 4096
 # The header is JSON, and parsing JSON costs up to ~25 bytes of Python objects per byte
@@ -61,6 +80,8 @@ MAX_SLOTS = 1024
 MAX_SLOT_FIELD = (1 << 32) - 1  # KVM's u32 slot: address space in bits 16-31, id in 0-15
 MAX_PAGES_PER_FRAME = 256  # 1 MiB of pages: a frame is also the unit of throttling
 MAX_VERIFY_PAGES = 16384  # 256 KiB of (gpa, digest) pairs standing for 64 MiB of pages
+MAX_KEYS_PER_FRAME = 1 << 20  # 1 MiB of keys: KVM_S390_SKEYS_MAX, one ioctl's worth, 4 GiB
+MAX_VERIFY_KEYS = MAX_VERIFY_PAGES  # so that a DIFF answer has one bound
 MAX_ERR_BYTES = 4096
 
 HEADER_LENGTH = struct.Struct("<I")
@@ -88,6 +109,8 @@ class Kind(IntEnum):
     PAGES = 1
     DONE = 2
     VERIFY = 3
+    KEYS = 4
+    VERIFY_KEYS = 5
 
 
 class Phase(Enum):
@@ -115,7 +138,10 @@ FRAMES: dict[Kind, FrameSpec] = {
     Kind.PAGES: FrameSpec(MAX_PAGES_PER_FRAME, 8 + PAGE_SIZE, 0, Phase.BEFORE_DONE),
     Kind.DONE: FrameSpec(0, 0, 0, Phase.ANY),
     Kind.VERIFY: FrameSpec(MAX_VERIFY_PAGES, 16, 8, Phase.AFTER_DONE),
+    Kind.KEYS: FrameSpec(MAX_KEYS_PER_FRAME, 1, 0, Phase.BEFORE_DONE),
+    Kind.VERIFY_KEYS: FrameSpec(MAX_VERIFY_KEYS, 1, 0, Phase.AFTER_DONE),
 }
+KEY_KINDS = frozenset({Kind.KEYS, Kind.VERIFY_KEYS})
 
 
 @dataclass(frozen=True)
@@ -128,11 +154,14 @@ class Frame:
     payload: bytes
 
     def addresses(self) -> np.ndarray:
-        """The guest addresses a PAGES or VERIFY frame names, as sent (u64); none for DONE."""
+        """The guest addresses a frame names, as sent (u64): each page of PAGES and VERIFY,
+        the first page of KEYS and VERIFY_KEYS; none for DONE."""
         if self.kind is Kind.PAGES:
             return np.frombuffer(self.payload, "<u8", self.count)
         if self.kind is Kind.VERIFY:
             return np.frombuffer(self.payload, "<u8", 2 * self.count, 8)[::2]
+        if self.kind in KEY_KINDS:
+            return np.array([self.aux], "<u8")
         return np.zeros(0, "<u8")
 
     def pages(self) -> tuple[np.ndarray, np.ndarray]:
@@ -146,6 +175,10 @@ class Frame:
         (key,) = U64.unpack_from(self.payload)
         pairs = np.frombuffer(self.payload, "<u8", 2 * self.count, 8).reshape(-1, 2)
         return key, pairs[:, 0].astype(np.int64), pairs[:, 1]
+
+    def keys(self) -> tuple[int, np.ndarray]:
+        """KEYS, VERIFY_KEYS: the first page's guest address and the keys (uint8), in order."""
+        return self.aux, np.frombuffer(self.payload, np.uint8, self.count)
 
 
 def encode_frame(kind: Kind, count: int, aux: int = 0, payload: bytes = b"") -> bytes:
@@ -169,6 +202,15 @@ def done_frame(total_pages: int) -> bytes:
 def verify_frame(key: int, gpas: np.ndarray, digests: np.ndarray) -> bytes:
     pairs = np.stack((gpas.astype("<u8"), digests.astype("<u8")), axis=1)
     return encode_frame(Kind.VERIFY, gpas.size, 0, U64.pack(key) + pairs.tobytes())
+
+
+def keys_frame(gpa: int, keys: np.ndarray) -> bytes:
+    """KEYS: the storage keys of the pages from ``gpa`` on, one byte each."""
+    return encode_frame(Kind.KEYS, keys.size, gpa, keys.astype(np.uint8).tobytes())
+
+
+def verify_keys_frame(gpa: int, keys: np.ndarray) -> bytes:
+    return encode_frame(Kind.VERIFY_KEYS, keys.size, gpa, keys.astype(np.uint8).tobytes())
 
 
 def read_frame(head: bytes, read: Read, number: int, done: bool) -> Frame:
@@ -215,6 +257,10 @@ class Header:
     slots: tuple[SlotInfo, ...]
     version: int = VERSION
     page_size: int = PAGE_SIZE
+    storage_keys: bool = False  # KEYS frames carry every slot's s390 storage keys
+
+    def total_pages(self) -> int:
+        return sum(s.npages for s in self.slots)
 
     def image_bytes(self) -> int:
         """Bytes an image needs to hold every slot at its guest address."""
@@ -233,6 +279,7 @@ def encode_header(header: Header) -> bytes:
         "version": header.version,
         "page-size": header.page_size,
         "vm": header.vm,
+        "storage-keys": header.storage_keys,
         "slots": [
             {"slot": s.slot, "guest-phys-addr": s.gpa, "npages": s.npages} for s in header.slots
         ],
@@ -258,6 +305,13 @@ def read_header(read: Read) -> Header:
     return decode_header(read(length))
 
 
+# What a receiver adds when it refuses an older version: why it cannot just accept it.
+OLDER = {
+    1: ": version 1 carries no storage keys, so an s390 guest's would be left behind; "
+    "upgrade dirtylogctl on the source",
+}
+
+
 def decode_header(meta: bytes) -> Header:
     """The JSON header, checked in the order a future version needs: the version first."""
     try:
@@ -275,9 +329,10 @@ def decode_header(meta: bytes) -> Header:
         )
     version = _int(doc, "version")
     if version != VERSION:
+        why = OLDER.get(version, "")
         raise StreamError(
             f"stream format version {version} is not supported "
-            f"(this receiver speaks version {VERSION})"
+            f"(this receiver speaks version {VERSION}){why}"
         )
     page_size = _int(doc, "page-size")
     if page_size != PAGE_SIZE:
@@ -288,12 +343,16 @@ def decode_header(meta: bytes) -> Header:
     vm = doc.get("vm")
     if not isinstance(vm, str):
         raise StreamError("bad stream header: 'vm' must be a string")
+    storage_keys = doc.get("storage-keys")
+    if not isinstance(storage_keys, bool):
+        raise StreamError("bad stream header: 'storage-keys' must be true or false")
     slots = doc.get("slots")
     if not isinstance(slots, list):
         raise StreamError("bad stream header: 'slots' must be a list")
     if len(slots) > MAX_SLOTS:
         raise StreamError(f"bad stream header: {len(slots)} slots, over the limit of {MAX_SLOTS}")
-    return Header(vm, tuple(_slot(i, s) for i, s in enumerate(slots)), version, page_size)
+    slots_info = tuple(_slot(i, s) for i, s in enumerate(slots))
+    return Header(vm, slots_info, version, page_size, storage_keys)
 
 
 def _int(doc: dict[str, Any], name: str, where: str = "", most: int | None = None) -> int:
@@ -371,7 +430,7 @@ def read_diff(read: Read) -> list[int]:
     if read_reply_tag(read) != DIFF:
         raise StreamError("the destination did not answer the verification")
     (count,) = U32.unpack(read(U32.size))
-    if count > MAX_VERIFY_PAGES:
+    if count > MAX_VERIFY_PAGES:  # = MAX_VERIFY_KEYS: one bound for both kinds
         raise StreamError(f"the destination named {count} differing pages of a VERIFY frame")
     return [int(g) for g in np.frombuffer(read(8 * count), "<u8")] if count else []
 

@@ -194,10 +194,10 @@ def test_the_sender_is_told_why_the_receiver_refused_the_stream(tmp_path):
     from dirtylogctl.stream import TcpSink
     from dirtylogctl.wireformat import StreamError
 
-    reason = "stream format version 2 is not supported (this receiver speaks version 1)"
+    reason = "stream format version 3 is not supported (this receiver speaks version 2)"
     with receiver(tmp_path / "never.img") as (proc, port):
         sink = TcpSink("127.0.0.1", port)
-        sink.start(Header("t", (), version=2))
+        sink.start(Header("t", (), version=3))
         pages = np.zeros((256, 4096), np.uint8)
         with pytest.raises(StreamError, match=re.escape(f"refused the stream: {reason}")):
             for _ in range(64):
@@ -552,7 +552,8 @@ OLD_IMAGE = b"an image from an earlier migration\n" * 1000
 
 
 def raw_header(slots):
-    meta = json.dumps({"version": 1, "page-size": 4096, "vm": "x", "slots": slots}).encode()
+    doc = {"version": 2, "page-size": 4096, "vm": "x", "storage-keys": False, "slots": slots}
+    meta = json.dumps(doc).encode()
     return b"DLGMIG1\n" + struct.pack("<I", len(meta)) + meta
 
 
@@ -560,7 +561,12 @@ SMALL = encode_header(Header("x", (SlotInfo(0, 0, 16),)))
 REFUSED_PEERS = {
     # a peer that never sends a valid header is dropped, and the receiver waits on
     "not-a-migration": (b"GET / HTTP/1.1\r\n\r\n", None, "bad magic"),
-    "version-2": (encode_header(Header("x", (), version=2)), None, "version 2 is not supported"),
+    "version-3": (encode_header(Header("x", (), version=3)), None, "version 3 is not supported"),
+    "version-1": (
+        raw_header([]).replace(b'"version": 2', b'"version": 1'),
+        None,
+        "version 1 carries no storage keys",
+    ),
     "slot-2^70": (
         raw_header([{"slot": 1 << 70, "guest-phys-addr": 0, "npages": 1}]),
         None,

@@ -25,7 +25,9 @@ from dirtylogctl.stream import Image, check_output, receive, receive_image
 from dirtylogctl.wireformat import (
     MAGIC,
     MAX_HEADER_BYTES,
+    MAX_KEYS_PER_FRAME,
     MAX_PAGES_PER_FRAME,
+    MAX_VERIFY_KEYS,
     MAX_VERIFY_PAGES,
     PAGE_SIZE,
     Header,
@@ -73,6 +75,12 @@ class Zeros:
     def read(self, gpas):
         return np.zeros((gpas.size, PAGE_SIZE), np.uint8)
 
+    def write_keys(self, gpa, keys):
+        pass
+
+    def differing_keys(self, gpa, keys):
+        return np.zeros(0, "<u8")
+
     def sync(self):
         pass
 
@@ -102,8 +110,20 @@ HEADER = encode_header(Header("vm1", (SlotInfo(0, 0, MAX_VERIFY_PAGES),)))
         (3, (1 << 32) - 1, True),
         (1, MAX_PAGES_PER_FRAME + 1, False),
         (1, 1 << 20, False),
+        (4, MAX_KEYS_PER_FRAME + 1, False),
+        (4, (1 << 32) - 1, False),
+        (5, MAX_VERIFY_KEYS + 1, True),
     ],
-    ids=["verify-limit+1", "verify-2^18", "verify-2^32-1", "pages-limit+1", "pages-2^20"],
+    ids=[
+        "verify-limit+1",
+        "verify-2^18",
+        "verify-2^32-1",
+        "pages-limit+1",
+        "pages-2^20",
+        "keys-limit+1",
+        "keys-2^32-1",
+        "verify-keys-limit+1",
+    ],
 )
 def test_a_frame_over_its_kinds_limit_is_refused_before_its_payload_is_read(
     kind, count, after_done
@@ -116,7 +136,12 @@ def test_a_frame_over_its_kinds_limit_is_refused_before_its_payload_is_read(
     answers: list[bytes] = []
     refused, peak = peak_of(lambda: receive(wire, lambda header: Zeros(), answers.append))
     assert isinstance(refused, StreamError)
-    name, limit = ("VERIFY", MAX_VERIFY_PAGES) if kind == 3 else ("PAGES", MAX_PAGES_PER_FRAME)
+    name, limit = {
+        1: ("PAGES", MAX_PAGES_PER_FRAME),
+        3: ("VERIFY", MAX_VERIFY_PAGES),
+        4: ("KEYS", MAX_KEYS_PER_FRAME),
+        5: ("VERIFY_KEYS", MAX_VERIFY_KEYS),
+    }[kind]
     assert str(refused).endswith(f"{name} of {count} pages is over the limit of {limit}")
     assert answers[-1] == encode_err(str(refused))
     assert wire.largest <= len(HEADER) and peak < MiB
@@ -146,7 +171,7 @@ def test_verifying_the_largest_frame_costs_a_few_frames_of_memory(tmp_path):
 def test_the_largest_header_costs_a_few_frames_of_memory(item):
     """JSON costs up to ~25 bytes of objects per byte; the header is small enough that the
     worst one still costs only a few frames (before, at 1 MiB: 26 MiB)."""
-    prefix = b'{"version": 1, "page-size": 4096, "vm": "x", "slots": ['
+    prefix = b'{"version": 2, "page-size": 4096, "vm": "x", "storage-keys": false, "slots": ['
     items = (MAX_HEADER_BYTES - len(prefix)) // len(item)
     meta = prefix + (item * items).rstrip(b", ") + b"]}"
     assert len(meta) <= MAX_HEADER_BYTES
@@ -201,7 +226,7 @@ def test_an_image_larger_than_the_free_space_is_refused_before_any_is_reserved(
 
 # --- every field a peer sends: refused with a reason, never a crash -----------------------------
 def test_a_slot_reaching_past_what_a_file_can_hold_is_refused_not_an_overflow(tmp_path):
-    doc = {"version": 1, "page-size": 4096, "vm": "x"}
+    doc = {"version": 2, "page-size": 4096, "vm": "x", "storage-keys": False}
     doc["slots"] = [{"slot": 0, "guest-phys-addr": (1 << 64) - PAGE_SIZE, "npages": 1}]
     out = str(tmp_path / "out")
     with pytest.raises(StreamError, match="larger than a file can be"):
@@ -210,7 +235,7 @@ def test_a_slot_reaching_past_what_a_file_can_hold_is_refused_not_an_overflow(tm
 
 
 def test_a_slot_number_past_kvms_32_bits_is_refused():
-    doc = {"version": 1, "page-size": 4096, "vm": "x"}
+    doc = {"version": 2, "page-size": 4096, "vm": "x", "storage-keys": False}
     doc["slots"] = [{"slot": 1 << 70, "guest-phys-addr": 0, "npages": 1}]
     with pytest.raises(StreamError, match=r"'slots\[0\].slot' must be an integer from 0 to"):
         receive(io.BytesIO(raw_header(doc)), lambda header: Zeros(), lambda _: None)
@@ -292,9 +317,10 @@ SLOT = st.fixed_dictionaries(
 )
 DOC = st.fixed_dictionaries(
     {
-        "version": st.just(1) | ODD,
+        "version": st.just(2) | ODD,
         "page-size": st.just(PAGE_SIZE) | ODD,
         "vm": st.just("vm") | st.text(max_size=8),
+        "storage-keys": st.booleans() | ODD,
         "slots": st.lists(SLOT, max_size=3),
     }
 )
@@ -308,7 +334,9 @@ GPA = st.one_of(
 @st.composite
 def frames(draw) -> bytes:
     """One frame: well formed with scattered addresses, or of any kind and count at all."""
-    choice = draw(st.sampled_from(["pages", "pages", "done", "done", "verify", "raw"]))
+    choice = draw(
+        st.sampled_from(["pages", "pages", "done", "done", "verify", "keys", "keys", "raw"])
+    )
     if choice == "pages":
         gpas = np.array(draw(st.lists(GPA, max_size=4)), np.uint64)
         return raw_frame(
@@ -316,6 +344,9 @@ def frames(draw) -> bytes:
         )
     if choice == "done":
         return done_frame(draw(st.integers(0, 64)))
+    if choice == "keys":  # KEYS or VERIFY_KEYS, mostly from a page where a slot may start
+        keys = draw(st.binary(max_size=20))
+        return raw_frame(draw(st.sampled_from([4, 4, 5])), len(keys), draw(GPA), keys)
     if choice == "verify":
         pairs = draw(st.lists(st.tuples(GPA, st.integers(0, (1 << 64) - 1)), max_size=4))
         body = np.array(pairs, np.uint64).reshape(-1, 2).astype("<u8").tobytes()
@@ -325,17 +356,19 @@ def frames(draw) -> bytes:
     return raw_frame(draw(st.integers(0, 255)), count, draw(st.integers(0, (1 << 64) - 1)), payload)
 
 
-VALID = st.lists(
-    st.tuples(st.integers(0, 40), st.integers(0, 16), st.integers(0, 16)), max_size=3
+VALID = st.tuples(
+    st.lists(st.tuples(st.integers(0, 40), st.integers(0, 16), st.integers(0, 16)), max_size=3),
+    st.booleans(),
 ).map(
-    lambda slots: raw_header(
+    lambda drawn: raw_header(
         {
-            "version": 1,
+            "version": 2,
             "page-size": PAGE_SIZE,
             "vm": "vm",
+            "storage-keys": drawn[1],
             "slots": [
                 {"slot": n, "guest-phys-addr": at * PAGE_SIZE, "npages": size}
-                for n, at, size in slots
+                for n, at, size in drawn[0]
             ],
         }
     )
@@ -389,5 +422,5 @@ def test_any_stream_is_received_or_refused_in_one_line_never_a_crash(outputs, ra
         assert text and "\n" not in text and answers[-1] == encode_err(text)
     acknowledged = any(a.startswith(b"ACK ") for a in answers)
     assert (out.read_bytes() == b"old image") != acknowledged
-    assert [p.name for p in outputs.iterdir()] == ["out"]
+    assert {p.name for p in outputs.iterdir()} <= {"out", "out.skeys"}  # no temporary left
     assert peak < 4 * LARGEST_FRAME, f"{peak / MiB:.1f} MiB"

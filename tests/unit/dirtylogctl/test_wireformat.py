@@ -43,6 +43,7 @@ class Target:
     def __init__(self):
         self.header = None
         self.pages: dict[int, bytes] = {}
+        self.keys: list[tuple[int, bytes]] = []
 
     def open(self, header):
         self.header = header
@@ -54,6 +55,12 @@ class Target:
 
     def read(self, gpas):
         return np.zeros((gpas.size, PAGE_SIZE), np.uint8)
+
+    def write_keys(self, gpa, keys):
+        self.keys.append((gpa, keys.tobytes()))
+
+    def differing_keys(self, gpa, keys):
+        return np.flatnonzero(keys) * PAGE_SIZE + gpa  # as if every stored key were 0
 
     def sync(self):
         pass
@@ -99,7 +106,8 @@ def test_header_round_trip_carries_version_and_page_size():
     raw = encode_header(HEADER)
     assert raw.startswith(MAGIC)
     doc = json.loads(raw[len(MAGIC) + 4 :])
-    assert doc["version"] == VERSION == 1 and doc["page-size"] == PAGE_SIZE == 4096
+    assert doc["version"] == VERSION == 2 and doc["page-size"] == PAGE_SIZE == 4096
+    assert doc["storage-keys"] is False
     assert read_header(reader(raw)) == HEADER
     assert HEADER.image_bytes() == (8 << 30) + PAGE_SIZE
 
@@ -116,26 +124,36 @@ def test_a_whole_stream_round_trips_through_the_receiver():
 
 
 def test_an_unknown_version_is_refused_naming_both_versions():
-    raw = encode_header(Header("vm1", (), version=2)) + done_frame(0)
+    raw = encode_header(Header("vm1", (), version=3)) + done_frame(0)
     assert refusal(raw) == (
-        "stream format version 2 is not supported (this receiver speaks version 1)"
+        "stream format version 3 is not supported (this receiver speaks version 2)"
+    )
+
+
+def test_a_version_1_stream_is_refused_saying_why_it_cannot_be_taken_as_it_is():
+    """Version 1 had no storage keys: taking it would silently drop an s390 guest's keys."""
+    raw = raw_header({"version": 1, "page-size": 4096, "vm": "vm1", "slots": []})
+    assert refusal(raw + done_frame(0)) == (
+        "stream format version 1 is not supported (this receiver speaks version 2): version 1 "
+        "carries no storage keys, so an s390 guest's would be left behind; upgrade dirtylogctl "
+        "on the source"
     )
 
 
 def test_a_header_without_a_version_is_refused():
     raw = raw_header({"page-size": 4096, "vm": "vm1", "slots": []}) + done_frame(0)
-    assert "names no format version (this receiver speaks version 1)" in refusal(raw)
+    assert "names no format version (this receiver speaks version 2)" in refusal(raw)
 
 
 @pytest.mark.parametrize("page_size", [512, 8192, 65536, 1 << 20])
 def test_a_page_size_other_than_4096_is_refused(page_size):
     raw = encode_header(Header("vm1", (), page_size=page_size)) + done_frame(0)
     assert refusal(raw) == (
-        f"stream page size {page_size} is not supported (format version 1 carries 4096-byte pages)"
+        f"stream page size {page_size} is not supported (format version 2 carries 4096-byte pages)"
     )
 
 
-GOOD = {"version": 1, "page-size": 4096, "vm": "vm1", "slots": []}
+GOOD = {"version": 2, "page-size": 4096, "vm": "vm1", "storage-keys": False, "slots": []}
 
 
 @pytest.mark.parametrize(
@@ -146,6 +164,8 @@ GOOD = {"version": 1, "page-size": 4096, "vm": "vm1", "slots": []}
         ({**GOOD, "version": True}, "'version' must be a non-negative integer, not True"),
         ({**GOOD, "page-size": None}, "'page-size' must be a non-negative integer, not None"),
         ({**GOOD, "vm": 3}, "'vm' must be a string"),
+        ({**GOOD, "storage-keys": 1}, "'storage-keys' must be true or false"),
+        ({"version": 2, "page-size": 4096, "vm": "v"}, "'storage-keys' must be true or false"),
         ({**GOOD, "slots": {}}, "'slots' must be a list"),
         ({**GOOD, "slots": [7]}, "slots[0] must be an object"),
         (
@@ -175,10 +195,12 @@ def test_a_header_that_is_not_json_or_too_long_is_a_clear_error():
     )
 
 
-KEYS = st.sampled_from(["version", "page-size", "vm", "slots", "slot", "guest-phys-addr", "npages"])
+MEMBERS = st.sampled_from(
+    ["version", "page-size", "vm", "storage-keys", "slots", "slot", "guest-phys-addr", "npages"]
+)
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-    lambda inner: st.lists(inner) | st.dictionaries(KEYS | st.text(), inner),
+    lambda inner: st.lists(inner) | st.dictionaries(MEMBERS | st.text(), inner),
     max_leaves=12,
 )
 
@@ -278,7 +300,7 @@ def test_the_most_slots_at_their_widest_fit_the_header_and_one_more_is_refused_b
     assert len(encode_header(header)) <= len(MAGIC) + 4 + MAX_HEADER_BYTES
     assert read_header(reader(encode_header(header))) == header
     over = Header("vm", (SlotInfo(0, 0, 1),) * (MAX_SLOTS + 1))
-    with pytest.raises(StreamError, match="the VM has 1025 memslots; format version 1 carries"):
+    with pytest.raises(StreamError, match="the VM has 1025 memslots; format version 2 carries"):
         encode_header(over)
     doc = {**GOOD, "slots": [{"slot": 0, "guest-phys-addr": 0, "npages": 1}] * (MAX_SLOTS + 1)}
     assert refusal(raw_header(doc)) == "bad stream header: 1025 slots, over the limit of 1024"
