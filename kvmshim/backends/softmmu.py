@@ -274,12 +274,28 @@ class SoftMmuBackend(GuestVm):
                 f"a count of {count} keys is outside 1..{abi.KVM_S390_SKEYS_MAX} "
                 "(KVM_S390_SKEYS_MAX)",
             )
-        gfns = np.arange(start_gfn, start_gfn + count, dtype=np.int64)
-        # Frames ascend and sorted_slots ascend by address: the parts come in frame order.
         parts = [
-            self._mmus[slot].get_guest_storage_key(pages) for slot, pages in self._locate(gfns)
+            self._mmus[slot].get_guest_storage_key(pages)
+            for slot, pages in self._runs(start_gfn, count)
         ]
         return np.concatenate(parts)
+
+    def _runs(self, gfn: int, count: int) -> list[tuple[int, slice]]:
+        """Frames [gfn, gfn + count) as (slot, page slice) runs in frame order; EFAULT, before
+        anything is read, if one is in no memslot. Slices, not page lists: a million frames
+        cost no per-frame lookup (gfn_to_hva per frame is the kernel's way, not a model's)."""
+        end, runs = gfn + count, []
+        with self._lock:
+            for memslot in self.memslots.sorted_slots():
+                if gfn < memslot.base_gfn:
+                    break  # a hole before this slot
+                lo, hi = gfn - memslot.base_gfn, min(end, memslot.base_gfn + memslot.npages)
+                if lo < memslot.npages:
+                    runs.append((memslot.slot, slice(lo, hi - memslot.base_gfn)))
+                    gfn = hi
+                if gfn == end:
+                    return runs
+        raise KvmError(errno.EFAULT, f"guest address {gfn << abi.PAGE_SHIFT:#x} is in no memslot")
 
     def arm_ipte_notify(self, gpa: int, length: int) -> None:
         """gmap_ipte_notify: KVM arms this for a vCPU's prefix pages."""

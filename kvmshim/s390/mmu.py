@@ -283,19 +283,22 @@ class S390Mmu:
             new[changed] |= self._key_change
             self.pgste[idx] = new
 
-    def get_guest_storage_key(self, pages: np.ndarray) -> np.ndarray:
+    def get_guest_storage_key(self, pages: np.ndarray | slice) -> np.ndarray:
         """The guest's view of each page's key, as KVM_S390_GET_SKEYS reads it: 4.19
         get_guest_storage_key (the reference's namesake), for every generation's state.
 
         A valid pte's real key, else the PGSTE's ACC/F; either way with the PGSTE's GR/GC as
         R/C. A 1 MiB page has no PGSTE: its frame's real key once the host's huge pmd is
         present, 0 before (4.19's large-pmd and "not yet mapped" cases). Only reads: no UC, no
-        R bit, no fault — a migration reading keys must not dirty the guest.
+        R bit, no fault — a migration reading keys must not dirty the guest. ``pages`` may be
+        a slice: a whole range without gathers (KVM_S390_GET_SKEYS's case).
         """
-        idx = np.asarray(pages, dtype=np.int64)
+        idx = pages if isinstance(pages, slice) else np.asarray(pages, dtype=np.int64)
         with self.lock:
             if self.hugepages:
-                return np.where(self.hpmd_present[idx // _SEG_PAGES], self.skey[idx], np.uint8(0))
+                of = np.arange(*idx.indices(self.skey.size)) if isinstance(idx, slice) else idx
+                present = self.hpmd_present[of // _SEG_PAGES]
+                return np.where(present, self.skey[idx], np.uint8(0))
             pg, pte = self.pgste[idx], self.pte[idx]
             key = ((pg & _ACC_FP) >> _KEY_ACC_SHIFT).astype(np.uint8)
             valid = (pte & _INVALID) == 0

@@ -206,6 +206,20 @@ def test_the_ioctls_rules_with_its_errno(vm, start, count, code):
     assert caught.value.errno == code
 
 
+def test_keys_of_1mib_pages_through_the_backend(tmp_path):
+    """4.19 with 1 MiB pages, read by range: a key set by the guest, and 0 in a segment the
+    host never mapped."""
+    backend = create_backend("softmmu", "huge", str(tmp_path), kernel="4.19", hugepages=True)
+    try:
+        backend.set_user_memory_region(0, LOG, 0, 2 * MiB)  # gfn [0, 512): two segments
+        backend.set_storage_key(3 * 4096, 0x5A)
+        backend.write(300 * 4096, b"x", WritePath.DMA)  # segment 1: no host pmd yet
+        keys = backend.get_storage_keys(2, 299)
+        assert keys is not None and keys[[0, 1, 2, 298]].tolist() == [0, 0x5A, 0, 0]
+    finally:
+        backend.close()
+
+
 def test_the_largest_read_is_kvm_s390_skeys_max_keys(tmp_path):
     backend = create_backend("softmmu", "big", str(tmp_path))
     try:
