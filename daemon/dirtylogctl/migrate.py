@@ -7,9 +7,11 @@
    else CLEAR them, then read and send them — clear *before* reading, so a store during the
    copy sets the bit again and is sent next round.
 3. Switch-over (converged, or after ``max_rounds``): ``stop`` the VM, a final GET/CLEAR/copy,
-   slots without dirty logging in full, and wait for the destination's acknowledgement. The
-   downtime reported is the time actually spent between ``stop`` and that acknowledgement.
-4. ``verify``: compare the destination with the paused source, page by page.
+   slots without dirty logging in full, then every page's storage key (s390; once, as QEMU's
+   non-iterable s390-skeys section, see :mod:`dirtylogctl.skeys`), and wait for the
+   destination's acknowledgement. The downtime reported is the time actually spent between
+   ``stop`` and that acknowledgement, the keys included.
+4. ``verify``: compare the destination with the paused source, page by page, then key by key.
 
 On any failure — Ctrl-C included, which cancels the driver at its next await (the copy
 awaits between frames, so within one frame) — the source is resumed if we stopped it and our
@@ -30,6 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
+from dirtylogctl.skeys import KeyPass, KeyStats, Range, why_not_carried
 from dirtylogctl.stream import FileSink, Sink, TcpSink
 from dirtylogctl.wireformat import (
     MAX_PAGES_PER_FRAME,
@@ -62,6 +65,8 @@ class Round:
     harvest_seconds: float  # GET + CLEAR of every slot
     copy_seconds: float
     bytes: int
+    key_bytes: int = 0  # the switch-over round: every page's storage key, one byte each
+    key_seconds: float = 0.0
 
     @property
     def bandwidth(self) -> float:
@@ -85,6 +90,7 @@ class Stats:
     unique_pages_sent: int = 0
     rounds: list[Round] = field(default_factory=list)
     differing_pages: list[int] | None = None
+    storage_keys: KeyStats = field(default_factory=KeyStats)
 
     @property
     def dirty_sync_count(self) -> int:
@@ -118,16 +124,25 @@ class Stats:
                     "harvest-ms": round(r.harvest_seconds * 1e3, 3),
                     "copy-ms": round(r.copy_seconds * 1e3, 3),
                     "mbps": round(r.bandwidth * 8 / 1e6, 3),
+                    "key-bytes": r.key_bytes,
+                    "key-ms": round(r.key_seconds * 1e3, 3),
                 }
                 for r in self.rounds
             ],
+            "storage-keys": self.storage_keys.to_json(),
         }
         if self.differing_pages is not None:
             out["verify"] = {
                 "differing-pages": len(self.differing_pages),
                 "first": [hex(g) for g in self.differing_pages[:8]],
+                "storage-keys": self.storage_keys.verify_json(),
             }
         return out
+
+    @property
+    def differs(self) -> bool:
+        """--verify found pages or keys that differ from the paused source."""
+        return bool(self.differing_pages) or bool(self.storage_keys.differing)
 
 
 class Progress(Protocol):
@@ -217,6 +232,9 @@ class Migration:
             await self._switch_over(slots, sink)
             if self.o.verify:
                 self.stats.differing_pages = await self._verify(slots, sink)
+                if self.stats.storage_keys.carried:
+                    keys = self._key_pass().verify(_ranges(slots), sink)
+                    self.stats.storage_keys.differing = await keys
             self.stats.status = "completed"
             if self.o.resume:
                 await self._cont()
@@ -296,6 +314,9 @@ class Migration:
             for m in vm["memslots"]
         ]
         self.stats.total_bytes = sum(s.npages for s in slots) * PAGE_SIZE
+        keys = self.stats.storage_keys
+        keys.why_not = why_not_carried(vm)
+        keys.carried = keys.why_not is None
         self._consumer_added = True
         await self._execute(
             "consumer-add",
@@ -304,7 +325,8 @@ class Migration:
         self._fd = os.memfd_create("dirtylogctl-migrate", os.MFD_CLOEXEC)
         self.qmp.send_fd_scm(self._fd)
         await self.qmp.execute("getfd", {"fdname": self.consumer})
-        sink.start(Header(self.o.vm, tuple(SlotInfo(s.slot, s.gpa, s.npages) for s in slots)))
+        infos = tuple(SlotInfo(s.slot, s.gpa, s.npages) for s in slots)
+        sink.start(Header(self.o.vm, infos, storage_keys=keys.carried))
         return slots, ram
 
     # --- rounds ---------------------------------------------------------------------------------
@@ -342,6 +364,10 @@ class Migration:
         last = await self._copy(
             len(self.stats.rounds), slots, dirty, sink, time.monotonic() - stopped
         )
+        keys = self.stats.storage_keys
+        if keys.carried:  # after the last page: every key as the last store left it
+            await self._key_pass().send(_ranges(slots), sink, keys)
+            last.key_bytes, last.key_seconds = keys.keys, keys.seconds
         sink.finish(self.stats.pages_sent)
         self.stats.downtime = time.monotonic() - stopped
         self.stats.remaining = 0
@@ -441,6 +467,10 @@ class Migration:
                 await asyncio.sleep(0)  # let Ctrl-C in between batches
         return sorted(differing)
 
+    def _key_pass(self) -> KeyPass:
+        """Keys travel through the driver's memfd, as bitmaps do (a million keys: 1 MiB)."""
+        return KeyPass(self._execute, self.o.vm, self._fd, self.consumer)
+
     async def _cont(self) -> None:
         await self._execute("cont", {"vm": self.o.vm})
         self._stopped_by_us = False
@@ -458,3 +488,8 @@ class Migration:
         if sink is not None:
             sink.close()
         del ram_map
+
+
+def _ranges(slots: list[_Slot]) -> list[Range]:
+    """The slots as key ranges, in the header's order (the order KEYS frames must follow)."""
+    return [Range(s.gpa, s.npages) for s in slots]

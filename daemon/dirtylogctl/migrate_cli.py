@@ -1,9 +1,9 @@
 """dirtylogctl migrate / migrate-receive: progress display, summary, exit codes.
 
-A migration's product is the image, its exit code says how it went (0, 1, 3 no such VM, 5
-verified but different, 130 interrupted); its standard output is a report. So a closed stdout
-(``| head``) drops the report and lets the migration finish: aborting would cost the work done
-for the sake of lines nobody reads.
+A migration's product is the image (and an s390 guest's storage keys beside it), its exit code
+says how it went (0, 1, 3 no such VM, 5 verified but pages or keys differ, 130 interrupted);
+its standard output is a report. So a closed stdout (``| head``) drops the report and lets the
+migration finish: aborting would cost the work done for the sake of lines nobody reads.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from rich.table import Table
 
 from dirtylogctl import output
 from dirtylogctl.argtypes import non_negative_float, non_negative_int, positive_float
+from dirtylogctl.keyfile import key_path
 from dirtylogctl.migrate import (
     DESTINATION_FORM,
     Migration,
@@ -32,6 +33,7 @@ from dirtylogctl.migrate import (
     VmUnavailable,
     tcp_address,
 )
+from dirtylogctl.skeys import KeyStats
 from dirtylogctl.stream import IDLE_TIMEOUT, serve_once
 from dirtylogctl.wireformat import PAGE_SIZE, StreamError
 
@@ -44,11 +46,14 @@ class PlainProgress:
     """One line per round, for logs and pipes; once nobody reads them, none."""
 
     def round_done(self, stats: Stats, last: Round) -> None:
+        keys = ""
+        if last.key_bytes:
+            keys = f"; storage keys {_kib(last.key_bytes)} in {last.key_seconds * 1e3:.0f} ms"
         self.note(
             f"round {last.number}: {last.dirty_pages} pages ({last.bytes / MiB:.1f} MiB) in "
             f"{last.copy_seconds * 1e3:.0f} ms, {last.bandwidth * 8 / 1e6:.0f} Mbit/s; "
             f"harvest {last.harvest_seconds * 1e3:.1f} ms; remaining "
-            f"{stats.remaining // PAGE_SIZE} pages"
+            f"{stats.remaining // PAGE_SIZE} pages{keys}"
         )
 
     def note(self, text: str) -> None:
@@ -67,7 +72,8 @@ class LiveProgress:
 
     def _table(self) -> Table:
         table = Table(title="pre-copy", expand=False)
-        for column in ("round", "pages", "MiB", "copy ms", "Mbit/s", "harvest ms", "remaining"):
+        columns = ("round", "pages", "MiB", "copy ms", "Mbit/s", "harvest ms", "remaining", "keys")
+        for column in columns:
             table.add_column(column, justify="right")
         for row in self.rows:
             table.add_row(*row)
@@ -83,6 +89,7 @@ class LiveProgress:
                 f"{last.bandwidth * 8 / 1e6:.0f}",
                 f"{last.harvest_seconds * 1e3:.1f}",
                 str(stats.remaining // PAGE_SIZE),
+                _kib(last.key_bytes) if last.key_bytes else "",
             )
         )
         self.live.update(self._table())
@@ -117,6 +124,7 @@ def summary(vm: str, stats: Stats, limit: float) -> str:
         f"downtime {stats.downtime * 1e3:.0f} ms (expected {stats.expected_downtime * 1e3:.0f} ms, "
         f"limit {limit * 1e3:.0f} ms), "
         + ("converged" if stats.converged else "did not converge: switched over at --max-rounds"),
+        _keys_line(stats.storage_keys),
     ]
     if stats.differing_pages is not None:
         if stats.differing_pages:
@@ -130,7 +138,37 @@ def summary(vm: str, stats: Stats, limit: float) -> str:
                 f"verify: the destination equals the paused source "
                 f"({stats.total_bytes // PAGE_SIZE} pages)"
             )
+        lines.append(_verify_keys_line(stats.storage_keys))
     return "\n".join(lines)
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:.1f} KiB"
+
+
+def _keys_line(keys: KeyStats) -> str:
+    """What became of the storage keys: sent inside the downtime, or why not."""
+    if not keys.carried:
+        return f"storage keys: none sent: {keys.why_not}"
+    line = (
+        f"storage keys: {keys.keys} ({_kib(keys.keys)}) sent in {keys.seconds * 1e3:.0f} ms, "
+        "inside the downtime"
+    )
+    if not keys.guest_uses_keys:
+        line += " (the guest uses none: every key is 0)"
+    return line
+
+
+def _verify_keys_line(keys: KeyStats) -> str:
+    if not keys.carried or keys.differing is None:
+        return f"verify: storage keys not compared: {keys.why_not}"
+    if keys.differing:
+        first = ", ".join(hex(g) for g in keys.differing[:8])
+        return (
+            f"verify: {len(keys.differing)} storage keys differ from the paused source, "
+            f"first at {first}"
+        )
+    return f"verify: the destination's storage keys equal the paused source's ({keys.keys})"
 
 
 async def run_migrate(client: QMPClient, args: argparse.Namespace) -> int:
@@ -185,7 +223,7 @@ async def run_migrate(client: QMPClient, args: argparse.Namespace) -> int:
         report = summary(args.vm, stats, options.downtime_limit)
     with contextlib.suppress(output.StdoutClosed):
         output.write(report)
-    return EXIT_DIFFERENT if stats.differing_pages else EXIT_OK
+    return EXIT_DIFFERENT if stats.differs else EXIT_OK
 
 
 def _source(migration: Migration) -> str:
@@ -238,15 +276,13 @@ def run_receive(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # the partial image is removed on the way out; --output stays
         print(f"dirtylogctl: interrupted; {args.output} was not changed", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(
-        f"received {got.pages} pages into {args.output}"
-        + (
-            f"; verified {got.verified_pages} ({got.differing} differ)"
-            if got.verified_pages
-            else ""
-        ),
-        flush=True,
-    )
+    keys = f" and {got.keys} storage keys (into {key_path(args.output)})" if got.keys else ""
+    verified = ""
+    if got.verified_pages:
+        verified = f"; verified {got.verified_pages} ({got.differing} differ)"
+    if got.verified_keys:
+        verified += f"; verified {got.verified_keys} keys ({got.differing_keys} differ)"
+    print(f"received {got.pages} pages into {args.output}{keys}{verified}", flush=True)
     return EXIT_OK
 
 
@@ -278,7 +314,8 @@ def add_parsers(sub: Any, cmd: Any, size: Any) -> None:
     q.add_argument(
         "--verify",
         action="store_true",
-        help="compare the destination with the paused source; exit 5 if they differ",
+        help="compare the destination with the paused source, pages and storage keys; "
+        "exit 5 if they differ",
     )
     q.add_argument(
         "--resume",

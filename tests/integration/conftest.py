@@ -1,6 +1,11 @@
+import time
+import uuid
+
 import pytest
 
 from .daemon_proc import Daemon
+
+MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
@@ -31,3 +36,39 @@ def fresh_daemon(tmp_path):
     yield start
     for d in made:
         d.stop()
+
+
+@pytest.fixture
+def running_vm(qmp, request):
+    """A 64 MiB softmmu VM (two slots) with two vCPUs storing 20,000 pages/s (the migration
+    tests': test_migrate.py, test_migrate_keys.py)."""
+    made = []
+
+    def make(esop=True, pps=20_000, dma_share=0.0, dma_report=True, backend="softmmu"):
+        name = f"mig-{uuid.uuid4().hex[:8]}"
+        qmp(
+            "vm-create",
+            name=name,
+            backend=backend,
+            esop=esop,
+            memslots=[
+                {"slot": 0, "guest-phys-addr": 4 << 30, "size": 48 * MiB},
+                {"slot": 1, "guest-phys-addr": 8 << 30, "size": 16 * MiB},
+            ],
+        )
+        qmp(
+            "sim-workload-start",
+            vm=name,
+            pages_per_second=pps,
+            vcpus=2,
+            seed=7,
+            dma_share=dma_share,
+            dma_report=dma_report,
+        )
+        time.sleep(0.3)
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        qmp("vm-remove", vm=name)

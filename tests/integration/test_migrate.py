@@ -51,41 +51,6 @@ def migrate(daemon, vm, dest, *extra):
     return out, doc
 
 
-@pytest.fixture
-def running_vm(qmp, request):
-    """A 64 MiB softmmu VM (two slots) with two vCPUs storing 20,000 pages/s."""
-    made = []
-
-    def make(esop=True, pps=20_000, dma_share=0.0, dma_report=True, backend="softmmu"):
-        name = f"mig-{uuid.uuid4().hex[:8]}"
-        qmp(
-            "vm-create",
-            name=name,
-            backend=backend,
-            esop=esop,
-            memslots=[
-                {"slot": 0, "guest-phys-addr": 4 << 30, "size": 48 * MiB},
-                {"slot": 1, "guest-phys-addr": 8 << 30, "size": 16 * MiB},
-            ],
-        )
-        qmp(
-            "sim-workload-start",
-            vm=name,
-            pages_per_second=pps,
-            vcpus=2,
-            seed=7,
-            dma_share=dma_share,
-            dma_report=dma_report,
-        )
-        time.sleep(0.3)
-        made.append(name)
-        return name
-
-    yield make
-    for name in made:
-        qmp("vm-remove", vm=name)
-
-
 def vm_state(qmp, name):
     return next(v for v in qmp("query-vms") if v["name"] == name)
 
@@ -183,9 +148,11 @@ def test_tcp_migration_to_migrate_receive(daemon, running_vm, tmp_path):
         assert doc["verify"]["differing-pages"] == 0
         assert proc.wait(30) == 0
         assert "received" in proc.stdout.read()
-    # the image, written under a temporary name, is in place: slot 1 ends at 8 GiB + 16 MiB
-    assert [p.name for p in tmp_path.iterdir()] == ["remote.img"]
+    # the image and its keys, written under temporary names, are in place: slot 1 ends at
+    # 8 GiB + 16 MiB; a key per page of the 64 MiB of slots
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["remote.img", "remote.img.skeys"]
     assert (tmp_path / "remote.img").stat().st_size == (8 << 30) + 16 * MiB
+    assert (tmp_path / "remote.img.skeys").stat().st_size == 64 * MiB // PAGE_SIZE
 
 
 def test_the_sender_is_told_why_the_receiver_refused_the_stream(tmp_path):
