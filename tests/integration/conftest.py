@@ -44,13 +44,14 @@ def running_vm(qmp, request):
     tests': test_migrate.py, test_migrate_keys.py)."""
     made = []
 
-    def make(esop=True, pps=20_000, dma_share=0.0, dma_report=True, backend="softmmu"):
+    def make(esop=True, pps=20_000, dma_share=0.0, dma_report=True, backend="softmmu", **model):
         name = f"mig-{uuid.uuid4().hex[:8]}"
         qmp(
             "vm-create",
             name=name,
             backend=backend,
             esop=esop,
+            **model,  # kernel, hugepages
             memslots=[
                 {"slot": 0, "guest-phys-addr": 4 << 30, "size": 48 * MiB},
                 {"slot": 1, "guest-phys-addr": 8 << 30, "size": 16 * MiB},
