@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from dirtylogd import __version__
 from dirtylogd.api.dispatch import BoundCommands
-from dirtylogd.ops import instance, logs, systemd
+from dirtylogd.ops import instance, logs, ramfs, systemd
 from dirtylogd.ops.config import Config, ConfigError, configure_logging, load
 from dirtylogd.ops.demo import start_demo
 from dirtylogd.ops.metrics import WORKER_PREFIX, make_registry, serve
@@ -90,6 +90,9 @@ async def _serve(config: Config) -> None:
             server.bind(config.socket, inherited)
         except OSError as exc:
             raise instance.unusable(f"the socket {config.socket}", exc, "--socket PATH") from None
+        warning = ramfs.disk_warning(config.runtime_dir)
+        if warning:
+            log.warning("%s", warning)
         await service.restore()
         if config.demo:
             background.append(await start_demo(service))
