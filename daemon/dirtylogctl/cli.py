@@ -136,7 +136,7 @@ class Ctl:
             {
                 "name": v["name"],
                 "backend": v["backend"],
-                "kernel": v.get("kernel", "-"),
+                "kernel": v.get("kernel", "-") + (" 1M" if v.get("hugepages") else ""),
                 "slots": len(v["memslots"]),
                 "consumers": len(v["consumers"]),
                 "paused": v["paused"],

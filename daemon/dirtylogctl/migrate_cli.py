@@ -287,7 +287,13 @@ def run_receive(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any, cmd: Any, size: Any) -> None:
-    q = cmd(sub, "migrate", "migrate", "pre-copy a VM's memory to a file or a migrate-receive")
+    q = cmd(
+        sub,
+        "migrate",
+        "migrate",
+        "pre-copy a VM's memory to a file or a migrate-receive; an s390 model's storage keys "
+        "go at switch-over, into IMAGE.skeys beside the image",
+    )
     q.add_argument("vm")
     q.add_argument(
         "destination", type=destination, help="a file, or tcp:HOST:PORT of a migrate-receive"
@@ -309,7 +315,7 @@ def add_parsers(sub: Any, cmd: Any, size: Any) -> None:
         "--max-rounds",
         type=non_negative_int,
         default=30,
-        help="switch over after this many rounds even without converging",
+        help="switch over after this many rounds even without converging (default 30)",
     )
     q.add_argument(
         "--verify",
@@ -329,7 +335,12 @@ def add_parsers(sub: Any, cmd: Any, size: Any) -> None:
         metavar="SECONDS",
         help="how long to wait for a restarted daemon (default 30)",
     )
-    q = cmd(sub, "migrate-receive", "migrate_receive", "receive one migration over TCP")
+    q = cmd(
+        sub,
+        "migrate-receive",
+        "migrate_receive",
+        "receive one migration over TCP (storage keys, if sent, into OUTPUT.skeys)",
+    )
     q.add_argument("--listen", required=True, type=listen_address, metavar="HOST:PORT")
     q.add_argument(
         "--output",

@@ -265,6 +265,12 @@ class KvmBackend(GuestVm):
     def set_storage_key(self, gpa: int, key: int) -> None:
         raise NotSupportedError("storage keys exist only in the s390 model (backend 'softmmu')")
 
+    def saved_storage_keys(self) -> dict[int, bytes]:
+        return {}  # the kernel keeps a real guest's keys across the daemon's restart
+
+    def restore_storage_keys(self, slot: int, keys: bytes) -> None:
+        raise NotSupportedError("the kvm backend's keys stay in the kernel")
+
     def get_storage_keys(self, start_gfn: int, count: int) -> np.ndarray | None:
         """KVM_S390_GET_SKEYS on an s390x host; no other architecture has storage keys."""
         if not self._caps["s390-skeys"]:

@@ -263,6 +263,19 @@ class SoftMmuBackend(GuestVm):
         for slot, pages in self._locate(np.array([gpa >> abi.PAGE_SHIFT], dtype=np.int64)):
             self._mmus[slot].set_guest_storage_key(pages, key)
 
+    def saved_storage_keys(self) -> dict[int, bytes]:
+        with self._lock:
+            mmus = dict(self._mmus)
+        return {
+            slot: mmu.get_guest_storage_key(slice(0, mmu.npages)).tobytes()
+            for slot, mmu in mmus.items()
+        }
+
+    def restore_storage_keys(self, slot: int, keys: bytes) -> None:
+        with self._lock:
+            mmu = self._mmus[slot]
+        mmu.restore_guest_storage_keys(np.frombuffer(keys, dtype=np.uint8))
+
     def get_storage_keys(self, start_gfn: int, count: int) -> np.ndarray | None:
         """kvm_s390_get_skeys (4.19 arch/s390/kvm/kvm-s390.c): every frame through its memslot
         (EFAULT for a gap, nothing read), each key as get_guest_storage_key gives it

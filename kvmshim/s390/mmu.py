@@ -306,6 +306,28 @@ class S390Mmu:
             key |= ((pg & _GUEST_RC) >> _GUEST_RC_SHIFT).astype(np.uint8)
             return key
 
+    def restore_guest_storage_keys(self, keys: np.ndarray) -> None:
+        """Give a fresh MMU (every pte invalid) the guest keys a previous instance of the model
+        had: the model's own state across the daemon's restart, where a real kernel would have
+        kept its keys; no kernel function runs, so nothing becomes dirty. With 4 KiB pages
+        the keys go into the PGSTEs (ACC/F, and R/C as GR/GC), which is where an invalid pte's
+        key lives; with 1 MiB pages into the frames, their host pmds then present."""
+        keys = np.asarray(keys, dtype=np.uint8)
+        if keys.size != self.npages:
+            raise ValueError(f"{keys.size} keys for {self.npages} pages")
+        with self.lock:
+            if self.hugepages:
+                self.skey[: self.npages] = keys
+                self.hpmd_present |= keys.reshape(-1, _SEG_PAGES).any(axis=1)
+                return
+            if not (self.pte[: self.npages] == _INVALID).all():
+                raise ValueError("keys are restored into a fresh MMU only")
+            k = keys.astype(U64)
+            pg = self.pgste[: self.npages] & ~_KEY_FIELDS
+            pg |= (k & U64(_KEY_ACC_F)) << _KEY_ACC_SHIFT
+            pg |= (k & U64(_KEY_RC)) << _GUEST_RC_SHIFT
+            self.pgste[: self.npages] = pg
+
     def gmap_ipte_notify(self, pages: np.ndarray) -> None:
         """Arm IPTE notification: fault each page in writable, then set PGSTE_IN_BIT."""
         with self.lock:

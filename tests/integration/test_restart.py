@@ -89,6 +89,56 @@ def test_after_sigkill_every_consumer_starts_all_dirty(tmp_path):
         d.stop()
 
 
+def keys_of(q, vm, npages):
+    got = q("storage-keys-get", vm=vm, start_gfn=0, count=npages)
+    return base64.b64decode(got["keys"])
+
+
+@pytest.mark.parametrize("model", [{}, {"kernel": "3.15"}, {"kernel": "4.19", "hugepages": True}])
+def test_sigterm_keeps_the_models_storage_keys_and_dirties_nothing(tmp_path, model):
+    """The model's keys live in the daemon (a real kernel would keep them): a graceful stop
+    saves them beside the record and the restart gives them back, changing no dirty state."""
+    d = Daemon(tmp_path, metrics=False)
+    with d.client() as q:
+        q("vm-create", name="k", memslots=[{"slot": 0, "guest-phys-addr": 0, "size": MiB}], **model)
+        q("sim-write-pages", vm="k", gfns=[1, 2, 300 % 256], value=5)  # R/C into real keys
+        for gfn, key in ((2, 0x30), (9, 0xF8), (200, 0x16)):
+            q("sim-set-storage-key", vm="k", guest_phys_addr=gfn * 4096, key=key)
+        dirty(q, "k")  # nothing pending for default
+        before = keys_of(q, "k", 256)
+        assert before[9] == 0xF8 and before[200] & 0xF0 == 0x10
+    assert d.stop() == 0
+    assert (tmp_path / "state" / "vms" / "k.skeys" / "0").stat().st_size == 256
+    d = Daemon(tmp_path, metrics=False)
+    try:
+        with d.client() as q:
+            assert keys_of(q, "k", 256) == before
+            # putting keys back is not a change of any page (3.15's fresh tables start HR|HC:
+            # every page once, keys or not)
+            fresh = list(range(256)) if model.get("kernel") == "3.15" else []
+            assert dirty(q, "k")[0] == fresh
+        assert not (tmp_path / "state" / "vms" / "k.skeys").exists()  # good for one restore
+    finally:
+        d.stop()
+
+
+def test_after_sigkill_the_models_keys_are_said_to_start_at_zero(tmp_path):
+    d = Daemon(tmp_path, metrics=False)
+    with d.client() as q:
+        q("vm-create", name="k", memslots=[{"slot": 0, "guest-phys-addr": 0, "size": MiB}])
+        q("sim-set-storage-key", vm="k", guest_phys_addr=9 * 4096, key=0xF8)
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    d.log.close()
+    d = Daemon(tmp_path, metrics=False)
+    try:
+        with d.client() as q:
+            assert keys_of(q, "k", 256) == bytes(256)
+        assert "storage keys of slot(s) 0 were not saved" in d.output()
+    finally:
+        d.stop()
+
+
 def test_pause_and_workload_come_back(tmp_path):
     d = Daemon(tmp_path, metrics=False)
     with d.client() as q:

@@ -133,7 +133,7 @@ def _check_writable(fd: int, name: str, nbytes: int | None, what: str = "the bit
         raise GenericError(f"descriptor '{name}' is unusable: {exc.strerror}") from None
     if not stat.S_ISREG(info.st_mode):
         raise GenericError(
-            f"descriptor '{name}' is not a file or memfd: {what} is written "
+            f"descriptor '{name}' is not a file or memfd: {what} goes "
             "at offset 0, as KVM writes into the caller's buffer (EINVAL)"
         )
     if (flags & os.O_ACCMODE) not in (os.O_WRONLY, os.O_RDWR):

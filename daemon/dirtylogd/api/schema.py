@@ -314,7 +314,12 @@ COMMANDS: tuple[Command, ...] = (
         (
             VM,
             Arg("guest-phys-addr", ADDR, "an address in the page"),
-            Arg("key", Int(0, 255), "key"),
+            Arg(
+                "key",
+                Int(0, 255),
+                "the storage key byte: ACC (bits 4-7), F (3), R (2), C (1); bit 0 is "
+                "reserved and ignored, as SSKE ignores it",
+            ),
         ),
         errors=(*NOT_FOUND, *KVM_ERRORS),
     ),

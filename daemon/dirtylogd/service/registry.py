@@ -35,7 +35,13 @@ from dirtylogd.service.records import (
     record_with,
     vm_record,
 )
-from dirtylogd.service.revive import give_back_pending, revive, save_stopped, write_stopped
+from dirtylogd.service.revive import (
+    give_back_keys,
+    give_back_pending,
+    revive,
+    save_stopped,
+    write_stopped,
+)
 from dirtylogd.service.store import StateStore
 from dirtylogd.service.vm import DEFAULT_CONSUMER, DEFAULT_MAX_CONSUMERS, Taken, VmState
 from kvmshim.abi import KVM_MEM_LOG_DIRTY_PAGES, make_slot_id
@@ -224,6 +230,8 @@ class Service:
         # Always consumed: never reused by a later restart.
         saved = await self._store(store.take_pending, name)
         give_back_pending(vm, saved, clean=record["clean"])
+        keys = await self._store(store.take_keys, name)
+        await asyncio.to_thread(give_back_keys, vm, keys, record["clean"])
         self.register(vm)
         if record["paused"]:
             await self.pause(vm)
@@ -243,8 +251,9 @@ class Service:
         for vm in list(self.vms.values()):
             record = await save_stopped(vm, clean=not vm.record_stale)
             pending = await asyncio.to_thread(vm.pending_snapshot)
+            keys = await asyncio.to_thread(vm.backend.saved_storage_keys)
             try:
-                await self._store(write_stopped, store, pending, record)
+                await self._store(write_stopped, store, pending, record, keys)
                 how = "its consumers' pending bits wait for the next start"
                 if vm.record_stale:
                     how = "marked unclean (a record write had failed): every page dirty"

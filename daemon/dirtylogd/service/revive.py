@@ -80,10 +80,40 @@ async def save_stopped(vm: VmState, clean: bool) -> dict[str, Any]:
 
 
 def write_stopped(
-    store: StateStore, pending: dict[tuple[str, int], bytes], record: dict[str, Any]
+    store: StateStore,
+    pending: dict[tuple[str, int], bytes],
+    record: dict[str, Any],
+    keys: dict[int, bytes] | None = None,
 ) -> None:
-    """A stopped VM's consumers' bits, then its record: clean only once the bits are in."""
+    """A stopped VM's consumers' bits and the model's storage keys, then its record: clean
+    only once both are in."""
     if record["clean"]:
         for (consumer, slot), bits in pending.items():
             store.save_pending(record["name"], consumer, slot, bits)
+        for slot, data in (keys or {}).items():
+            store.save_keys(record["name"], slot, data)
     store.save_vm(record)
+
+
+def give_back_keys(vm: VmState, keys: dict[int, bytes], clean: bool) -> None:
+    """The model's storage keys as a graceful stop saved them; after an unclean stop (or a
+    slot without a usable file) its keys start at 0, which is said, since a migration would
+    carry those."""
+    backend = vm.backend
+    if not backend.capabilities().get("s390-skeys"):
+        return  # real KVM keeps its own keys, x86 has none
+    lost = []
+    for state in vm.slots.values():
+        slot = state.memslot.slot
+        data = keys.get(slot) if clean else None
+        if data is not None and len(data) == state.memslot.npages:
+            backend.restore_storage_keys(slot, data)
+        else:
+            lost.append(slot)
+    if lost:
+        log.warning(
+            "vm %s: storage keys of slot(s) %s were not saved (%s); they start at 0",
+            vm.name,
+            ", ".join(map(str, sorted(lost))),
+            "the daemon was not stopped cleanly" if not clean else "no usable key file",
+        )

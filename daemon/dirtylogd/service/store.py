@@ -3,6 +3,8 @@ pending bits.
 
     <state-dir>/vms/<vm>.json                       the definition, rewritten on every change
     <state-dir>/vms/<vm>.pending/<consumer>@<slot>  pending bits in KVM's layout (graceful stop)
+    <state-dir>/vms/<vm>.skeys/<slot>               the model's guest storage keys, one byte per
+                                                    page (graceful stop; softmmu only)
 
 A definition is written with ``clean: false`` whenever it changes and with ``clean: true`` only
 after a graceful stop saved the pending bits. A VM restored from an unclean record (the daemon
@@ -66,6 +68,33 @@ class StateStore:
     def save_vm(self, record: dict[str, Any]) -> None:
         _write_atomically(self._record(record["name"]), json.dumps(record, indent=2).encode())
 
+    def _keys_dir(self, name: str) -> str:
+        return os.path.join(self.directory, f"{name}.skeys")
+
+    def save_keys(self, name: str, slot: int, keys: bytes) -> None:
+        directory = self._keys_dir(name)
+        os.makedirs(directory, mode=0o750, exist_ok=True)
+        _write_atomically(os.path.join(directory, str(slot)), keys)
+
+    def take_keys(self, name: str) -> dict[int, bytes]:
+        """The saved storage keys by slot, removed as they are read (good for one restore); a
+        file that is not a slot number or cannot be read is skipped with a warning."""
+        directory = self._keys_dir(name)
+        keys: dict[int, bytes] = {}
+        if not os.path.isdir(directory):
+            return keys
+        for entry in sorted(os.listdir(directory)):
+            path = os.path.join(directory, entry)
+            try:
+                if not entry.isdigit():
+                    raise OSError(0, "not a slot's key file")
+                with open(path, "rb") as f:
+                    keys[int(entry)] = f.read()
+            except OSError as exc:
+                log.warning("vm %s: ignoring %s: %s", name, path, exc.strerror)
+        shutil.rmtree(directory, ignore_errors=True)
+        return keys
+
     def record_path(self, name: str) -> str:
         return self._record(name)
 
@@ -75,6 +104,8 @@ class StateStore:
             os.unlink(self._record(name))
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(self._pending_dir(name))
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(self._keys_dir(name))
 
     def save_pending(self, name: str, consumer: str, slot: int, bitmap: bytes) -> None:
         directory = self._pending_dir(name)

@@ -228,3 +228,23 @@ def test_the_largest_read_is_kvm_s390_skeys_max_keys(tmp_path):
         assert keys is not None and keys.size == abi.KVM_S390_SKEYS_MAX and not keys.any()
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize(
+    ("kernel", "hugepages"), [("3.15", False), ("3.16", False), ("4.19", False), ("4.19", True)]
+)
+def test_keys_restored_into_a_fresh_mmu_read_back_and_dirty_nothing(kernel, hugepages):
+    """The daemon's restart: the keys one model had, given to the next, as they were."""
+    keys = np.random.default_rng(3).integers(0, 128, 512, dtype=np.uint8) * 2
+    keys[256:] = 0  # a segment with no key set stays "not yet mapped" with 1 MiB pages
+    mmu = S390Mmu(512, kernel=kernel, hugepages=hugepages)
+    out = np.zeros(64, np.uint8)
+    mmu.harvest(out)  # 3.15's allocation HC aside
+    mmu.restore_guest_storage_keys(keys)
+    assert (mmu.get_guest_storage_key(slice(0, 512)) == keys).all()
+    assert mmu.harvest(out) == 0
+    mmu.guest_store(np.array([3]))  # and the model goes on from there
+    assert mmu.harvest(out) == (256 if hugepages else 1)
+    if not hugepages:  # a mapped page's key is its frame's: only a fresh MMU takes keys
+        with pytest.raises(ValueError, match="fresh"):
+            mmu.restore_guest_storage_keys(keys)
