@@ -207,8 +207,8 @@ def page_reset_referenced(mm: Mm, address: int) -> bool:
 def get_guest_storage_key(mm: Mm, ptep: int) -> int:
     """The guest's view of one page's key, what KVM_S390_GET_SKEYS returns for it, on a 3.15 or
     3.16 state: Linux 4.19's function (arch/s390/mm/pgtable.c; the ioctl came after 3.16) from
-    its page-table level on — those models have no host pmd to be absent or huge. 4.19's own
-    module has the whole function (:func:`.linux_4_19_pgtable.get_guest_storage_key`); use
+    its page-table level on — those models have no host pmd to be absent or huge. 4.19's
+    :func:`.linux_4_19_pgtable.get_guest_storage_key` adds those cases and ends here; use
     ``getattr(mm.pgtable, "get_guest_storage_key", this)``. The PGSTE lock is taken and given
     back unchanged: reading a key sets no UC and no R bit.
 

@@ -52,6 +52,7 @@ from kvmshim.s390.bits import (
     PGSTE_VSIE_BIT,
     PTRS_PER_PTE,
 )
+from kvmshim.s390.reference import common
 from kvmshim.s390.reference.common import (
     Mm,
     __ptep_ipte,
@@ -302,11 +303,4 @@ def get_guest_storage_key(mm: Mm, ptep: int) -> int:
         return 0  # "Not yet mapped memory has a zero key"
     if pmd & _SEGMENT_ENTRY_LARGE:
         return page_get_storage_key(mm, (pmd & HPAGE_MASK) | (ptep % PTRS_PER_PTE) * PAGE_SIZE)
-    pgste = pgste_get_lock(mm, ptep)
-    key = (pgste & (PGSTE_ACC_BITS | PGSTE_FP_BIT)) >> KEY_ACC_SHIFT
-    pte = mm.pte[ptep]
-    if not pte & _PAGE_INVALID:
-        key = page_get_storage_key(mm, pte & PAGE_MASK)
-    key |= (pgste & (PGSTE_GR_BIT | PGSTE_GC_BIT)) >> GUEST_RC_SHIFT
-    pgste_set_unlock(mm, ptep, pgste)
-    return key
+    return common.get_guest_storage_key(mm, ptep)  # the 4 KiB tail, the same in every tree
