@@ -90,9 +90,7 @@ async def _serve(config: Config) -> None:
             server.bind(config.socket, inherited)
         except OSError as exc:
             raise instance.unusable(f"the socket {config.socket}", exc, "--socket PATH") from None
-        warning = ramfs.disk_warning(config.runtime_dir)
-        if warning:
-            log.warning("%s", warning)
+        ramfs.warn_if_disk(config.runtime_dir, log)
         await service.restore()
         if config.demo:
             background.append(await start_demo(service))

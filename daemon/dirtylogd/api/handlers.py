@@ -22,16 +22,15 @@ import numpy as np
 from dirtylogd.api.command import Context
 from dirtylogd.api.introspect import qmp_schema
 from dirtylogd.errors import GenericError
+from dirtylogd.qmp.framing import AsciiText
 from dirtylogd.qmp.session import Deferred, version_info
 from dirtylogd.service.vm import Taken, VmState
 from kvmshim.abi import dirty_bitmap_bytes
 from kvmshim.bitmap import WORD, DirtyBitmap
 
-# A GET answer whose bitmap is at most this many bytes (8,192 pages: a 32 MiB slot) is encoded
-# on the event loop; a larger one in a worker thread. At this size the worst case, "ranges" of
-# every other page (4,096 runs), takes ~0.6 ms, ten times the ~60 us a hand-off to a thread
-# costs; the cost grows with the bitmap (40 ms at 64 KiB; 0.4 s at 512 KiB, a 16 GiB slot).
-# A write to the client's descriptor ("fd") always goes to a thread: its file may be slow.
+# Storage keys of at most this many pages are encoded on the event loop, more in a worker thread
+# (a hand-off to a thread costs ~0.1 ms). A GET answer is always built in the worker thread that
+# harvested it: that hop is paid anyway.
 INLINE_ENCODE_MAX_BYTES = 1024
 
 
@@ -104,14 +103,14 @@ async def dirty_log_get(ctx: Context, a: dict[str, Any]) -> Any:
         raise GenericError("fdname is only used with encoding 'fd'")
     elif encoding == "bitmap":
         _check_inline_fits(ctx, vm, a["slot"], a["as_id"])
-    taken = await ctx.service.get_dirty_log(vm, a["slot"], a["as_id"], a["consumer"])
-    undo = _undo(vm, taken)
-    try:
-        result = await _encode_answer(ctx, taken, encoding, fd, fdname)
-    except BaseException:
-        undo()
-        raise
-    return Deferred(result, undo, lambda: vm.delivered(taken))
+
+    def answer(taken: Taken) -> dict[str, Any]:
+        return _encode(taken, encoding, fd, fdname, ctx.max_reply_bytes)
+
+    taken, result = await ctx.service.get_dirty_log_answered(
+        vm, a["slot"], a["as_id"], a["consumer"], answer
+    )
+    return Deferred(result, _undo(vm, taken), lambda: vm.delivered(taken))
 
 
 # Not every Python names it yet: no write at all, even through another mapping (Linux 5.1).
@@ -177,27 +176,16 @@ def _check_inline_fits(ctx: Context, vm: VmState, slot: int, as_id: int) -> None
         )
 
 
-async def _encode_answer(
-    ctx: Context, taken: Taken, encoding: str, fd: int, fdname: str | None
-) -> dict[str, Any]:
-    """The answer to a GET: small bitmaps inline, larger ones in a worker thread, so the loop
-    (every other client) never waits for base64, a list of ranges or a write to the client's
-    descriptor. If this is cancelled the thread runs on; the caller has put the bits back."""
-    args = (taken, encoding, fd, fdname, ctx.max_reply_bytes)
-    if encoding != "fd" and taken.bitmap.words.nbytes <= INLINE_ENCODE_MAX_BYTES:
-        return _encode(*args)
-    return await asyncio.to_thread(_encode, *args)
-
-
 def _encode(
     taken: Taken, encoding: str, fd: int, fdname: str | None, max_reply_bytes: int
 ) -> dict[str, Any]:
-    """The answer's members. It may run in a worker thread: it reads only ``taken.bitmap``,
-    which no one else writes once taken (a put-back only reads it)."""
+    """The answer's members, built in the harvest's worker thread (one hop off the loop per
+    GET): it reads only ``taken.bitmap``, which no one else writes once taken (a put-back only
+    reads it). Raising puts the bits back."""
     bm = taken.bitmap
     result: dict[str, Any] = {
         "npages": bm.npages,
-        "dirty-pages": bm.count(),
+        "dirty-pages": taken.pages,
         "generation": taken.generation,
     }
     if encoding == "bitmap":
@@ -227,12 +215,15 @@ _RANGES_PIECE = 4096
 _BASE64_PIECE = 3 << 18  # a multiple of 3: the pieces' texts join into one base64 text
 
 
-def _base64(bm: DirtyBitmap) -> str:
-    """``bm.to_base64()``, in pieces."""
+def _base64(bm: DirtyBitmap) -> AsciiText:
+    """``bm.to_base64()``, in pieces; sent as it is, not escaped again (see AsciiText)."""
     raw = bm.bytes_view()
     step = _BASE64_PIECE
-    return "".join(
-        base64.b64encode(raw[i : i + step].data).decode("ascii") for i in range(0, raw.size, step)
+    return AsciiText(
+        "".join(
+            base64.b64encode(raw[i : i + step].data).decode("ascii")
+            for i in range(0, raw.size, step)
+        )
     )
 
 
@@ -362,8 +353,8 @@ async def storage_keys_get(ctx: Context, a: dict[str, Any]) -> Any:
     return result
 
 
-def _keys_base64(keys: np.ndarray) -> str:
-    return base64.b64encode(keys.data).decode("ascii")
+def _keys_base64(keys: np.ndarray) -> AsciiText:
+    return AsciiText(base64.b64encode(keys.data).decode("ascii"))
 
 
 async def sim_workload_start(ctx: Context, a: dict[str, Any]) -> Any:

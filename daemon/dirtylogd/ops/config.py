@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--runtime-dir",
         metavar="DIR",
         help="where simulated VMs keep their RAM files (default /run/dirtylogd/ram as root, "
-        "else $XDG_RUNTIME_DIR/dirtylogd/ram, or /tmp/dirtylogd-UID/dirtylogd/ram)",
+        "else $XDG_RUNTIME_DIR/dirtylogd/ram, or /tmp/dirtylogd-UID/dirtylogd/ram); it must "
+        "be memory (tmpfs, hugetlbfs or ramfs): on a disk file system the daemon warns at "
+        "start, and guest stores and harvests are many times slower",
     )
     p.add_argument(
         "--state-dir",

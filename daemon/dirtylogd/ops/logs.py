@@ -72,5 +72,15 @@ def configure(level: str) -> None:
 def print_error(text: str) -> None:
     """An error from before logging is configured (a bad flag or config file): one line,
     with priority 3 when stderr is the journal, so ``journalctl -p err`` shows why it failed."""
-    prefix = "<3>" if stderr_is_journal() else ""
+    _print(3, text)
+
+
+def print_warning(text: str) -> None:
+    """A warning that must be seen even when the log level hides warnings: one line, with
+    priority 4 when stderr is the journal."""
+    _print(4, text)
+
+
+def _print(priority: int, text: str) -> None:
+    prefix = f"<{priority}>" if stderr_is_journal() else ""
     print(prefix + "dirtylogd: " + NEWLINE.join(text.splitlines()), file=sys.stderr)

@@ -19,6 +19,10 @@ echoed (the only JSON spelling of it would be a different number) nor be a sane 
 the message is otherwise well-formed, its ``id`` is echoed when it is itself finite, so a client
 that matches replies by id (qemu.qmp does) keeps its connection.
 
+A reply member of type :class:`AsciiText` (base64: a bitmap, storage keys) is copied into the
+output as it is, not escaped character by character: ``json.dumps`` spends ~3 ns a character
+checking what base64 can never hold (44 KB, the bitmap of a 1 GiB slot: 0.13 ms of the loop).
+
 No I/O happens here; tests feed bytes directly.
 """
 
@@ -28,6 +32,7 @@ import json
 import logging
 import math
 import re
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +69,18 @@ class MessageTooLarge:
     @property
     def desc(self) -> str:
         return f"message exceeds the {self.limit}-byte limit"
+
+
+class AsciiText(str):
+    """Text that is its own JSON string body: printable ASCII with no quote and no backslash
+    (base64 is). :func:`encode` copies a ``return`` member of this type verbatim."""
+
+    __slots__ = ()
+
+
+# Stands in for an AsciiText member while the rest of the message is encoded. The NUL (sent
+# as \u0000) and a per-process nonce make it a string nothing else in a reply can equal.
+_STAND_IN = f"\x00verbatim-{secrets.token_hex(8)}-"
 
 
 def _reject_constant(name: str) -> Any:
@@ -257,6 +274,30 @@ def encode(message: dict[str, Any]) -> bytes:
     Never ``Infinity`` or ``NaN``, which are not JSON: input cannot carry them (see above), so
     one in a reply or event is the daemon's own arithmetic; it goes out as null, and is logged,
     rather than as a line a strict client cannot parse or an exception that drops the client."""
+    body = message.get("return")
+    if isinstance(body, dict) and any(type(v) is AsciiText for v in body.values()):
+        return _encode_spliced(message, body)
+    return _dumps(message).encode("ascii") + b"\r\n"
+
+
+def _encode_spliced(message: dict[str, Any], body: dict[str, Any]) -> bytes:
+    """:func:`encode` with every AsciiText member of ``body`` copied in, not escaped."""
+    texts: list[str] = []
+    stand_ins = dict(body)
+    for key, value in body.items():
+        if type(value) is AsciiText:
+            stand_ins[key] = f"{_STAND_IN}{len(texts)}"
+            texts.append(value)
+    rest = _dumps({**message, "return": stand_ins})
+    pieces: list[bytes] = []
+    for i, text in enumerate(texts):
+        before, rest = rest.split(_dumps(f"{_STAND_IN}{i}"), 1)
+        pieces += [before.encode("ascii"), b'"', text.encode("ascii"), b'"']
+    pieces += [rest.encode("ascii"), b"\r\n"]
+    return b"".join(pieces)
+
+
+def _dumps(message: Any) -> str:
     try:
         text = json.dumps(message, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
     except ValueError:
@@ -264,4 +305,4 @@ def encode(message: dict[str, Any]) -> bytes:
         text = json.dumps(
             _finite_copy(message), ensure_ascii=True, separators=(",", ":"), allow_nan=False
         )
-    return text.encode("ascii") + b"\r\n"
+    return text

@@ -61,6 +61,10 @@ def from_kvm(exc: KvmError, vm: str) -> QmpError:
     return GenericError(exc.describe(vm))
 
 
+def _no_answer(taken: Taken) -> None:
+    """The answer of a GET whose caller builds its own."""
+
+
 def _no_events(name: str, data: dict[str, Any]) -> None:
     """The sink of a service nobody listens to (tests, tools)."""
 
@@ -549,17 +553,34 @@ class Service:
 
     # --- dirty logs ---------------------------------------------------------------------------
     async def get_dirty_log(self, vm: VmState, slot: int, as_id: int, consumer: str) -> Taken:
-        """Harvest for one consumer. If the caller is cancelled (its client was dropped, the
-        daemon is stopping) the harvest thread still runs to the end and takes the bits; they
-        are put back before the cancellation goes on, so a save that follows has them."""
-        harvest = asyncio.ensure_future(
-            self._call(vm, vm.harvest, make_slot_id(as_id, slot), consumer)
-        )
+        """Harvest for one consumer (see :meth:`get_dirty_log_answered`)."""
+        taken, _ = await self.get_dirty_log_answered(vm, slot, as_id, consumer, _no_answer)
+        return taken
+
+    async def get_dirty_log_answered(
+        self, vm: VmState, slot: int, as_id: int, consumer: str, answer: Callable[[Taken], T]
+    ) -> tuple[Taken, T]:
+        """Harvest for one consumer and build the answer from it in the same worker thread:
+        one hop off the loop per GET, not two. An answer that raises puts the bits back.
+
+        If the caller is cancelled (its client was dropped, the daemon is stopping) the
+        thread still runs to the end and takes the bits; they are put back before the
+        cancellation goes on, so a save that follows has them."""
+
+        def harvest_and_answer() -> tuple[Taken, T]:
+            taken = vm.harvest(make_slot_id(as_id, slot), consumer)
+            try:
+                return taken, answer(taken)
+            except BaseException:
+                vm.put_back(taken)
+                raise
+
+        harvest = asyncio.ensure_future(self._call(vm, harvest_and_answer))
         try:
             return await asyncio.shield(harvest)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):  # a failed harvest took nothing
-                vm.put_back(await harvest)
+                vm.put_back((await harvest)[0])
             raise
 
     async def clear_dirty_log(

@@ -1,4 +1,4 @@
-"""dirty-log-get answers: large ones are encoded off the event loop, and nothing is lost."""
+"""dirty-log-get answers: built off the event loop, in the harvest's thread, and nothing is lost."""
 
 import asyncio
 import errno
@@ -11,7 +11,6 @@ import pytest
 
 from dirtylogd.api import handlers
 from dirtylogd.api.handlers import (
-    INLINE_ENCODE_MAX_BYTES,
     Context,
     _base64,
     _popcount,
@@ -23,11 +22,12 @@ from dirtylogd.errors import GenericError
 from dirtylogd.qmp.fds import FdRegistry
 from dirtylogd.qmp.session import Deferred
 from dirtylogd.service.registry import Service
+from dirtylogd.service.vm import VmState
 from kvmshim.bitmap import DirtyBitmap
 
 MiB = 1 << 20
-BIG = 64 * MiB  # 16,384 pages: a 2 KiB bitmap, above the inline limit
-SMALL = 1 * MiB  # 256 pages: 32 bytes, below it
+BIG = 64 * MiB  # 16,384 pages: a 2 KiB bitmap
+SMALL = 1 * MiB  # 256 pages: 32 bytes
 
 
 async def make_context(tmp_path, size: int, max_reply_bytes: int = 8 << 20) -> Context:
@@ -98,11 +98,18 @@ def test_a_large_answer_is_encoded_in_a_worker_thread(tmp_path, encoders, encodi
         assert written.pages().tolist() == list(range(0, BIG >> 12, 2))
 
 
-def test_a_small_answer_is_encoded_inline_but_written_to_a_descriptor_in_a_thread(
-    tmp_path, encoders
-):
+@pytest.mark.parametrize("size", [SMALL, BIG])
+def test_every_answer_is_built_in_the_thread_that_harvested_it(tmp_path, encoders, size):
+    """One hop off the loop per GET: even a small answer is not handed back to the loop to be
+    encoded, and a large one is not handed to a second thread."""
+    spied = VmState.harvest
+
+    def harvest(self, slot, consumer):
+        encoders["harvest"] = threading.get_ident()
+        return spied(self, slot, consumer)
+
     async def main():
-        ctx = await make_context(tmp_path, SMALL)
+        ctx = await make_context(tmp_path, size)
         fd = os.open(tmp_path / "bits", os.O_RDWR | os.O_CREAT, 0o600)
         ctx.fds.hold([fd])
         ctx.fds.claim("bits")
@@ -117,11 +124,13 @@ def test_a_small_answer_is_encoded_inline_but_written_to_a_descriptor_in_a_threa
         await ctx.service.shutdown()
         return answer, threads, threading.get_ident()
 
-    answer, threads, loop_thread = asyncio.run(main())
-    assert (SMALL >> 12) // 8 <= INLINE_ENCODE_MAX_BYTES < (BIG >> 12) // 8
-    assert set(threads["bitmap"].values()) == set(threads["ranges"].values()) == {loop_thread}
-    assert loop_thread not in threads["fd"].values()
-    assert answer.value["dirty-pages"] == 2
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(VmState, "harvest", harvest)
+        answer, threads, loop_thread = asyncio.run(main())
+    for encoding, steps in threads.items():
+        assert set(steps) >= {"harvest", "count"}, encoding
+        assert set(steps.values()) == {steps["harvest"]} != {loop_thread}, (encoding, steps)
+    assert answer.value["dirty-pages"] == 2  # the pages stored since the GET before
 
 
 def test_too_many_ranges_are_refused_before_the_list_is_built(tmp_path, monkeypatch):

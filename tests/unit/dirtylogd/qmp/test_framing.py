@@ -1,12 +1,13 @@
 """QMP framing without sockets: back-to-back values, splits, resets, limits, output."""
 
+import base64
 import json
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dirtylogd.qmp.framing import JsonStreamDecoder, MessageTooLarge, ParseError, encode
+from dirtylogd.qmp.framing import AsciiText, JsonStreamDecoder, MessageTooLarge, ParseError, encode
 
 
 def feed_all(chunks, limit=1 << 20):
@@ -158,3 +159,17 @@ def test_a_reset_byte_right_after_a_backslash_still_resets():
     out, _ = feed_all([b'"yq\x81\xfd\\', b'\x01{"execute": "query-version", "id": 1}'])
     assert isinstance(out[0], ParseError) and "reset" in out[0].desc
     assert out[1] == {"execute": "query-version", "id": 1}
+
+
+@given(
+    st.lists(st.binary(max_size=64), min_size=1, max_size=3),
+    st.dictionaries(st.text(max_size=8), st.text(max_size=8) | st.integers(), max_size=3),
+)
+def test_ascii_text_members_encode_exactly_as_json_dumps_would(blobs, others):
+    """The verbatim copy of base64 members is byte for byte what escaping would have given."""
+    body: dict = dict(others)
+    for i, blob in enumerate(blobs):
+        body[f"b64-{i}"] = AsciiText(base64.b64encode(blob).decode("ascii"))
+    message = {"return": body, "id": "\x00verbatim-0"}  # an id like the stand-in is left alone
+    plain = json.dumps(message, ensure_ascii=True, separators=(",", ":")).encode() + b"\r\n"
+    assert encode(message) == plain
