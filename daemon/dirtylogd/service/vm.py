@@ -3,11 +3,14 @@
 The backend owns memslots, RAM and vCPUs; this owns what KVM does not have — several consumers,
 and the log of pages written by I/O that the s390 UC bit cannot see (the seed's gap).
 
-A harvest of a slot: backend bits | the slot's I/O log, ORed into every consumer's pending
-bitmap, then the asking consumer takes its own. Harvests of one VM are serialised by
-``harvest_lock``, as KVM_GET_DIRTY_LOG is by ``kvm->slots_lock``: each answer's generation is
-then higher than that of every harvest whose bits it carries. The merge and take happen under
-``lock``, so an I/O mark or a query sees either all of a harvest or none of it.
+A harvest of a slot: backend bits | the slot's I/O log, appended to the slot's log
+(:mod:`dirtylogd.service.slotlog`) in a few bitmap passes whatever the number of consumers; a
+consumer ORs in the harvests it has not seen when it takes, clears or is counted, so one that
+does not read costs a harvest nothing. Harvests of one VM are serialised by ``harvest_lock``,
+as KVM_GET_DIRTY_LOG is by ``kvm->slots_lock``: each answer's generation is then higher than
+that of every harvest whose bits it carries. GETs that queue on it behind a harvest of their
+slot that began after they arrived share that harvest (see :meth:`VmState.harvest`). The append
+and take happen under ``lock``, so an I/O mark or a query sees either all of a harvest or none.
 
 What runs where (the service, :mod:`dirtylogd.service.registry`, decides):
 
@@ -25,9 +28,9 @@ What runs where (the service, :mod:`dirtylogd.service.registry`, decides):
 The loop never takes ``harvest_lock``, which is held across the backend's harvest, the long
 part of a GET. ``lock`` is never held across a backend call, file I/O or a Python loop over
 client input — I/O marks and CLEAR masks are built before it is taken — only across numpy work
-on bitmaps already built: the merge of one slot into every consumer (~1 ms for a 16 GiB slot
-and four consumers), a take, a put-back, a clear, an OR of marks, the counts of a query. That
-is the longest the loop can wait for it.
+on bitmaps already built: the append of one harvest to its slot's log (one or two ORs), a take
+(the ORs of what that consumer had not seen), a put-back, a clear, an OR of marks, the counts
+of a query. That is the longest the loop can wait for it.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import numpy as np
 
 from dirtylogd.errors import DeviceNotFound, GenericError
 from dirtylogd.service.consumers import Consumer
+from dirtylogd.service.slotlog import MAX_ENTRIES, SlotLog
 from dirtylogd.service.telemetry import VmTelemetry
 from kvmshim.abi import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT, PAGE_SIZE, make_slot_id
 from kvmshim.backends.base import Backend
@@ -52,8 +56,8 @@ from kvmshim.memslot import Change, Memslot, MemslotChange
 
 DEFAULT_CONSUMER = "default"
 # Consumers a VM may have besides 'default' (--max-consumers). Each costs a pending bitmap per
-# logged slot (1 bit per page: 256 KiB for 8 GiB of RAM) and is ORed into at every harvest, so a
-# GET's time and a query's grow with their number. 64 is what benchmarks/load.py serves with
+# logged slot (1 bit per page: 256 KiB for 8 GiB of RAM), and a query's time grows with their
+# number (a harvest's does not: see slotlog). 64 is what benchmarks/load.py serves with
 # nothing lost (64 clients, each its own consumer), and keeps an 8 GiB VM's consumers at 16 MiB
 # and a GET at a few ms (docs/reliability.md); tools need a handful (a migration, a monitor).
 DEFAULT_MAX_CONSUMERS = 64
@@ -64,6 +68,11 @@ class SlotState:
     memslot: Memslot
     incarnation: int  # a new one whenever logging (re)starts, so stale undo cannot cross it
     io_log: DirtyBitmap | None = None  # None while dirty logging is off
+    log: SlotLog | None = None  # harvests not folded into every consumer; None: logging off
+    generation: int = 0  # the backend's generation of the latest harvest
+    harvests_begun: int = 0  # harvests of this slot begun (under ``harvest_lock``)
+    covered: int = 0  # the number of the latest that ended well: a GET that arrived before it
+    # began is answered from the log without a harvest of its own
     logging_since: float = 0.0
     last_harvest: float | None = None
     last_dirty: int = 0
@@ -122,17 +131,18 @@ class VmState:
             if new.log_dirty_pages and state.io_log is None:
                 self._start_logging(state)
             elif not new.log_dirty_pages and state.io_log is not None:
-                state.io_log = None  # KVM frees the dirty bitmap
+                state.io_log = state.log = None  # KVM frees the dirty bitmap
                 for c in self.consumers.values():
                     c.detach(new.slot)
 
     def _start_logging(self, state: SlotState) -> None:
         state.incarnation = next(self._incarnations)
         state.io_log = DirtyBitmap(state.memslot.npages)
+        state.log = SlotLog(state.memslot.npages)
         state.logging_since = time.monotonic()
         state.last_harvest = None
         for c in self.consumers.values():
-            c.attach(state.memslot.slot, state.memslot.npages)
+            c.attach(state.memslot.slot, state.log)
 
     def add_consumer(
         self, name: str, manual_protect: bool, initially_set: bool, limit: int | None = None
@@ -150,16 +160,18 @@ class VmState:
                 )
             consumer = Consumer(name, manual_protect, initially_set)
             for state in self.slots.values():
-                if state.io_log is not None:
-                    consumer.attach(state.memslot.slot, state.memslot.npages)
+                if state.log is not None:
+                    consumer.attach(state.memslot.slot, state.log)
             self.consumers[name] = consumer
 
     def remove_consumer(self, name: str) -> None:
         with self.lock:
             if name == DEFAULT_CONSUMER:
                 raise GenericError("the 'default' consumer belongs to the VM and cannot be removed")
-            if self.consumers.pop(name, None) is None:
+            gone = self.consumers.pop(name, None)
+            if gone is None:
                 raise self._no_consumer(name)
+            gone.detach_all()
 
     def consumer(self, name: str) -> Consumer:
         found = self.consumers.get(name)
@@ -172,46 +184,88 @@ class VmState:
 
     # --- the harvest --------------------------------------------------------------------------
     def harvest(self, slot: int, consumer: str) -> Taken:
-        """GET_DIRTY_LOG for ``consumer`` (worker thread). Raises KvmError or DeviceNotFound."""
+        """GET_DIRTY_LOG for ``consumer`` (worker thread). Raises KvmError or DeviceNotFound.
+
+        A GET that waited for ``harvest_lock`` while a harvest of its slot began after it
+        arrived and ended well is answered from that harvest (no backend call of its own): it
+        carries every store made before this GET arrived, as its own harvest would have, and
+        its generation. So many consumers reading at once share harvests instead of queueing
+        one each (a group commit)."""
         self.consumer(consumer)  # an unknown consumer fails before anything is harvested
         started = time.monotonic()
+        with self.lock:
+            arrived = self.slots.get(slot)
+            ticket = arrived.harvests_begun if arrived is not None else 0
         with self.harvest_lock:
-            harvest = self.backend.get_dirty_log(slot)
-            overreach = self.backend.overreach(slot)
             with self.lock:
-                self._mark_overreach(overreach)
+                state = self.slots.get(slot)
+                shared = state is arrived and state is not None and state.covered > ticket
+            if not shared:
+                self._harvest_locked(slot)
+            with self.lock:
                 state = self.slots.get(slot)
                 who = self.consumers.get(consumer)
-                if state is None or state.io_log is None:
+                if state is None or state.log is None:
                     raise KvmError(
                         errno.ENOENT, "the slot stopped logging during the harvest", slot
                     )
-                if who is None:  # removed meanwhile; the bits still go to everyone else
-                    self._merge(state, harvest.bitmap)
+                if who is None:  # removed meanwhile; the bits are in the log for the others
                     raise self._no_consumer(consumer)
-                self._merge(state, harvest.bitmap)
                 taken = who.take(slot)
-        self.telemetry.harvests += 1
-        self.telemetry.harvest_seconds.observe(time.monotonic() - started)
+                generation = state.generation
+        if shared:
+            self.telemetry.shared_harvests += 1
+        else:
+            self.telemetry.harvests += 1
+            self.telemetry.harvest_seconds.observe(time.monotonic() - started)
         pages = taken.count()
-        return Taken(taken, harvest.generation, slot, state.incarnation, consumer, pages)
+        return Taken(taken, generation, slot, state.incarnation, consumer, pages)
+
+    def _harvest_locked(self, slot: int) -> None:
+        """The backend's harvest of ``slot`` into its log (``harvest_lock`` held). Raises
+        KvmError as the backend does; a slot that stopped logging meanwhile gets nothing."""
+        with self.lock:
+            state = self.slots.get(slot)
+            if state is not None:
+                state.harvests_begun += 1
+                number = state.harvests_begun
+        harvest = self.backend.get_dirty_log(slot)
+        overreach = self.backend.overreach(slot)
+        with self.lock:
+            self._mark_overreach(overreach)
+            if state is not None and self.slots.get(slot) is state and state.log is not None:
+                self._merge(state, harvest.bitmap)
+                state.generation = harvest.generation
+                state.covered = number
 
     def _merge(self, state: SlotState, uc_bits: DirtyBitmap) -> None:
-        io = state.io_log
-        assert io is not None
+        """Backend bits | the I/O log, appended to the slot's log: a few bitmap passes,
+        whatever the number of consumers (each folds them in when it reads)."""
+        io, log = state.io_log, state.log
+        assert io is not None and log is not None
         merged = uc_bits
         io_count = io.count()
+        uc_count = uc_bits.count()
         if io_count:
             merged = uc_bits | io
             state.io_log = DirtyBitmap(io.npages)
-        for c in self.consumers.values():
-            c.merge(state.memslot.slot, merged)
         now = time.monotonic()
         state.last_interval = now - (state.last_harvest or state.logging_since)
         state.last_harvest = now
-        state.last_dirty = merged.count()
-        self.telemetry.dirty_pages["uc"] += uc_bits.count()
+        state.last_dirty = merged.count() if io_count else uc_count
+        self.telemetry.dirty_pages["uc"] += uc_count
         self.telemetry.dirty_pages["io"] += io_count
+        log.append(merged)  # the log owns ``merged`` from here on
+        if len(log) > MAX_ENTRIES:
+            self._fold_everyone(state.memslot.slot, log)
+
+    def _fold_everyone(self, slot: int, log: SlotLog) -> None:
+        """The log grew past its bound (consumers reading at many different moments): give
+        every consumer what it is owed and empty it."""
+        joined = [c for c in self.consumers.values() if slot in c.positions]
+        log.fold_all((c.pending[slot], c.positions[slot]) for c in joined)
+        for c in joined:
+            c.positions[slot] = log.head
 
     def _mark_overreach(self, pages: list[tuple[int, int]]) -> None:
         """Pages of other slots that the harvest just consumed without reporting them there.
@@ -229,27 +283,25 @@ class VmState:
                 self.telemetry.overreach_pages += 1
 
     def flush(self) -> None:
-        """Harvest every logged slot into every consumer, taking nothing (before a stop).
+        """Harvest every logged slot into its log, taking nothing (before a stop).
 
         Twice: an s390 harvest of one slot may mark a page into the KVM dirty bitmap of the
         slot after it (the inclusive bound, when the two are adjacent in guest memory too),
         which only that slot's next harvest returns; the second pass collects such marks
         whatever the order of the first (the vCPUs are paused, so it finds nothing else)."""
         with self.lock:
-            logged = [s.memslot.slot for s in self.slots.values() if s.io_log is not None]
+            logged = [s.memslot.slot for s in self.slots.values() if s.log is not None]
         for slot in logged * 2:
             with self.harvest_lock:
-                harvest = self.backend.get_dirty_log(slot)
-                overreach = self.backend.overreach(slot)
-                with self.lock:
-                    self._mark_overreach(overreach)
-                    state = self.slots.get(slot)
-                    if state is not None and state.io_log is not None:
-                        self._merge(state, harvest.bitmap)
+                self._harvest_locked(slot)
 
     def pending_snapshot(self) -> dict[tuple[str, int], bytes]:
-        """Every consumer's pending bits per logged slot, in KVM's layout."""
+        """Every consumer's pending bits per logged slot, in KVM's layout (the slot logs
+        folded in first: they are not saved)."""
         with self.lock:
+            for c in self.consumers.values():
+                for slot in c.pending:
+                    c.catch_up(slot)
             return {
                 (c.name, slot): bm.to_bytes()
                 for c in self.consumers.values()
@@ -261,6 +313,7 @@ class VmState:
         with self.lock:
             for c in self.consumers.values():
                 for slot, bm in c.pending.items():
+                    c.catch_up(slot)  # the saved bits replace the log's too
                     raw = None if saved is None else saved.get((c.name, slot))
                     if raw is not None and len(raw) == len(bm.to_bytes()):
                         c.pending[slot] = DirtyBitmap.from_bytes(bm.npages, raw)
