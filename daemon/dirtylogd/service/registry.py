@@ -543,9 +543,11 @@ class Service:
         """Harvest for one consumer. If the caller is cancelled (its client was dropped, the
         daemon is stopping) the harvest thread still runs to the end and takes the bits; they
         are put back before the cancellation goes on, so a save that follows has them."""
-        harvest = asyncio.ensure_future(
-            self._call(vm, vm.harvest, make_slot_id(as_id, slot), consumer)
-        )
+        slot_id = make_slot_id(as_id, slot)
+        # Taken on the loop as the request arrives, not when a worker thread gets to it: any
+        # harvest that begins after this may answer it (VmState.harvest).
+        ticket = vm.ticket(slot_id)
+        harvest = asyncio.ensure_future(self._call(vm, vm.harvest, slot_id, consumer, ticket))
         try:
             return await asyncio.shield(harvest)
         except asyncio.CancelledError:

@@ -14,10 +14,11 @@ and take happen under ``lock``, so an I/O mark or a query sees either all of a h
 
 What runs where (the service, :mod:`dirtylogd.service.registry`, decides):
 
-* On the event loop: ``consumer`` (a lookup, no lock); ``add_consumer``, ``remove_consumer``,
-  ``apply_memslot_change`` (after the backend's change ran in a thread), ``put_back`` (the undo
-  of an answer that was not delivered, or of a cancelled GET), ``delivered`` (an answer that
-  was) and, at start-up before clients are served, ``restore_pending`` — each takes ``lock``.
+* On the event loop: ``consumer`` and ``ticket`` (lookups, no lock); ``add_consumer``,
+  ``remove_consumer``, ``apply_memslot_change`` (after the backend's change ran in a thread),
+  ``put_back`` (the undo of an answer that was not delivered, or of a cancelled GET),
+  ``delivered`` (an answer that was) and, at start-up before clients are served,
+  ``restore_pending`` — each takes ``lock``.
   The ``slots`` and ``consumers`` dicts are changed only by these, so the loop also reads them
   without a lock (the VM's record).
 * In worker threads: ``harvest`` and ``flush`` (``harvest_lock``, then ``lock`` for the merge);
@@ -91,6 +92,14 @@ class Taken:
     pages: int  # dirty pages in ``bitmap``, counted in the worker that took them
 
 
+@dataclass(frozen=True)
+class Ticket:
+    """A slot's state and its count of harvests begun when a GET arrived."""
+
+    state: SlotState | None
+    begun: int
+
+
 # (slot, its memslot, whether it logs), by address space and base gfn.
 Layout = tuple[tuple[SlotState, Memslot, bool], ...]
 
@@ -101,6 +110,7 @@ class VmState:
         self.backend = backend
         self.lock = threading.Lock()
         self.harvest_lock = threading.Lock()  # the slots_lock of GET_DIRTY_LOG
+        self._harvest_ended = threading.Condition(self.lock)
         self.consumers: dict[str, Consumer] = {
             DEFAULT_CONSUMER: Consumer(DEFAULT_CONSUMER, manual_protect=False, initially_set=False)
         }
@@ -183,43 +193,63 @@ class VmState:
         return DeviceNotFound(f"vm '{self.name}' has no consumer named '{name}'")
 
     # --- the harvest --------------------------------------------------------------------------
-    def harvest(self, slot: int, consumer: str) -> Taken:
+    def ticket(self, slot: int) -> Ticket:
+        """Where the harvests of ``slot`` stand as a GET arrives (on the loop, or any thread)."""
+        state = self.slots.get(slot)
+        return Ticket(state, state.harvests_begun if state is not None else 0)
+
+    def harvest(self, slot: int, consumer: str, ticket: Ticket | None = None) -> Taken:
         """GET_DIRTY_LOG for ``consumer`` (worker thread). Raises KvmError or DeviceNotFound.
 
-        A GET that waited for ``harvest_lock`` while a harvest of its slot began after it
-        arrived and ended well is answered from that harvest (no backend call of its own): it
-        carries every store made before this GET arrived, as its own harvest would have, and
-        its generation. So many consumers reading at once share harvests instead of queueing
-        one each (a group commit)."""
+        A GET is answered from the latest harvest of its slot without one of its own if that
+        harvest began after the GET arrived (``ticket``, default now) and ended well: it carries
+        every store made before the GET arrived, as the GET's own harvest would have, and its
+        generation. So many consumers reading at once share harvests instead of queueing one
+        each behind ``harvest_lock`` (a group commit)."""
         self.consumer(consumer)  # an unknown consumer fails before anything is harvested
         started = time.monotonic()
+        if ticket is None:
+            with self.lock:
+                ticket = self.ticket(slot)
         with self.lock:
-            arrived = self.slots.get(slot)
-            ticket = arrived.harvests_begun if arrived is not None else 0
-        with self.harvest_lock:
-            with self.lock:
-                state = self.slots.get(slot)
-                shared = state is arrived and state is not None and state.covered > ticket
-            if not shared:
+            # Not queued on harvest_lock itself: a plain lock is not fair, and a GET already
+            # covered could wait there behind any number of newer harvests.
+            while not (shared := self._covers(slot, ticket)):
+                if self.harvest_lock.acquire(blocking=False):
+                    break
+                self._harvest_ended.wait()
+            if shared:
+                taken = self._take(slot, consumer)
+        if not shared:
+            try:
                 self._harvest_locked(slot)
-            with self.lock:
-                state = self.slots.get(slot)
-                who = self.consumers.get(consumer)
-                if state is None or state.log is None:
-                    raise KvmError(
-                        errno.ENOENT, "the slot stopped logging during the harvest", slot
-                    )
-                if who is None:  # removed meanwhile; the bits are in the log for the others
-                    raise self._no_consumer(consumer)
-                taken = who.take(slot)
-                generation = state.generation
+                with self.lock:
+                    taken = self._take(slot, consumer)
+            finally:
+                self._end_harvest()
         if shared:
             self.telemetry.shared_harvests += 1
         else:
             self.telemetry.harvests += 1
             self.telemetry.harvest_seconds.observe(time.monotonic() - started)
-        pages = taken.count()
-        return Taken(taken, generation, slot, state.incarnation, consumer, pages)
+        bits, generation, incarnation = taken
+        return Taken(bits, generation, slot, incarnation, consumer, bits.count())
+
+    def _covers(self, slot: int, ticket: Ticket) -> bool:
+        """Whether a harvest of ``slot`` that began after ``ticket`` ended well (``lock``)."""
+        state = self.slots.get(slot)
+        return state is not None and state is ticket.state and state.covered > ticket.begun
+
+    def _take(self, slot: int, consumer: str) -> tuple[DirtyBitmap, int, int]:
+        """The consumer's bits after the latest harvest of ``slot``, that harvest's generation
+        and the slot's incarnation (under ``lock``)."""
+        state = self.slots.get(slot)
+        who = self.consumers.get(consumer)
+        if state is None or state.log is None:
+            raise KvmError(errno.ENOENT, "the slot stopped logging during the harvest", slot)
+        if who is None:  # removed meanwhile; the bits are in the log for the others
+            raise self._no_consumer(consumer)
+        return who.take(slot), state.generation, state.incarnation
 
     def _harvest_locked(self, slot: int) -> None:
         """The backend's harvest of ``slot`` into its log (``harvest_lock`` held). Raises
@@ -292,8 +322,17 @@ class VmState:
         with self.lock:
             logged = [s.memslot.slot for s in self.slots.values() if s.log is not None]
         for slot in logged * 2:
-            with self.harvest_lock:
+            self.harvest_lock.acquire()
+            try:
                 self._harvest_locked(slot)
+            finally:
+                self._end_harvest()
+
+    def _end_harvest(self) -> None:
+        """Release ``harvest_lock`` and wake the GETs waiting for a harvest or their turn."""
+        with self.lock:
+            self.harvest_lock.release()
+            self._harvest_ended.notify_all()
 
     def pending_snapshot(self) -> dict[tuple[str, int], bytes]:
         """Every consumer's pending bits per logged slot, in KVM's layout (the slot logs

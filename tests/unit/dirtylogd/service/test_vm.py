@@ -234,7 +234,7 @@ def test_io_marks_of_gfns_set_each_page_once_per_logging_slot(vm):
 
 # --- shared harvests: GETs queued behind a harvest that began after them --------------------
 def test_gets_waiting_behind_a_harvest_share_the_next_and_lose_nothing(vm):
-    """A harvests (and holds harvest_lock); B and C arrive meanwhile, after page 9 was stored.
+    """A harvests (holding harvest_lock); B and C arrive meanwhile, after page 9 was stored.
     The first of them to get the lock harvests; the other, which arrived before that harvest
     began, is answered from it — and both get page 9, with that harvest's generation."""
     for name in "abc":
@@ -263,7 +263,7 @@ def test_gets_waiting_behind_a_harvest_share_the_next_and_lose_nothing(vm):
     waiting = [threading.Thread(target=get, args=(n,)) for n in "bc"]
     for t in waiting:
         t.start()
-    time.sleep(0.2)  # both queued on harvest_lock
+    time.sleep(0.2)  # both waiting for a harvest
     release.set()
     for t in (first, *waiting):
         t.join()
