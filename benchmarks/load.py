@@ -13,6 +13,11 @@ is the p50 of one client alone (the 'default' consumer, same workload), measured
 
     python benchmarks/load.py                  # 64 clients, 4 GiB, 200,000 pages/s, 30 s
     python benchmarks/load.py --clients 16 --gib 1 --seconds 3 --json   # what the test runs
+    python benchmarks/load.py --encoding fd    # answers written into each client's memfd
+
+With ``--encoding fd`` every client (and the baseline) passes a memfd once with ``getfd`` and
+reads each answer's bitmap from it, as a migration tool does with a large VM: no base64 or JSON
+of a 128 KiB bitmap per answer on either side, so what is left is the daemon's own work.
 
 Exits 1 if a page was lost or stale, or a command failed.
 """
@@ -24,6 +29,7 @@ import asyncio
 import base64
 import json
 import mmap
+import os
 import sys
 import tempfile
 import time
@@ -58,6 +64,9 @@ class Result:
     gets_per_second: float
     daemon_cpu: float  # share of one core during the run
     client_cpu: float  # this process: 64 clients decoding and checking every answer
+    daemon_cpu_ms_per_get: float  # the crowd's, vCPU stores included
+    alone_daemon_cpu: float  # cores, while one client alone asks
+    encoding: str
 
 
 def stamps(ram_path: str, size: int) -> np.ndarray:
@@ -71,8 +80,30 @@ def cpu_seconds(process: psutil.Process) -> float:
     return t.user + t.system
 
 
+class Answers:
+    """How one client asks for and reads its bitmaps: inline, or through its memfd."""
+
+    def __init__(self, encoding: str, npages: int) -> None:
+        self.encoding = encoding
+        self.nbytes = (npages + 63) // 64 * 8
+        self.fd = os.memfd_create("load") if encoding == "fd" else -1
+
+    async def attach(self, client: QMPClient) -> dict[str, str]:
+        """The GET arguments this client adds (after passing its memfd, with fd)."""
+        if self.encoding != "fd":
+            return {}
+        client.send_fd_scm(self.fd)
+        await client.execute("getfd", {"fdname": "bits"})
+        return {"encoding": "fd", "fdname": "bits"}
+
+    def bits(self, reply: dict) -> np.ndarray:
+        if self.encoding == "fd":
+            return np.frombuffer(os.pread(self.fd, self.nbytes, 0), dtype=np.uint8)
+        return np.frombuffer(base64.b64decode(reply["bitmap"]), dtype=np.uint8)
+
+
 async def consumer_loop(
-    client: QMPClient, name: str, npages: int, until: asyncio.Event
+    client: QMPClient, name: str, npages: int, until: asyncio.Event, encoding: str
 ) -> tuple[np.ndarray, list[float], int]:
     """Loop gets until ``until`` is set, then one final get.
 
@@ -82,7 +113,8 @@ async def consumer_loop(
     reported = np.zeros(npages, dtype=np.uint32)
     latencies: list[float] = []
     errors = 0
-    args = {"vm": VM, "slot": 0, "consumer": name}
+    answers = Answers(encoding, npages)
+    args = {"vm": VM, "slot": 0, "consumer": name, **await answers.attach(client)}
     while True:
         final = until.is_set()
         t0 = time.perf_counter()
@@ -96,13 +128,13 @@ async def consumer_loop(
             await asyncio.sleep(0.01)
             continue
         latencies.append((time.perf_counter() - t0) * 1e3)
-        bits = np.frombuffer(base64.b64decode(reply["bitmap"]), dtype=np.uint8)
+        bits = answers.bits(reply)
         reported[np.unpackbits(bits, bitorder="little").view(bool)] = reply["generation"]
         if final:
             return reported, latencies, errors
 
 
-async def run(clients: int, gib: int, pps: int, seconds: float, tmp: str) -> Result:
+async def run(clients: int, gib: int, pps: int, seconds: float, tmp: str, encoding: str) -> Result:
     npages = gib * GiB // PAGE
     # One consumer per client: past the default limit (64) the daemon must be told.
     async with connected_daemon(tmp, "--max-consumers", str(max(clients, 1))) as admin:
@@ -129,15 +161,20 @@ async def run(clients: int, gib: int, pps: int, seconds: float, tmp: str) -> Res
             "sim-workload-start", {"vm": VM, "pages-per-second": pps, "vcpus": 2, "seed": 1}
         )
         alone = []
+        (daemon,) = psutil.Process().children()
+        baseline = Answers(encoding, npages)
+        alone_args = {"vm": VM, "slot": 0, **await baseline.attach(admin)}
+        cpu_alone, alone_started = cpu_seconds(daemon), time.perf_counter()
         for _ in range(50):  # the baseline: one client, nobody else asking
             t0 = time.perf_counter()
-            await admin.execute("dirty-log-get", {"vm": VM, "slot": 0})
+            reply = await admin.execute("dirty-log-get", alone_args)
             alone.append((time.perf_counter() - t0) * 1e3)
-        (daemon,) = psutil.Process().children()
+            baseline.bits(reply)  # read, as every client of the crowd reads its answers
+        alone_cpu = (cpu_seconds(daemon) - cpu_alone) / (time.perf_counter() - alone_started)
         cpu_before = (cpu_seconds(daemon), cpu_seconds(psutil.Process()))
         started = time.perf_counter()
         loops = [
-            asyncio.create_task(consumer_loop(c, n, npages, stop))
+            asyncio.create_task(consumer_loop(c, n, npages, stop, encoding))
             for c, n in zip(connections, names, strict=True)
         ]
         await asyncio.sleep(seconds)
@@ -145,7 +182,8 @@ async def run(clients: int, gib: int, pps: int, seconds: float, tmp: str) -> Res
         stop.set()
         outcomes = await asyncio.gather(*loops)
         elapsed = time.perf_counter() - started
-        daemon_cpu = (cpu_seconds(daemon) - cpu_before[0]) / elapsed
+        daemon_cpu_seconds = cpu_seconds(daemon) - cpu_before[0]
+        daemon_cpu = daemon_cpu_seconds / elapsed
         client_cpu = (cpu_seconds(psutil.Process()) - cpu_before[1]) / elapsed
         after = stamps(vm["ram-path"], gib * GiB)
         for c in connections:
@@ -179,6 +217,9 @@ async def run(clients: int, gib: int, pps: int, seconds: float, tmp: str) -> Res
         gets_per_second=len(latencies) / elapsed,
         daemon_cpu=daemon_cpu,
         client_cpu=client_cpu,
+        daemon_cpu_ms_per_get=daemon_cpu_seconds / max(len(latencies), 1) * 1e3,
+        alone_daemon_cpu=alone_cpu,
+        encoding=encoding,
     )
 
 
@@ -190,15 +231,17 @@ def main() -> int:
     ap.add_argument("--gib", type=int, default=4)
     ap.add_argument("--pps", type=int, default=200_000, help="guest stores per second")
     ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--encoding", choices=("bitmap", "fd"), default="bitmap")
     ap.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
-        r = asyncio.run(run(args.clients, args.gib, args.pps, args.seconds, tmp))
+        r = asyncio.run(run(args.clients, args.gib, args.pps, args.seconds, tmp, args.encoding))
     if args.json:
         print(json.dumps(asdict(r)))
     else:
         print(
             f"{r.clients} clients, {r.gib} GiB, {r.pages_per_second} pages/s for {r.seconds:.0f} s"
+            f" (encoding {r.encoding})"
         )
         print(
             f"  gets           {r.gets} ({r.gets_per_second:.0f}/s, fewest by one client "
@@ -208,7 +251,10 @@ def main() -> int:
             f"  latency (ms)   p50 {r.p50_ms:.1f}  p99 {r.p99_ms:.1f}  max {r.max_ms:.1f}; "
             f"alone p50 {r.alone_p50_ms:.1f} (p50 {r.p50_ms / r.alone_p50_ms:.0f}x alone)"
         )
-        print(f"  CPU (cores)    daemon {r.daemon_cpu:.2f}, clients {r.client_cpu:.2f}")
+        print(
+            f"  CPU (cores)    daemon {r.daemon_cpu:.2f} (alone {r.alone_daemon_cpu:.2f}), "
+            f"clients {r.client_cpu:.2f}; daemon {r.daemon_cpu_ms_per_get:.2f} ms a get"
+        )
         print(
             f"  changed pages  {r.changed_pages}; worst consumer: lost {r.lost_pages}, "
             f"stale {r.stale_pages}"

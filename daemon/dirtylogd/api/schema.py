@@ -207,11 +207,12 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "dirty-log-get",
         h.dirty_log_get,
-        "KVM_GET_DIRTY_LOG for one consumer: harvest the slot into every consumer, answer this "
+        "KVM_GET_DIRTY_LOG for one consumer: harvest the slot for every consumer, answer this "
         "one's pending bits, and (unless manual-protect) clear them. With encoding 'fd' the "
         "bitmap is written at offset 0 of the descriptor named by getfd. Harvests of a VM are "
         "serialised (KVM's slots_lock), so 'generation' orders answers: a simulated store "
-        "stamped g is reported in an answer whose generation is g or later.",
+        "stamped g is reported in an answer whose generation is g or later. GETs that arrive "
+        "while a harvest of their slot runs share the next one, which began after they arrived.",
         (
             VM,
             SLOT,

@@ -54,7 +54,7 @@ class DirtylogdCollector(Collector):
         harvests = CounterMetricFamily(P + "harvests", "Harvests of a memslot", labels=["vm"])
         durations = HistogramMetricFamily(
             P + "harvest_duration_seconds",
-            "Time to harvest a memslot and merge it into every consumer",
+            "Time to harvest a memslot and append it to the slot's log (shared GETs not counted)",
             labels=["vm"],
         )
         dirty = CounterMetricFamily(

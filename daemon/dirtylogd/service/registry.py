@@ -566,9 +566,13 @@ class Service:
         If the caller is cancelled (its client was dropped, the daemon is stopping) the
         thread still runs to the end and takes the bits; they are put back before the
         cancellation goes on, so a save that follows has them."""
+        slot_id = make_slot_id(as_id, slot)
+        # Taken on the loop as the request arrives, not when a worker thread gets to it: any
+        # harvest that begins after this may answer it (VmState.harvest).
+        ticket = vm.ticket(slot_id)
 
         def harvest_and_answer() -> tuple[Taken, T]:
-            taken = vm.harvest(make_slot_id(as_id, slot), consumer)
+            taken = vm.harvest(slot_id, consumer, ticket)
             try:
                 return taken, answer(taken)
             except BaseException:

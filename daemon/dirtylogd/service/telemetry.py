@@ -64,6 +64,7 @@ class VmTelemetry:
     """What happened to one VM's dirty pages."""
 
     harvests: int = 0
+    shared_harvests: int = 0  # GETs answered from a harvest that began while they waited
     harvest_seconds: DurationHistogram = field(default_factory=DurationHistogram)
     dirty_pages: Counter[str] = field(default_factory=Counter)  # by source: uc, io
     io_marked_pages: int = 0

@@ -3,18 +3,22 @@
 The backend owns memslots, RAM and vCPUs; this owns what KVM does not have — several consumers,
 and the log of pages written by I/O that the s390 UC bit cannot see (the seed's gap).
 
-A harvest of a slot: backend bits | the slot's I/O log, ORed into every consumer's pending
-bitmap, then the asking consumer takes its own. Harvests of one VM are serialised by
-``harvest_lock``, as KVM_GET_DIRTY_LOG is by ``kvm->slots_lock``: each answer's generation is
-then higher than that of every harvest whose bits it carries. The merge and take happen under
-``lock``, so an I/O mark or a query sees either all of a harvest or none of it.
+A harvest of a slot: backend bits | the slot's I/O log, appended to the slot's log
+(:mod:`dirtylogd.service.slotlog`) in a few bitmap passes whatever the number of consumers; a
+consumer ORs in the harvests it has not seen when it takes, clears or is counted, so one that
+does not read costs a harvest nothing. Harvests of one VM are serialised by ``harvest_lock``,
+as KVM_GET_DIRTY_LOG is by ``kvm->slots_lock``: each answer's generation is then higher than
+that of every harvest whose bits it carries. GETs that queue on it behind a harvest of their
+slot that began after they arrived share that harvest (see :meth:`VmState.harvest`). The append
+and take happen under ``lock``, so an I/O mark or a query sees either all of a harvest or none.
 
 What runs where (the service, :mod:`dirtylogd.service.registry`, decides):
 
-* On the event loop: ``consumer`` (a lookup, no lock); ``add_consumer``, ``remove_consumer``,
-  ``apply_memslot_change`` (after the backend's change ran in a thread), ``put_back`` (the undo
-  of an answer that was not delivered, or of a cancelled GET), ``delivered`` (an answer that
-  was) and, at start-up before clients are served, ``restore_pending`` — each takes ``lock``.
+* On the event loop: ``consumer`` and ``ticket`` (lookups, no lock); ``add_consumer``,
+  ``remove_consumer``, ``apply_memslot_change`` (after the backend's change ran in a thread),
+  ``put_back`` (the undo of an answer that was not delivered, or of a cancelled GET),
+  ``delivered`` (an answer that was) and, at start-up before clients are served,
+  ``restore_pending`` — each takes ``lock``.
   The ``slots`` and ``consumers`` dicts are changed only by these, so the loop also reads them
   without a lock (the VM's record).
 * In worker threads: ``harvest`` and ``flush`` (``harvest_lock``, then ``lock`` for the merge);
@@ -25,9 +29,9 @@ What runs where (the service, :mod:`dirtylogd.service.registry`, decides):
 The loop never takes ``harvest_lock``, which is held across the backend's harvest, the long
 part of a GET. ``lock`` is never held across a backend call, file I/O or a Python loop over
 client input — I/O marks and CLEAR masks are built before it is taken — only across numpy work
-on bitmaps already built: the merge of one slot into every consumer (~1 ms for a 16 GiB slot
-and four consumers), a take, a put-back, a clear, an OR of marks, the counts of a query. That
-is the longest the loop can wait for it.
+on bitmaps already built: the append of one harvest to its slot's log (one or two ORs), a take
+(the ORs of what that consumer had not seen), a put-back, a clear, an OR of marks, the counts
+of a query. That is the longest the loop can wait for it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import numpy as np
 
 from dirtylogd.errors import DeviceNotFound, GenericError
 from dirtylogd.service.consumers import Consumer
+from dirtylogd.service.slotlog import MAX_ENTRIES, SlotLog
 from dirtylogd.service.telemetry import VmTelemetry
 from kvmshim.abi import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT, PAGE_SIZE, make_slot_id
 from kvmshim.backends.base import Backend
@@ -52,8 +57,8 @@ from kvmshim.memslot import Change, Memslot, MemslotChange
 
 DEFAULT_CONSUMER = "default"
 # Consumers a VM may have besides 'default' (--max-consumers). Each costs a pending bitmap per
-# logged slot (1 bit per page: 256 KiB for 8 GiB of RAM) and is ORed into at every harvest, so a
-# GET's time and a query's grow with their number. 64 is what benchmarks/load.py serves with
+# logged slot (1 bit per page: 256 KiB for 8 GiB of RAM), and a query's time grows with their
+# number (a harvest's does not: see slotlog). 64 is what benchmarks/load.py serves with
 # nothing lost (64 clients, each its own consumer), and keeps an 8 GiB VM's consumers at 16 MiB
 # and a GET at a few ms (docs/reliability.md); tools need a handful (a migration, a monitor).
 DEFAULT_MAX_CONSUMERS = 64
@@ -64,6 +69,11 @@ class SlotState:
     memslot: Memslot
     incarnation: int  # a new one whenever logging (re)starts, so stale undo cannot cross it
     io_log: DirtyBitmap | None = None  # None while dirty logging is off
+    log: SlotLog | None = None  # harvests not folded into every consumer; None: logging off
+    generation: int = 0  # the backend's generation of the latest harvest
+    harvests_begun: int = 0  # harvests of this slot begun (under ``harvest_lock``)
+    covered: int = 0  # the number of the latest that ended well: a GET that arrived before it
+    # began is answered from the log without a harvest of its own
     logging_since: float = 0.0
     last_harvest: float | None = None
     last_dirty: int = 0
@@ -82,6 +92,14 @@ class Taken:
     pages: int  # dirty pages in ``bitmap``, counted in the worker that took them
 
 
+@dataclass(frozen=True)
+class Ticket:
+    """A slot's state and its count of harvests begun when a GET arrived."""
+
+    state: SlotState | None
+    begun: int
+
+
 # (slot, its memslot, whether it logs), by address space and base gfn.
 Layout = tuple[tuple[SlotState, Memslot, bool], ...]
 
@@ -92,6 +110,7 @@ class VmState:
         self.backend = backend
         self.lock = threading.Lock()
         self.harvest_lock = threading.Lock()  # the slots_lock of GET_DIRTY_LOG
+        self._harvest_ended = threading.Condition(self.lock)
         self.consumers: dict[str, Consumer] = {
             DEFAULT_CONSUMER: Consumer(DEFAULT_CONSUMER, manual_protect=False, initially_set=False)
         }
@@ -122,17 +141,18 @@ class VmState:
             if new.log_dirty_pages and state.io_log is None:
                 self._start_logging(state)
             elif not new.log_dirty_pages and state.io_log is not None:
-                state.io_log = None  # KVM frees the dirty bitmap
+                state.io_log = state.log = None  # KVM frees the dirty bitmap
                 for c in self.consumers.values():
                     c.detach(new.slot)
 
     def _start_logging(self, state: SlotState) -> None:
         state.incarnation = next(self._incarnations)
         state.io_log = DirtyBitmap(state.memslot.npages)
+        state.log = SlotLog(state.memslot.npages)
         state.logging_since = time.monotonic()
         state.last_harvest = None
         for c in self.consumers.values():
-            c.attach(state.memslot.slot, state.memslot.npages)
+            c.attach(state.memslot.slot, state.log)
 
     def add_consumer(
         self, name: str, manual_protect: bool, initially_set: bool, limit: int | None = None
@@ -150,16 +170,18 @@ class VmState:
                 )
             consumer = Consumer(name, manual_protect, initially_set)
             for state in self.slots.values():
-                if state.io_log is not None:
-                    consumer.attach(state.memslot.slot, state.memslot.npages)
+                if state.log is not None:
+                    consumer.attach(state.memslot.slot, state.log)
             self.consumers[name] = consumer
 
     def remove_consumer(self, name: str) -> None:
         with self.lock:
             if name == DEFAULT_CONSUMER:
                 raise GenericError("the 'default' consumer belongs to the VM and cannot be removed")
-            if self.consumers.pop(name, None) is None:
+            gone = self.consumers.pop(name, None)
+            if gone is None:
                 raise self._no_consumer(name)
+            gone.detach_all()
 
     def consumer(self, name: str) -> Consumer:
         found = self.consumers.get(name)
@@ -171,47 +193,109 @@ class VmState:
         return DeviceNotFound(f"vm '{self.name}' has no consumer named '{name}'")
 
     # --- the harvest --------------------------------------------------------------------------
-    def harvest(self, slot: int, consumer: str) -> Taken:
-        """GET_DIRTY_LOG for ``consumer`` (worker thread). Raises KvmError or DeviceNotFound."""
+    def ticket(self, slot: int) -> Ticket:
+        """Where the harvests of ``slot`` stand as a GET arrives (on the loop, or any thread)."""
+        state = self.slots.get(slot)
+        return Ticket(state, state.harvests_begun if state is not None else 0)
+
+    def harvest(self, slot: int, consumer: str, ticket: Ticket | None = None) -> Taken:
+        """GET_DIRTY_LOG for ``consumer`` (worker thread). Raises KvmError or DeviceNotFound.
+
+        A GET is answered from the latest harvest of its slot without one of its own if that
+        harvest began after the GET arrived (``ticket``, default now) and ended well: it carries
+        every store made before the GET arrived, as the GET's own harvest would have, and its
+        generation. So many consumers reading at once share harvests instead of queueing one
+        each behind ``harvest_lock`` (a group commit)."""
         self.consumer(consumer)  # an unknown consumer fails before anything is harvested
         started = time.monotonic()
-        with self.harvest_lock:
-            harvest = self.backend.get_dirty_log(slot)
-            overreach = self.backend.overreach(slot)
+        if ticket is None:
             with self.lock:
-                self._mark_overreach(overreach)
-                state = self.slots.get(slot)
-                who = self.consumers.get(consumer)
-                if state is None or state.io_log is None:
-                    raise KvmError(
-                        errno.ENOENT, "the slot stopped logging during the harvest", slot
-                    )
-                if who is None:  # removed meanwhile; the bits still go to everyone else
-                    self._merge(state, harvest.bitmap)
-                    raise self._no_consumer(consumer)
+                ticket = self.ticket(slot)
+        with self.lock:
+            # Not queued on harvest_lock itself: a plain lock is not fair, and a GET already
+            # covered could wait there behind any number of newer harvests.
+            while not (shared := self._covers(slot, ticket)):
+                if self.harvest_lock.acquire(blocking=False):
+                    break
+                self._harvest_ended.wait()
+            if shared:
+                taken = self._take(slot, consumer)
+        if not shared:
+            try:
+                self._harvest_locked(slot)
+                with self.lock:
+                    taken = self._take(slot, consumer)
+            finally:
+                self._end_harvest()
+        if shared:
+            self.telemetry.shared_harvests += 1
+        else:
+            self.telemetry.harvests += 1
+            self.telemetry.harvest_seconds.observe(time.monotonic() - started)
+        bits, generation, incarnation = taken
+        return Taken(bits, generation, slot, incarnation, consumer, bits.count())
+
+    def _covers(self, slot: int, ticket: Ticket) -> bool:
+        """Whether a harvest of ``slot`` that began after ``ticket`` ended well (``lock``)."""
+        state = self.slots.get(slot)
+        return state is not None and state is ticket.state and state.covered > ticket.begun
+
+    def _take(self, slot: int, consumer: str) -> tuple[DirtyBitmap, int, int]:
+        """The consumer's bits after the latest harvest of ``slot``, that harvest's generation
+        and the slot's incarnation (under ``lock``)."""
+        state = self.slots.get(slot)
+        who = self.consumers.get(consumer)
+        if state is None or state.log is None:
+            raise KvmError(errno.ENOENT, "the slot stopped logging during the harvest", slot)
+        if who is None:  # removed meanwhile; the bits are in the log for the others
+            raise self._no_consumer(consumer)
+        return who.take(slot), state.generation, state.incarnation
+
+    def _harvest_locked(self, slot: int) -> None:
+        """The backend's harvest of ``slot`` into its log (``harvest_lock`` held). Raises
+        KvmError as the backend does; a slot that stopped logging meanwhile gets nothing."""
+        with self.lock:
+            state = self.slots.get(slot)
+            if state is not None:
+                state.harvests_begun += 1
+                number = state.harvests_begun
+        harvest = self.backend.get_dirty_log(slot)
+        overreach = self.backend.overreach(slot)
+        with self.lock:
+            self._mark_overreach(overreach)
+            if state is not None and self.slots.get(slot) is state and state.log is not None:
                 self._merge(state, harvest.bitmap)
-                taken = who.take(slot)
-        self.telemetry.harvests += 1
-        self.telemetry.harvest_seconds.observe(time.monotonic() - started)
-        pages = taken.count()
-        return Taken(taken, harvest.generation, slot, state.incarnation, consumer, pages)
+                state.generation = harvest.generation
+                state.covered = number
 
     def _merge(self, state: SlotState, uc_bits: DirtyBitmap) -> None:
-        io = state.io_log
-        assert io is not None
+        """Backend bits | the I/O log, appended to the slot's log: a few bitmap passes,
+        whatever the number of consumers (each folds them in when it reads)."""
+        io, log = state.io_log, state.log
+        assert io is not None and log is not None
         merged = uc_bits
         io_count = io.count()
+        uc_count = uc_bits.count()
         if io_count:
             merged = uc_bits | io
             state.io_log = DirtyBitmap(io.npages)
-        for c in self.consumers.values():
-            c.merge(state.memslot.slot, merged)
         now = time.monotonic()
         state.last_interval = now - (state.last_harvest or state.logging_since)
         state.last_harvest = now
-        state.last_dirty = merged.count()
-        self.telemetry.dirty_pages["uc"] += uc_bits.count()
+        state.last_dirty = merged.count() if io_count else uc_count
+        self.telemetry.dirty_pages["uc"] += uc_count
         self.telemetry.dirty_pages["io"] += io_count
+        log.append(merged)  # the log owns ``merged`` from here on
+        if len(log) > MAX_ENTRIES:
+            self._fold_everyone(state.memslot.slot, log)
+
+    def _fold_everyone(self, slot: int, log: SlotLog) -> None:
+        """The log grew past its bound (consumers reading at many different moments): give
+        every consumer what it is owed and empty it."""
+        joined = [c for c in self.consumers.values() if slot in c.positions]
+        log.fold_all((c.pending[slot], c.positions[slot]) for c in joined)
+        for c in joined:
+            c.positions[slot] = log.head
 
     def _mark_overreach(self, pages: list[tuple[int, int]]) -> None:
         """Pages of other slots that the harvest just consumed without reporting them there.
@@ -229,27 +313,34 @@ class VmState:
                 self.telemetry.overreach_pages += 1
 
     def flush(self) -> None:
-        """Harvest every logged slot into every consumer, taking nothing (before a stop).
+        """Harvest every logged slot into its log, taking nothing (before a stop).
 
         Twice: an s390 harvest of one slot may mark a page into the KVM dirty bitmap of the
         slot after it (the inclusive bound, when the two are adjacent in guest memory too),
         which only that slot's next harvest returns; the second pass collects such marks
         whatever the order of the first (the vCPUs are paused, so it finds nothing else)."""
         with self.lock:
-            logged = [s.memslot.slot for s in self.slots.values() if s.io_log is not None]
+            logged = [s.memslot.slot for s in self.slots.values() if s.log is not None]
         for slot in logged * 2:
-            with self.harvest_lock:
-                harvest = self.backend.get_dirty_log(slot)
-                overreach = self.backend.overreach(slot)
-                with self.lock:
-                    self._mark_overreach(overreach)
-                    state = self.slots.get(slot)
-                    if state is not None and state.io_log is not None:
-                        self._merge(state, harvest.bitmap)
+            self.harvest_lock.acquire()
+            try:
+                self._harvest_locked(slot)
+            finally:
+                self._end_harvest()
+
+    def _end_harvest(self) -> None:
+        """Release ``harvest_lock`` and wake the GETs waiting for a harvest or their turn."""
+        with self.lock:
+            self.harvest_lock.release()
+            self._harvest_ended.notify_all()
 
     def pending_snapshot(self) -> dict[tuple[str, int], bytes]:
-        """Every consumer's pending bits per logged slot, in KVM's layout."""
+        """Every consumer's pending bits per logged slot, in KVM's layout (the slot logs
+        folded in first: they are not saved)."""
         with self.lock:
+            for c in self.consumers.values():
+                for slot in c.pending:
+                    c.catch_up(slot)
             return {
                 (c.name, slot): bm.to_bytes()
                 for c in self.consumers.values()
@@ -261,6 +352,7 @@ class VmState:
         with self.lock:
             for c in self.consumers.values():
                 for slot, bm in c.pending.items():
+                    c.catch_up(slot)  # the saved bits replace the log's too
                     raw = None if saved is None else saved.get((c.name, slot))
                     if raw is not None and len(raw) == len(bm.to_bytes()):
                         c.pending[slot] = DirtyBitmap.from_bytes(bm.npages, raw)

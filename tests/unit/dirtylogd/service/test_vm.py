@@ -230,3 +230,45 @@ def test_io_marks_of_gfns_set_each_page_once_per_logging_slot(vm):
     assert vm.slots[0].io_log.pages().tolist() == [0, 7, 8, 9, 255]
     assert vm.slots[1].io_log.pages().tolist() == [0, 255]
     assert vm.telemetry.io_marked_pages == 9
+
+
+# --- shared harvests: GETs queued behind a harvest that began after them --------------------
+def test_gets_waiting_behind_a_harvest_share_the_next_and_lose_nothing(vm):
+    """A harvests (holding harvest_lock); B and C arrive meanwhile, after page 9 was stored.
+    The first of them to get the lock harvests; the other, which arrived before that harvest
+    began, is answered from it — and both get page 9, with that harvest's generation."""
+    for name in "abc":
+        vm.add_consumer(name, manual_protect=False, initially_set=False)
+    real, calls = vm.backend.get_dirty_log, []
+    inside, release = threading.Event(), threading.Event()
+
+    def held_first(slot):
+        result = real(slot)
+        calls.append(result.generation)
+        if len(calls) == 1:
+            inside.set()
+            release.wait(30)
+        return result
+
+    vm.backend.get_dirty_log = held_first
+    answers = {}
+
+    def get(name):
+        answers[name] = vm.harvest(0, name)
+
+    first = threading.Thread(target=get, args=("a",))
+    first.start()
+    assert inside.wait(30)
+    vm.backend.write_pages(np.array([9]), 1, WritePath.GUEST)
+    waiting = [threading.Thread(target=get, args=(n,)) for n in "bc"]
+    for t in waiting:
+        t.start()
+    time.sleep(0.2)  # both waiting for a harvest
+    release.set()
+    for t in (first, *waiting):
+        t.join()
+    assert len(calls) == 2 and vm.telemetry.shared_harvests == 1
+    assert answers["a"].bitmap.pages().tolist() == []
+    for name in "bc":
+        assert answers[name].bitmap.pages().tolist() == [9]
+        assert answers[name].generation == calls[1]
