@@ -104,9 +104,9 @@ def test_every_answer_is_built_in_the_thread_that_harvested_it(tmp_path, encoder
     encoded, and a large one is not handed to a second thread."""
     spied = VmState.harvest
 
-    def harvest(self, slot, consumer):
+    def harvest(self, slot, consumer, ticket=None):
         encoders["harvest"] = threading.get_ident()
-        return spied(self, slot, consumer)
+        return spied(self, slot, consumer, ticket)
 
     async def main():
         ctx = await make_context(tmp_path, size)
