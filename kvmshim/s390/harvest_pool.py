@@ -20,6 +20,7 @@ T = TypeVar("T")
 # Two threads already reach most of one socket's memory bandwidth for these passes; past four
 # the pool only adds wake-ups (see README, Performance: harvest).
 MAX_DEFAULT_THREADS = 4
+THREAD_PREFIX = "kvmshim-harvest"  # the pool's threads are <prefix>_N (metrics group them)
 
 
 def default_harvest_threads() -> int:
@@ -75,5 +76,5 @@ def _get_pool() -> ThreadPoolExecutor:
     global _pool
     with _lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max(1, _threads - 1), thread_name_prefix="kvmshim-harvest")
+            _pool = ThreadPoolExecutor(max(1, _threads - 1), thread_name_prefix=THREAD_PREFIX)
         return _pool

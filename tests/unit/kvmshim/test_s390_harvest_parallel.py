@@ -63,7 +63,7 @@ def test_the_empty_chunk_hint_never_hides_a_dirty_page(kernel, threads):
 
 @pytest.mark.parametrize("kernel", ["3.16", "4.19"])
 def test_a_second_harvest_with_nothing_between_reads_no_chunk(kernel):
-    mmu = S390Mmu(4 * 65536, kernel=kernel)
+    mmu = S390Mmu(4 * 65536, kernel=kernel, harvest_chunk=65536)
     mmu.guest_store(np.arange(0, 4 * 65536, 97))
     out = np.zeros(4 * 65536 // 8, np.uint8)
     assert mmu.harvest(out) == -(-4 * 65536 // 97)
