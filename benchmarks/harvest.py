@@ -158,8 +158,8 @@ def main() -> None:
     ap.add_argument(
         "--threads",
         type=int,
-        default=harvest_pool.default_harvest_threads(),
-        help="harvest threads to compare with 1 (default: the daemon's default)",
+        default=max(2, harvest_pool.default_harvest_threads()),
+        help="harvest threads to compare with 1 (default: the daemon's default, at least 2)",
     )
     args = ap.parse_args()
     rng = np.random.default_rng(2014)

@@ -17,19 +17,20 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-# Two threads already reach most of one socket's memory bandwidth for these passes; past four
-# the pool only adds wake-ups (see README, Performance: harvest).
+# Half the CPUs, at most four: the harvest shares the host with the guests' vCPUs and the
+# daemon's loop, and on the 2-core test host a second harvest thread was as often slower as
+# faster (README, Performance: harvest); past four the pool only adds wake-ups.
 MAX_DEFAULT_THREADS = 4
 THREAD_PREFIX = "kvmshim-harvest"  # the pool's threads are <prefix>_N (metrics group them)
 
 
 def default_harvest_threads() -> int:
-    """min(usable CPUs, 4): one per core this process may run on."""
+    """Half the CPUs this process may run on, at least 1 and at most 4."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
-    return max(1, min(cpus, MAX_DEFAULT_THREADS))
+    return max(1, min(cpus // 2, MAX_DEFAULT_THREADS))
 
 
 _lock = threading.Lock()

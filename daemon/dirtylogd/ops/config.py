@@ -177,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--harvest-threads",
         type=int,
         metavar="N",
-        help="threads one s390 harvest splits its chunks over (usable CPUs, at most "
-        f"{MAX_DEFAULT_THREADS}); harvests of different VMs also run side by side; 1: one",
+        help="threads one s390 harvest splits its chunks over (half the usable CPUs, 1 to "
+        f"{MAX_DEFAULT_THREADS}); harvests of different VMs also run side by side",
     )
     p.add_argument("--version", action="version", version=f"dirtylogd {__version__}")
     return p
