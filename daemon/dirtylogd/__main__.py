@@ -28,6 +28,7 @@ from dirtylogd.qmp.session import Session
 from dirtylogd.qmp.telemetry import ServerTelemetry
 from dirtylogd.service.registry import Service
 from dirtylogd.service.store import StateStore
+from kvmshim.s390 import harvest_pool
 
 log = logging.getLogger("dirtylogd")
 
@@ -45,6 +46,7 @@ async def run(config: Config) -> None:
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(thread_name_prefix=WORKER_PREFIX)
     )
+    harvest_pool.set_harvest_threads(config.harvest_threads)
     # Before anything is read from them: a second daemon must not restore the same VMs.
     with instance.holding(owned_directories(config)):
         await _serve(config)

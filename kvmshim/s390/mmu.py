@@ -15,18 +15,29 @@ generation's reference function once per page (in any order) would;
 distinct page, which is what the kernel does too: the first access to a page faults, the rest of
 the batch finds it mapped.
 
-Concurrency: ``lock`` is the PGSTE lock (the PCL bit) for every table of this MMU. A store batch
-holds it from its fault-in to its data commit; the harvest takes it one chunk of tables at a time.
-So a store that finished before a harvest started is seen by it, and one that overlaps it either
-set UC before its chunk was harvested or found the pte protected afterwards and faults, setting
-UC for the next harvest. The commit of data happens under the lock, so no store can land between
-a harvest's test-and-clear of its page and the protection that makes the next store fault.
+Concurrency: the PGSTE lock (the PCL bit) is one lock per harvest chunk (256 tables). Every
+operation but the harvest takes ``lock`` (the MMU's own: stats, the gmap, the notifiers) and then
+the chunk locks of the pages it touches, in ascending order, and holds them from its fault-in to
+its data commit. A harvest worker takes one chunk lock at a time and never ``lock`` while
+holding it, so there is no cycle, and workers on different chunks never wait for each other.
+So, per chunk as before: a store that finished before a harvest started released that chunk's
+lock before the harvest took it, and is seen; one that overlaps it either set UC before its
+chunk was harvested or found the pte protected afterwards and faults, setting UC for the next
+harvest. The commit of data happens under the chunk lock, so no store can land between a
+harvest's test-and-clear of its page and the protection that makes the next store fault.
+
+The empty-chunk hint (``_maybe_dirty``, the model's own; the kernel keeps none): each operation
+that may set the harvested bit sets its chunks' flag under their chunk locks, before it changes
+anything; a harvest of a whole chunk clears it, under the same lock, when it leaves nothing a
+second harvest could find. A chunk whose flag is clear is answered clean without reading it,
+exactly what a scan would answer: see :meth:`S390Mmu._harvest_one` for why, per generation.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +50,7 @@ from kvmshim.s390.generations import (
     KernelGeneration,
     kernel_generation,
 )
+from kvmshim.s390.harvest_pool import run_split
 
 U64 = np.uint64
 _PRESENT = U64(b._PAGE_PRESENT)
@@ -74,10 +86,13 @@ _KEY_ACC_SHIFT = U64(b.KEY_ACC_SHIFT)
 _PRESENT_TO_PROTECT = U64(b._PAGE_PROTECT.bit_length() - b._PAGE_PRESENT.bit_length())
 _WRITE_SHIFT = U64(b._PAGE_WRITE.bit_length() - 1)
 _PROTECT_BITS = b._PAGE_PROTECT.bit_length()
+_UC_IN_BYTE = np.uint8(7)  # the harvested bit's shift within its byte (_check_dense_shifts)
 assert b._PAGE_INVALID == b._PAGE_PROTECT << 1, "non-ESOP shift assumes INVALID = PROTECT << 1"
 
-# Pages per harvest step: 256 page tables, 512 KiB of PGSTEs, so the temporaries stay in L2.
-HARVEST_CHUNK = 256 * b.PTRS_PER_PTE
+# Pages per harvest step and per chunk lock: 512 page tables (512 MiB of guest), 1 MiB of
+# PGSTEs, so a sparse chunk's one temporary (a byte per page) and a dense chunk's two (u64)
+# stay in L2, and the ~15 numpy calls per chunk are paid 32 times for 16 GiB, not 64.
+HARVEST_CHUNK = 512 * b.PTRS_PER_PTE
 # A chunk with more than 1/DENSE_FRACTION dirty pages is updated with whole-chunk masked passes
 # instead of gather/scatter on the dirty indices.
 DENSE_FRACTION = 16
@@ -138,6 +153,35 @@ def check_hugepages(gen: KernelGeneration, hugepages: bool) -> None:
         )
 
 
+class _Scratch:
+    """One harvest worker's temporaries, a chunk long each (the chunk functions' ``out=``),
+    allocated on first use: a worker whose chunks are all clean allocates nothing."""
+
+    def __init__(self, chunk: int) -> None:
+        self.chunk = chunk
+        self._t64: np.ndarray | None = None
+        self._t64b: np.ndarray | None = None
+        self._t8: np.ndarray | None = None
+
+    @property
+    def t64(self) -> np.ndarray:
+        if self._t64 is None:
+            self._t64 = np.empty(self.chunk, dtype=U64)
+        return self._t64
+
+    @property
+    def t64b(self) -> np.ndarray:
+        if self._t64b is None:
+            self._t64b = np.empty(self.chunk, dtype=U64)
+        return self._t64b
+
+    @property
+    def t8(self) -> np.ndarray:
+        if self._t8 is None:
+            self._t8 = np.empty(self.chunk, dtype=np.uint8)
+        return self._t8
+
+
 @dataclass
 class MmuStats:
     """Event counters for metrics; plain ints bumped once per batch, read at scrape time."""
@@ -191,18 +235,27 @@ class S390Mmu:
         if gen.harvest_protects:
             self._check_dense_shifts(gen)
             self._dirty_to_protect = U64(gen.harvest_bit.bit_length() - _PROTECT_BITS)
+            self._uc_byte = (gen.harvest_bit.bit_length() - 1) // 8
             self._harvest_chunk = self._harvest_chunk_protect
         else:
             self._harvest_chunk = self._harvest_chunk_fold
         self.skey = np.zeros(n, dtype=np.uint8)
         self.lock = threading.Lock()
+        self._notify_lock = threading.Lock()  # harvest workers notify from several threads
         self.notifiers: list[IpteNotifier] = []
         self.stats = MmuStats()
         self.harvest_chunk = harvest_chunk
-        self._t64 = np.empty(harvest_chunk, dtype=U64)
+        self._table_pages = n_tables
+        nchunks = -(-n_tables // harvest_chunk)
+        self._chunk_locks = [threading.Lock() for _ in range(nchunks)]
         # Per chunk: was it dirty at its last harvest? Only picks the path (a chunk that was
         # clean is first checked with one OR-reduction); both paths scan exactly.
-        self._chunk_was_dirty = np.ones(-(-n // harvest_chunk), dtype=bool)
+        self._chunk_was_dirty = np.ones(nchunks, dtype=bool)
+        # Per chunk: may a harvest find anything? (the hint; see the module docstring)
+        self._maybe_dirty = np.ones(nchunks, dtype=bool)
+        # Per chunk: may a PGSTE hold IN? Only arming sets IN, and a dense harvest that finds
+        # none clears this, so dense chunks skip the notify pass when no prefix page is there.
+        self._may_have_in = np.ones(nchunks, dtype=bool)
         self._soft_dirty = U64(gen.pte_soft_dirty)
         # 4.19 harvests through the gmap: a segment the guest never touched is not linked there
         # and its PGSTEs are skipped (a key change can set UC in one; it waits for the link).
@@ -210,14 +263,48 @@ class S390Mmu:
         self._unlinked = self.linked.size
         # 1 MiB pages: is the host's huge pmd present (its 256 keys were reset when it came)?
         self.hpmd_present = np.zeros(self.segment.size, dtype=bool)
-        self._t64b = np.empty(harvest_chunk, dtype=U64)
-        self._tbool = np.empty(harvest_chunk, dtype=bool)
+
+    @contextmanager
+    def _locked(self, pages: np.ndarray | slice, mark: bool = True) -> Iterator[None]:
+        """``lock``, then the chunk locks of ``pages`` in ascending order; with ``mark``, the
+        caller may set a harvested bit there, so those chunks lose the empty hint first."""
+        with self.lock:
+            chunks = self._chunks_of(pages)
+            locks = [self._chunk_locks[c] for c in chunks.tolist()]
+            for lock in locks:
+                lock.acquire()
+            try:
+                if mark:
+                    self._maybe_dirty[chunks] = True
+                yield
+            finally:
+                for lock in reversed(locks):
+                    lock.release()
+
+    def _chunks_of(self, pages: np.ndarray | slice) -> np.ndarray:
+        """The distinct harvest chunks of ``pages``, ascending (none with 1 MiB pages)."""
+        nchunks = len(self._chunk_locks)
+        if not nchunks:
+            return np.zeros(0, dtype=np.int64)
+        if isinstance(pages, slice):
+            lo, hi, _ = pages.indices(self._table_pages)
+            return np.arange(lo // self.harvest_chunk, -(-hi // self.harvest_chunk))
+        chunk = self.harvest_chunk
+        if self.linked.size and chunk % _SEG_PAGES:
+            # 4.19: linking a segment makes UC anywhere in it visible, so a chunk smaller than
+            # a segment takes (and marks) every chunk of the segments it touches.
+            first = pages // _SEG_PAGES * _SEG_PAGES
+            steps = [*range(0, _SEG_PAGES, min(chunk, _SEG_PAGES)), _SEG_PAGES - 1]
+            pages = np.concatenate([first + d for d in steps])
+        seen = np.zeros(nchunks, dtype=bool)
+        seen[pages // chunk] = True
+        return np.flatnonzero(seen)
 
     # --- accesses ---------------------------------------------------------------------------
     def guest_store(self, pages: np.ndarray, commit: Callable[[], None] | None = None) -> None:
         """Guest stores to ``pages``: fault each in writable, run ``commit`` (the data), set R|C."""
         pages = np.asarray(pages, dtype=np.int64)
-        with self.lock:
+        with self._locked(pages):
             if self.hugepages:
                 self._gmap_fault(pages, write=True)
             else:
@@ -231,7 +318,7 @@ class S390Mmu:
     def guest_load(self, pages: np.ndarray, commit: Callable[[], None] | None = None) -> None:
         """Guest loads: only invalid ptes fault; the key gets R."""
         pages = np.asarray(pages, dtype=np.int64)
-        with self.lock:
+        with self._locked(pages):
             if self.hugepages:
                 self._gmap_fault(pages, write=False)
             else:
@@ -246,7 +333,7 @@ class S390Mmu:
         """DMA or kernel-mapping stores: key R|C only. UC is not touched — the seed's gap; a
         generation that harvests the key (3.15) sees the C bit if the pte is valid then."""
         pages = np.asarray(pages, dtype=np.int64)
-        with self.lock:
+        with self._locked(pages):  # 3.15's harvest folds the key's C bit into HC
             if commit is not None:
                 commit()
             self.skey[pages] |= np.uint8(_KEY_RC)
@@ -258,8 +345,8 @@ class S390Mmu:
         No fault first (3.16.0 and 3.15.5; the fault-and-retry is 3.17): a protected pte stays
         protected. A change of ACC/F/R/C sets the generation's key-change bit (UC / HC).
         """
-        with self.lock:
-            idx = np.unique(np.asarray(pages, dtype=np.int64))
+        idx = np.unique(np.asarray(pages, dtype=np.int64))
+        with self._locked(idx):
             if self.hugepages:
                 # 4.19 set_guest_storage_key on a large pmd: the whole key into the frame, no
                 # PGSTE and no dirty state: a key change on a 1 MiB page does not make it go
@@ -294,7 +381,7 @@ class S390Mmu:
         a slice: a whole range without gathers (KVM_S390_GET_SKEYS's case).
         """
         idx = pages if isinstance(pages, slice) else np.asarray(pages, dtype=np.int64)
-        with self.lock:
+        with self._locked(idx, mark=False):
             if self.hugepages:
                 of = np.arange(*idx.indices(self.skey.size)) if isinstance(idx, slice) else idx
                 present = self.hpmd_present[of // _SEG_PAGES]
@@ -330,8 +417,8 @@ class S390Mmu:
 
     def gmap_ipte_notify(self, pages: np.ndarray) -> None:
         """Arm IPTE notification: fault each page in writable, then set PGSTE_IN_BIT."""
-        with self.lock:
-            idx = np.unique(np.asarray(pages, dtype=np.int64))
+        idx = np.unique(np.asarray(pages, dtype=np.int64))
+        with self._locked(idx):
             if self.hugepages:
                 self._gmap_protect_pmd_notify(idx)
                 return
@@ -343,6 +430,7 @@ class S390Mmu:
                 p = self.pte[idx]
                 ok = (p & (_INVALID | _PROTECT)) == 0
                 okidx = idx[ok]
+                self._may_have_in[okidx // self.harvest_chunk] = True
                 pg = self.pgste[okidx] | self._in
                 if self.kernel.notify_arm_sets_pte:
                     pg, entry = pgste_set_pte(pg, p[ok], self.esop, self.kernel)
@@ -356,10 +444,10 @@ class S390Mmu:
 
         The key is not folded into the PGSTE (3.16.0 and 3.15.5; 3.17.0 added that).
         """
-        with self.lock:
+        idx = np.unique(np.asarray(pages, dtype=np.int64))
+        with self._locked(idx):
             if self.hugepages:  # hugetlb pages are not on the LRU: nothing ages them
                 return np.zeros(0, dtype=bool)
-            idx = np.unique(np.asarray(pages, dtype=np.int64))
             oldpte = self.pte[idx]
             present = (oldpte & _PRESENT) != 0
             idx, oldpte = idx[present], oldpte[present]
@@ -391,13 +479,40 @@ class S390Mmu:
             total = int(np.count_nonzero(dirty)) * _SEG_PAGES
             self.stats.harvested_dirty += total
             return total
-        total = 0
-        for start in range(0, npages, self.harvest_chunk):
-            stop = min(start + self.harvest_chunk, npages)
-            with self.lock:
-                total += self._harvest_chunk(start, stop, out)
-        self.stats.harvested_dirty += total
+        out[: -(-npages // 8)] = 0
+        # Only chunks with the hint set go to the workers; each checks it again under its lock
+        # (a store that sets it after this read overlaps the harvest: it is for the next one).
+        todo = np.flatnonzero(self._maybe_dirty[: -(-npages // self.harvest_chunk)]).tolist()
+
+        def harvest_chunks(lo: int, hi: int) -> int:
+            scratch = _Scratch(self.harvest_chunk)
+            return sum(self._harvest_one(k, npages, out, scratch) for k in todo[lo:hi])
+
+        total = sum(run_split(harvest_chunks, len(todo)))
+        with self.lock:
+            self.stats.harvested_dirty += total
         return total
+
+    def _harvest_one(self, k: int, npages: int, out: np.ndarray, scratch: _Scratch) -> int:
+        """Chunk ``k`` of a harvest of [0, npages), under its chunk lock.
+
+        The hint is cleared only after a harvest of the whole chunk that leaves nothing for a
+        second one: under 3.16/4.19 every UC it can see is cleared (UC left in a segment 4.19
+        has not linked stays invisible until a store, load or notify links it, which sets the
+        hint); under 3.15 a fold that found nothing leaves a fixed point (no key C on a valid
+        pte, no HC), but one that found something may leave key C bits behind (HC was set
+        already), so the hint stays.
+        """
+        start = k * self.harvest_chunk
+        stop = min(start + self.harvest_chunk, npages)
+        with self._chunk_locks[k]:
+            if not self._maybe_dirty[k]:  # cleared by a harvest running beside this one
+                return 0
+            count = self._harvest_chunk(start, stop, out, scratch)
+            whole = stop == min(start + self.harvest_chunk, self._table_pages)
+            left = count > 0 and not self.kernel.harvest_protects
+            self._maybe_dirty[k] = not whole or left
+            return count
 
     def test_and_clear_user_dirty(self, pages: np.ndarray) -> np.ndarray:
         """ptep_test_and_clear_user_dirty for the distinct ``pages``: which were dirty.
@@ -405,7 +520,7 @@ class S390Mmu:
         For pages a harvest of another slot reaches (kvm_s390_sync_dirty_log's ``<=`` bound).
         """
         idx = np.unique(np.asarray(pages, dtype=np.int64))
-        with self.lock:
+        with self._locked(idx):  # 3.15 folds keys: C bits left behind make the next one dirty
             if self.hugepages:
                 seg = np.unique(idx // _SEG_PAGES)
                 dirty_seg = seg[self._sync_segments(seg)]
@@ -428,7 +543,7 @@ class S390Mmu:
             self.pgste[idx[dirty]] &= ~self._dirty_bit
         return dirty
 
-    def _harvest_chunk_fold(self, start: int, stop: int, out: np.ndarray) -> int:
+    def _harvest_chunk_fold(self, start: int, stop: int, out: np.ndarray, scratch: _Scratch) -> int:
         """Before the seed: fold each valid pte's key (pgste_update_all), test-and-clear HC."""
         idx = np.flatnonzero((self.pte[start:stop] & _INVALID) == 0) + start
         if idx.size:
@@ -440,7 +555,9 @@ class S390Mmu:
         np.bitwise_and(pg, ~self._dirty_bit, out=pg)
         return int(np.count_nonzero(dirty))
 
-    def _harvest_chunk_protect(self, start: int, stop: int, out: np.ndarray) -> int:
+    def _harvest_chunk_protect(
+        self, start: int, stop: int, out: np.ndarray, scratch: _Scratch
+    ) -> int:
         """Since the seed: test-and-clear UC; protect or invalidate the ptes of dirty pages."""
         n = stop - start
         pg = self.pgste[start:stop]
@@ -449,9 +566,10 @@ class S390Mmu:
         if not self._chunk_was_dirty[chunk] and not np.bitwise_or.reduce(pg) & uc:
             out[start // 8 : -(-stop // 8)] = 0
             return 0
-        # One pass picks out UC and IN; since UC is the higher bit, dirty <=> flags >= UC.
-        flags = np.bitwise_and(pg, uc | self._in, out=self._t64[:n])
-        dirty = np.greater_equal(flags, uc, out=self._tbool[:n])
+        # UC is the top bit of one byte of each (little-endian) PGSTE: one narrow pass over
+        # that byte gives 0 or 1 per page, which numpy reads as bool without a compare pass.
+        uc_bytes = self.pgste.view(np.uint8)[start * 8 + self._uc_byte : stop * 8 : 8]
+        dirty = np.right_shift(uc_bytes, _UC_IN_BYTE, out=scratch.t8[:n]).view(bool)
         if self._unlinked:  # 4.19: only segments linked in the gmap are walked
             dirty &= np.repeat(
                 self.linked[start // _SEG_PAGES : -(-stop // _SEG_PAGES)], _SEG_PAGES
@@ -463,7 +581,8 @@ class S390Mmu:
         if count == 0:
             return 0
         if count * DENSE_FRACTION > n and not self._unlinked:  # dense passes touch every page
-            self._protect_dense(start, stop, flags)
+            flags = np.bitwise_and(pg, uc | self._in, out=scratch.t64[:n])
+            self._protect_dense(start, stop, flags, scratch.t64b[:n])
         else:
             self._protect_sparse(np.flatnonzero(dirty) + start)
         return count
@@ -480,22 +599,26 @@ class S390Mmu:
         self.pte[idx] = self._harvest_protection(pte)
         self.pgste[idx] = pg
 
-    def _protect_dense(self, start: int, stop: int, flags: np.ndarray) -> None:
+    def _protect_dense(self, start: int, stop: int, flags: np.ndarray, tmp: np.ndarray) -> None:
         """Same as _protect_sparse for a densely dirty chunk, in branch-free whole-chunk passes.
 
-        ``flags`` holds each entry's PGSTE & (UC|IN); it is consumed as scratch space.
+        ``flags`` holds each entry's PGSTE & (UC|IN); it is consumed as scratch space, and so is
+        ``tmp`` (as long).
         """
         pg = self.pgste[start:stop]
         pte = self.pte[start:stop]
         uc = self._dirty_bit
-        if np.count_nonzero(flags > uc):  # UC and IN both set: notify those that are present
+        chunk = start // self.harvest_chunk
+        if self._may_have_in[chunk] and not np.bitwise_or.reduce(flags) & self._in:
+            self._may_have_in[chunk] = False
+        if self._may_have_in[chunk] and np.count_nonzero(flags > uc):  # UC and IN: notify
             armed = np.flatnonzero((flags > uc) & ((pte & _PRESENT) != 0)) + start
             self.pgste[armed] = self._pgste_ipte_notify(armed, self.pgste[armed])
         np.bitwise_and(pg, ~uc, out=pg)
         # UC (bit 47) >> 38 lands on _PAGE_PROTECT (bit 9); IN lands on bit 8, which the AND
         # with pte << 9 (PRESENT moved to bit 9, bits 0-8 zero) drops along with absent ptes.
         add = np.right_shift(flags, self._dirty_to_protect, out=flags)
-        scratch = np.left_shift(pte, _PRESENT_TO_PROTECT, out=self._t64b[: stop - start])
+        scratch = np.left_shift(pte, _PRESENT_TO_PROTECT, out=tmp)
         np.bitwise_and(add, scratch, out=add)
         if not self.esop:  # writable ptes get INVALID (bit 10) instead: shift by the WRITE bit
             np.right_shift(pte, _WRITE_SHIFT, out=scratch)
@@ -615,10 +738,11 @@ class S390Mmu:
         return np.where(armed, pg & ~self._in, pg)
 
     def _gmap_do_ipte_notify(self, idx: np.ndarray) -> None:
-        self.stats.ipte_notifications += idx.size
         gaddrs = self.guest_base + idx.astype(np.int64) * b.PAGE_SIZE
-        for notifier_call in self.notifiers:
-            notifier_call(gaddrs)
+        with self._notify_lock:  # harvest workers of one MMU may notify at the same time
+            self.stats.ipte_notifications += idx.size
+            for notifier_call in self.notifiers:
+                notifier_call(gaddrs)
 
     # --- 1 MiB pages: the gmap's segment entries (4.19 mm/gmap.c) ------------------------------
     def _gmap_fault(self, pages: np.ndarray, write: bool) -> None:
@@ -702,7 +826,9 @@ class S390Mmu:
 
     @staticmethod
     def _check_dense_shifts(gen: KernelGeneration) -> None:
-        """_protect_dense shifts the harvested bit onto PROTECT; IN must then fall below it."""
+        """_protect_dense shifts the harvested bit onto PROTECT; IN must then fall below it.
+        The chunk scan reads the harvested bit as the top bit of a little-endian byte."""
+        assert np.little_endian and gen.harvest_bit.bit_length() % 8 == 0, "UC tops a byte"
         to_protect = gen.harvest_bit.bit_length() - _PROTECT_BITS
         assert gen.pgste_in_bit < gen.harvest_bit, "IN must be below the harvested bit"
         assert (gen.pgste_in_bit >> to_protect) < (b._PAGE_PRESENT << int(_PRESENT_TO_PROTECT)), (

@@ -24,6 +24,7 @@ from typing import Any
 from dirtylogd import __version__
 from dirtylogd.ops import logs
 from dirtylogd.service.vm import DEFAULT_MAX_CONSUMERS
+from kvmshim.s390.harvest_pool import MAX_DEFAULT_THREADS, default_harvest_threads
 
 # Outside Prometheus' allocations (9090-9094 for its own components, 9100-9999 for exporters,
 # which is full, later exporters above 10000) and not in /etc/services.
@@ -63,6 +64,7 @@ class Config:
     negotiation_timeout: float = DEFAULT_NEGOTIATION_TIMEOUT
     max_clients_per_uid: int = DEFAULT_MAX_CLIENTS_PER_UID
     reserved_clients: int = DEFAULT_RESERVED_CLIENTS
+    harvest_threads: int = field(default_factory=default_harvest_threads)
 
 
 def default_paths(euid: int, env: dict[str, str]) -> tuple[str, str]:
@@ -172,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="a client that has not sent qmp_capabilities this long after connecting is told "
         f"so and disconnected ({DEFAULT_NEGOTIATION_TIMEOUT:g})",
+    )
+    p.add_argument(
+        "--harvest-threads",
+        type=int,
+        metavar="N",
+        help="threads one s390 harvest splits its chunks over (half the usable CPUs, 1 to "
+        f"{MAX_DEFAULT_THREADS}); harvests of different VMs also run side by side",
     )
     p.add_argument("--version", action="version", version=f"dirtylogd {__version__}")
     return p
@@ -323,6 +332,9 @@ def _resolve(s: dict[str, Any], env: dict[str, str]) -> Config:
         ),
         reserved_clients=_at_least_zero(
             s.get("reserved-clients", DEFAULT_RESERVED_CLIENTS), "reserved-clients"
+        ),
+        harvest_threads=_positive(
+            s.get("harvest-threads", default_harvest_threads()), "harvest-threads"
         ),
     )
     return config

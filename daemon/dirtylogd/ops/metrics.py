@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 from dirtylogd import __version__
 from dirtylogd.qmp.telemetry import DROP_REASONS, ServerTelemetry
 from dirtylogd.service.registry import Service
+from kvmshim.s390.harvest_pool import THREAD_PREFIX
 
 P = "dirtylogd_"
 
@@ -184,7 +185,8 @@ class DirtylogdCollector(Collector):
 MAIN_THREAD = "MainThread"
 WORKER_PREFIX = "dirtylogd-worker"  # the loop's default executor: harvests, encoding, queries
 STATE_PREFIX = "dirtylogd-state"  # the state store's one thread
-POOL_LABELS = {WORKER_PREFIX: "worker", STATE_PREFIX: "state"}
+HARVEST_PREFIX = THREAD_PREFIX  # kvmshim's harvest pool: the chunks a worker hands off
+POOL_LABELS = {WORKER_PREFIX: "worker", STATE_PREFIX: "state", HARVEST_PREFIX: "harvest"}
 OTHER = "other"
 _VCPU = re.compile(r".+/vcpu[0-9]+")  # kvmshim.backends.workload names them <vm>/vcpuN
 _POOL_THREAD = re.compile(r"(.+)_[0-9]+")  # ThreadPoolExecutor names them <prefix>_N

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from dirtylogd.__main__ import main
+from dirtylogd.ops import config as config_module
 from dirtylogd.ops.config import (
     EXPECTED,
     ConfigError,
@@ -220,6 +221,8 @@ def test_the_example_config_has_every_key_in_the_parsers_order():
 def test_the_example_config_gives_the_defaults(tmp_path, monkeypatch):
     """Its values are the defaults as root: loaded through the real loader, nothing changes."""
     monkeypatch.setattr(os, "geteuid", lambda: 0)
+    # harvest-threads follows the CPUs: the example shows a host with eight or more.
+    monkeypatch.setattr(config_module, "default_harvest_threads", lambda: 4)
     cfg = tmp_path / "dirtylogd.toml"
     cfg.write_text(uncommented(EXAMPLE.read_text()))
     assert load(["--config", str(cfg)], env={}) == load([], env={})
