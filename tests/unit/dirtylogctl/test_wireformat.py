@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dirtylogctl.migrate import Migration, Options, _Slot
-from dirtylogctl.stream import receive
+from dirtylogctl.receive import receive
 from dirtylogctl.wireformat import (
     MAGIC,
     MAX_HEADER_BYTES,
