@@ -12,11 +12,15 @@ import mmap
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dirtylogctl.keyfile import key_path
 from dirtylogctl.wireformat import PAGE_SIZE, Header, StreamError
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 
 def _why(exc: OSError) -> str:
@@ -127,6 +131,20 @@ class Image:
             first = int(gpas[~inside][0]) % (1 << 64)  # as sent: a u64 read as int64
             raise StreamError(f"a page at {first:#x} lies outside the image's slots")
         self.pages[rows] = data.reshape(-1, PAGE_SIZE)
+
+    def write_run(self, gpa: int, data: ReadableBuffer) -> None:
+        """Contiguous pages from ``gpa``, written to the file (not through the mapping: a
+        store through it faults each fresh page in, and pwrite costs one copy); StreamError
+        unless all of them lie in one reserved slot."""
+        length = memoryview(data).nbytes
+        first, count = gpa // PAGE_SIZE, -(-length // PAGE_SIZE)
+        rows = np.array([first, first + max(count, 1) - 1], np.int64)
+        which = np.searchsorted(self._starts, rows, side="right") - 1
+        if not self._inside(rows).all() or which[0] != which[1]:
+            raise StreamError(f"a run of {count} pages at {gpa:#x} lies outside the image's slots")
+        view, at = memoryview(data).cast("B"), 0
+        while at < length:
+            at += os.pwrite(self.fd, view[at:], first * PAGE_SIZE + at)
 
     def read(self, gpas: np.ndarray) -> np.ndarray:
         rows = gpas // PAGE_SIZE

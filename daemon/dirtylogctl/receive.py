@@ -22,8 +22,8 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, Protocol, TypeVar, assert_never
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, TypeVar, assert_never
 
 import numpy as np
 
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
 T = TypeVar("T")
+D = TypeVar("D")
 
 
 # --- the receiving side -------------------------------------------------------------------------
@@ -49,6 +50,9 @@ class Received:
     keys: int = 0  # storage keys received
     verified_keys: int = 0
     differing_keys: int = 0
+    runs: int = 0  # RUN frames, read straight into the image
+    synced: int = -1  # the frame after which the image was last synced
+    run_buffer: memoryview | None = field(default=None, repr=False)  # at the first RUN
 
 
 class Target(Protocol):
@@ -62,13 +66,17 @@ class Target(Protocol):
 
     def differing_keys(self, gpa: int, keys: np.ndarray) -> np.ndarray: ...
 
+    def write_run(self, gpa: int, data: memoryview) -> None:
+        """Contiguous pages from ``gpa``; StreamError outside the slots."""
+        ...
+
     def sync(self) -> None:
         """Make the image (and keys) durable; StreamError if declared keys are missing."""
         ...
 
 
 def receive(
-    conn: BinaryIO, open_image: Callable[[Header], Target], answer: Callable[[bytes], None]
+    conn: io.BufferedIOBase, open_image: Callable[[Header], Target], answer: Callable[[bytes], None]
 ) -> Received:
     """Apply one stream to an image until the sender closes after DONE (and any VERIFY).
 
@@ -115,24 +123,78 @@ def receive(
         while True:
             head = some(wf.FRAME_HEAD.size)
             if not head and stats.done:
+                if stats.synced < 0:  # a version-3 sender that did not ask for FLUSH
+                    _sync(image, stats)
                 return stats  # a clean end: the sender closed after DONE
             stats.frames += 1
             head = whole(head, wf.FRAME_HEAD.size)
+            if wf.frame_kind(head, stats.frames, stats.done) is Kind.RUN:
+                _run(head, read, conn, image, stats)
+                continue
             frame = wf.read_frame(head, read, stats.frames, stats.done)
             if frame.kind in wf.KEY_KINDS and not header.storage_keys:
                 raise StreamError(
                     f"frame {stats.frames}: {frame.kind.name} in a stream whose header "
                     "declares no storage keys"
                 )
-            _apply(frame, image, stats, reply)
+            _apply(frame, image, stats, reply, header)
     except StreamError as exc:
         with contextlib.suppress(OSError):  # the other end may be gone already
             answer(wf.encode_err(str(exc)))
         raise
 
 
+def _run(
+    head: bytes, read: wf.Read, conn: io.BufferedIOBase, image: Target, stats: Received
+) -> None:
+    """A RUN frame: read into one reused buffer (not through the BufferedReader's: see
+    READ_BUFFER), checked, then written to the image with one pwrite."""
+    gpa, count = wf.run_address(head, stats.frames)
+    if stats.run_buffer is None:
+        stats.run_buffer = memoryview(bytearray(wf.MAX_PAGES_PER_FRAME * wf.PAGE_SIZE))
+    view = stats.run_buffer[: count * wf.PAGE_SIZE]
+    got = 0
+    while got < view.nbytes:
+        try:
+            n = conn.readinto(view[got:])
+        except OSError as exc:
+            raise StreamError(f"lost the connection to the sender: {exc}") from None
+        if not n:
+            raise StreamError(f"the stream ended inside frame {stats.frames}")
+        got += n
+    if wf.frame_crc(head, view) != read(wf.CRC.size):
+        raise StreamError(f"frame {stats.frames}: checksum mismatch")
+    _numbered(stats, image.write_run, gpa, view)
+    stats.pages += count
+    stats.runs += 1
+
+
+def _done(image: Target, stats: Received, header: Header) -> bytes:
+    """DONE: every page intact and every key here, then ACK. Version 3 leaves the flush to
+    FLUSH (or the sender's close), out of the sender's downtime; version 2 syncs first."""
+    if header.version < 3 or (header.storage_keys and stats.keys < header.total_pages()):
+        _sync(image, stats)  # says which keys are missing before syncing anything
+        if stats.synced < 0:
+            raise StreamError("the stream declared storage keys but did not send them all")
+    stats.done = True
+    return wf.encode_ack(stats.pages)
+
+
+def _sync(image: Target, stats: Received) -> None:
+    """The image (and keys) synced and put in place; StreamError if keys are missing."""
+    try:
+        image.sync()
+    except OSError as exc:
+        raise StreamError(f"cannot store the image: {exc}") from None
+    stats.synced = stats.frames
+
+
 def _apply(
-    frame: wf.Frame, image: Target, stats: Received, answer: Callable[[bytes], None]
+    frame: wf.Frame,
+    image: Target,
+    stats: Received,
+    answer: Callable[[bytes], None],
+    header: Header,
 ) -> None:
     """One checked frame's effect on the image, and the receiver's answer to it."""
     if frame.kind is Kind.PAGES:
@@ -140,12 +202,12 @@ def _apply(
         image.write(gpas, data)
         stats.pages += frame.count
     elif frame.kind is Kind.DONE:
-        try:
-            image.sync()
-        except OSError as exc:
-            raise StreamError(f"cannot store the image: {exc}") from None
-        stats.done = True
-        answer(wf.encode_ack(stats.pages))
+        answer(_done(image, stats, header))
+    elif frame.kind is Kind.FLUSH:
+        _sync(image, stats)
+        answer(wf.SYNC)
+    elif frame.kind is Kind.RUN:
+        raise AssertionError("read by _run")
     elif frame.kind is Kind.KEYS:
         gpa, keys = frame.keys()
         _numbered(stats, image.write_keys, gpa, keys)
@@ -172,14 +234,14 @@ def _apply(
         assert_never(frame.kind)  # a new Kind needs its case here
 
 
-def _numbered(
-    stats: Received, step: Callable[[int, np.ndarray], T], gpa: int, keys: np.ndarray
-) -> T:
+def _numbered(stats: Received, step: Callable[[int, D], T], gpa: int, keys: D) -> T:
     """``step(gpa, keys)``, its refusal naming the frame it came with."""
     try:
         return step(gpa, keys)
     except StreamError as exc:
         raise StreamError(f"frame {stats.frames}: {exc}") from None
+    except OSError as exc:
+        raise StreamError(f"cannot store the image: {_why(exc)}") from None
 
 
 # --- migrate-receive ----------------------------------------------------------------------------
@@ -187,6 +249,9 @@ IDLE_TIMEOUT = 30.0
 """Seconds a receiver waits for a connected peer's next bytes, and for its whole header. A
 sender is silent longest while it reconnects to a restarted daemon (a restart takes a second
 or two; it gives up after its --reconnect-timeout, 30 s); its own socket timeout is 30 s too."""
+
+
+READ_BUFFER = 256 << 10
 
 
 def check_output(output: str) -> str:
@@ -260,6 +325,9 @@ class StagedImage:
         assert self.keys is not None
         return self.keys.differing(gpa, keys)
 
+    def write_run(self, gpa: int, data: memoryview) -> None:
+        self.image.write_run(gpa, data)
+
     def sync(self) -> None:
         """Sync, then put the image and keys in place (once): the ACK that follows means all.
 
@@ -300,7 +368,7 @@ class StagedImage:
 
 
 def receive_image(
-    conn: BinaryIO,
+    conn: io.BufferedIOBase,
     answer: Callable[[bytes], None],
     output: str,
     max_image_bytes: int | None = None,
@@ -395,7 +463,9 @@ def serve_once(
             conn, address = server.accept()
             peer = _Peer(conn, idle_timeout)
             try:
-                with conn, io.BufferedReader(peer, 1 << 20) as stream:
+                # a buffer smaller than a RUN's payload: BufferedReader reads one straight
+                # from the socket into the image instead of through its buffer
+                with conn, io.BufferedReader(peer, READ_BUFFER) as stream:
                     return receive_image(
                         stream, conn.sendall, target, max_image_bytes, peer.started
                     )
