@@ -100,7 +100,7 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
             if args.mode == "wire":
-                asyncio.run(migrate_wire.run(args.gib, tmp, args.repeats, [0]))
+                asyncio.run(migrate_wire.run(args.gib, tmp, args.repeats))
             else:
                 asyncio.run(
                     migrate_wire.downtime(args.gib, tmp, args.repeats, args.pages_per_second)

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Any
 
 import numpy as np
 from daemon_client import connected_daemon, socket_path
@@ -61,7 +62,7 @@ def pipeline(ram_path: str, out: str) -> float:
     return elapsed
 
 
-def migrate(tmp: str, out: str, channels: int) -> tuple[float, dict]:
+def migrate(tmp: str, out: str) -> tuple[float, dict[str, Any]]:
     """Seconds from starting ``dirtylogctl migrate`` to its end, and its JSON report."""
     env = dict(os.environ)
     receiver = subprocess.Popen(
@@ -98,8 +99,6 @@ def migrate(tmp: str, out: str, channels: int) -> tuple[float, dict]:
         f"tcp:127.0.0.1:{port}",
         "--resume",
     ]
-    if channels:
-        args += ["--channels", str(channels)]
     t0 = time.perf_counter()
     done = subprocess.run(args, capture_output=True, text=True)
     elapsed = time.perf_counter() - t0
@@ -110,7 +109,7 @@ def migrate(tmp: str, out: str, channels: int) -> tuple[float, dict]:
     return elapsed, json.loads(done.stdout)
 
 
-async def run(gib: int, tmp: str, repeats: int, channels: list[int]) -> None:
+async def run(gib: int, tmp: str, repeats: int) -> None:
     async with connected_daemon(tmp) as qmp:
         npages = gib * GiB // 4096
         base = 4 * GiB
@@ -127,7 +126,8 @@ async def run(gib: int, tmp: str, repeats: int, channels: list[int]) -> None:
             await qmp.execute(
                 "sim-write-pages", {"vm": "mig", "gfns": gfns[i : i + 65536].tolist(), "value": 1}
             )
-        (vm,) = [v for v in await qmp.execute("query-vms") if v["name"] == "mig"]
+        vms: list[dict[str, Any]] = await qmp.execute("query-vms")  # type: ignore[assignment]
+        (vm,) = [v for v in vms if v["name"] == "mig"]
         ram = vm["ram-path"]
         out = os.path.join(tmp, "image")
         size = gib * GiB
@@ -138,14 +138,13 @@ async def run(gib: int, tmp: str, repeats: int, channels: list[int]) -> None:
         )
         for number in range(repeats):
             base_s = await asyncio.to_thread(pipeline, ram, out + ".pipe")
-            for count in channels:
-                mig_s, doc = await asyncio.to_thread(migrate, tmp, out, count)
-                r0 = doc["rounds"][0]
-                pipe, whole, r0_rate = size / base_s / 1e6, size / mig_s / 1e6, r0["mbps"] / 8
-                print(
-                    f"{number:>3} {pipe:>8.0f} {whole:>8.0f} {r0_rate:>8.0f} "
-                    f"{whole / pipe:>5.2f}x {r0_rate / pipe:>7.2f}x"
-                )
+            mig_s, doc = await asyncio.to_thread(migrate, tmp, out)
+            r0 = doc["rounds"][0]
+            pipe, whole, r0_rate = size / base_s / 1e6, size / mig_s / 1e6, r0["mbps"] / 8
+            print(
+                f"{number:>3} {pipe:>8.0f} {whole:>8.0f} {r0_rate:>8.0f} "
+                f"{whole / pipe:>5.2f}x {r0_rate / pipe:>7.2f}x"
+            )
 
 
 async def downtime(gib: int, tmp: str, repeats: int, pps: int) -> None:
@@ -196,8 +195,6 @@ async def downtime(gib: int, tmp: str, repeats: int, pps: int) -> None:
             doc = json.loads(done.stdout)
             os.unlink(out)
             err = doc["downtime"] - doc["expected-downtime"]
-            if os.environ.get("ROUNDS"):
-                print([(r["dirty-pages"], r["harvest-ms"], r["copy-ms"], r["key-ms"]) for r in doc["rounds"][-2:]])
             conv, rounds = "yes" if doc["converged"] else "no", doc["ram"]["dirty-sync-count"]
             print(
                 f"{number:>3} {conv:>5} {rounds:>6} {doc['downtime']:>7.0f}ms "

@@ -44,12 +44,13 @@ Format version 3 (this receiver still takes version 2). Every integer is little-
     position that DONE comes after all of them, and writes them to a key file beside the
     image: one byte per page of every slot, slots in header order (see dirtylogctl.keyfile).
 
-    RUN (version 3) carries a contiguous run of pages without their addresses, so that the
-    receiver reads the payload straight into its image and the sender can hand it to the
-    kernel from the guest's RAM file (sendfile) — which it does only while the guest is
-    stopped: a page the guest stores into between the checksum and the kernel's read would
-    fail the frame (see dirtylogctl.stream). The payload lands before its checksum is
-    checked; a mismatch ends the stream, and the staged image is never put in place.
+    RUN (version 3) carries a contiguous run of pages without their addresses, and ends in a
+    CRC-32C (Castagnoli: a CPU instruction, ~8x zlib's CRC-32 here) of the head and payload
+    instead of a CRC-32. The receiver reads the payload into one buffer, checks it, and writes
+    it with one pwrite; the sender copies a live run before checksumming it, and hands a run to
+    the kernel from the guest's RAM file (sendfile) only while the guest is stopped: a page the
+    guest stores into between the checksum and the kernel's read would fail the frame (see
+    dirtylogctl.stream). A mismatch ends the stream; nothing of that frame is stored.
 
     replies (receiver to sender): a 4-byte tag, then
     b"ACK "  u64 pages written                    to DONE: every page and key is in the image
@@ -86,6 +87,7 @@ from enum import Enum, IntEnum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from crc32c import crc32c
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -225,9 +227,15 @@ def run_head(gpa: int, count: int) -> bytes:
 
 
 def frame_crc(head: bytes, payload: ReadableBuffer) -> bytes:
-    """The checksum that ends a frame: CRC-32 of its head and payload (zlib's: 2+ GB/s here,
-    ahead of the wire, and in the standard library)."""
-    return CRC.pack(zlib.crc32(payload, zlib.crc32(head)))
+    """The checksum that ends a RUN frame: CRC-32C of its head and payload.
+
+    RUN frames carry the bulk of a migration, and both ends checksum every byte: zlib's CRC-32
+    runs at 1.75-2.3 GB/s on this 2-core machine, so at a 1.2 GB/s wire it took ~0.3 s of each
+    end's CPU per GiB, the receiver's largest cost after the copy itself. CRC-32C has an
+    instruction (SSE 4.2, ARMv8 CRC): the crc32c package runs at 12-17 GB/s here, takes any
+    buffer, falls back to software where there is none, and is maintained (ICRAR, releases
+    through 2026). Other frames are small or rare and keep zlib's CRC-32."""
+    return CRC.pack(crc32c(payload, crc32c(head)))
 
 
 def pages_frame(gpas: np.ndarray, data: np.ndarray) -> bytes:
