@@ -4,7 +4,8 @@ A quiet VM (every page stored once, no workload) is migrated with ``dirtylogctl 
 ``migrate-receive`` writing a fresh image; the pipeline is its RAM file sent with
 ``os.sendfile`` over one loopback connection to a receiver that ``recv``s into a buffer and
 writes a fresh file in the same directory (tmpfs). Both receivers are separate processes,
-as the senders are; the ratio is pipeline time / migration time (≥ 0.9 is the target).
+as the senders are; the ratio is migration rate / pipeline rate (≥ 0.9 is the target), per
+run and for the best of each (on a machine shared with other work, each at its quietest).
 
     python benchmarks/migrate.py wire --gib 2
 """
@@ -136,15 +137,22 @@ async def run(gib: int, tmp: str, repeats: int) -> None:
         print(
             f"{'run':>3} {'pipeline':>8} {'migrate':>8} {'round 0':>8} {'ratio':>6} {'r0 ratio':>8}"
         )
+        best = [0.0, 0.0, 0.0]
         for number in range(repeats):
             base_s = await asyncio.to_thread(pipeline, ram, out + ".pipe")
             mig_s, doc = await asyncio.to_thread(migrate, tmp, out)
             r0 = doc["rounds"][0]
             pipe, whole, r0_rate = size / base_s / 1e6, size / mig_s / 1e6, r0["mbps"] / 8
+            best = [max(b, x) for b, x in zip(best, (pipe, whole, r0_rate), strict=True)]
             print(
                 f"{number:>3} {pipe:>8.0f} {whole:>8.0f} {r0_rate:>8.0f} "
                 f"{whole / pipe:>5.2f}x {r0_rate / pipe:>7.2f}x"
             )
+        # on a shared machine the best of each is what it can do when left alone
+        print(
+            f"best {best[0]:>7.0f} {best[1]:>8.0f} {best[2]:>8.0f} "
+            f"{best[1] / best[0]:>5.2f}x {best[2] / best[0]:>7.2f}x"
+        )
 
 
 async def downtime(gib: int, tmp: str, repeats: int, pps: int) -> None:
