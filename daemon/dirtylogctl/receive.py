@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Protocol, TypeVar, assert_never
 import numpy as np
 
 from dirtylogctl import wireformat as wf
-from dirtylogctl.image import _remove_stale_keys, _why, image_for
-from dirtylogctl.keyfile import KeyFile, key_path
+from dirtylogctl.image import StagedImage, _why
+from dirtylogctl.keyfile import key_path
 from dirtylogctl.wireformat import Header, Kind, StreamError
 
 if TYPE_CHECKING:
@@ -271,100 +271,6 @@ def check_output(output: str) -> str:
     os.close(fd)
     os.unlink(probe)
     return path
-
-
-class StagedImage:
-    """An image (and its storage keys, if the stream has them) written beside ``output`` under
-    temporary names, renamed over ``output`` (and ``output.skeys``) once the sender's DONE is
-    synced: until then both keep whatever they held, so a peer that is refused, goes silent or
-    breaks off never costs the operator an existing file. An image published without keys
-    takes an older image's key file with it: those keys described the image it replaced."""
-
-    def __init__(self, output: str, header: Header) -> None:
-        self.output = output
-        self.directory, self.name = os.path.split(output)
-        self.published = False
-        self.temps: list[str] = []
-        self.keys: KeyFile | None = None
-        try:
-            self.temp = self._temp("")
-            self.image = image_for(self.temp, header, label=output)
-        except BaseException:
-            self._discard()
-            raise
-        try:
-            if header.storage_keys:
-                self.keys = KeyFile(self._temp(".skeys"), header, label=key_path(output))
-        except BaseException:
-            self.close()
-            raise
-
-    def _temp(self, kind: str) -> str:
-        """A fresh temporary file beside the output, removed on close unless published."""
-        try:
-            fd, temp = tempfile.mkstemp(
-                prefix=f".{self.name}{kind}.", suffix=".part", dir=self.directory
-            )
-        except OSError as exc:  # the directory went away or became read-only since
-            raise StreamError(f"cannot create the image {self.output}: {_why(exc)}") from None
-        os.close(fd)
-        self.temps.append(temp)
-        return temp
-
-    def write(self, gpas: np.ndarray, data: np.ndarray) -> None:
-        self.image.write(gpas, data)
-
-    def read(self, gpas: np.ndarray) -> np.ndarray:
-        return self.image.read(gpas)
-
-    def write_keys(self, gpa: int, keys: np.ndarray) -> None:
-        assert self.keys is not None  # receive() refuses KEYS a header does not declare
-        self.keys.write(gpa, keys)
-
-    def differing_keys(self, gpa: int, keys: np.ndarray) -> np.ndarray:
-        assert self.keys is not None
-        return self.keys.differing(gpa, keys)
-
-    def write_run(self, gpa: int, data: memoryview) -> None:
-        self.image.write_run(gpa, data)
-
-    def sync(self) -> None:
-        """Sync, then put the image and keys in place (once): the ACK that follows means all.
-
-        Keys first: a crash between the renames leaves the new keys beside the old image,
-        unacknowledged — the sender then reports the migration failed either way."""
-        if self.keys is not None:
-            why = self.keys.missing()
-            if why is not None:
-                raise StreamError(why)
-            self.keys.sync()
-        self.image.sync()
-        if self.published:
-            return
-        if self.keys is not None:
-            os.replace(self.keys.path, key_path(self.output))
-        else:
-            _remove_stale_keys(self.output)
-        os.replace(self.temp, self.output)
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)  # the renames themselves survive a crash
-        finally:
-            os.close(fd)
-        self.published = True
-
-    def close(self) -> None:
-        self.image.close()
-        if self.keys is not None:
-            self.keys.close()
-        self._discard()
-
-    def _discard(self) -> None:
-        """Remove the temporary files, unless they were put in place."""
-        if not self.published:
-            for temp in self.temps:
-                with contextlib.suppress(OSError):
-                    os.unlink(temp)
 
 
 def receive_image(
