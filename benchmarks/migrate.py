@@ -10,6 +10,10 @@ rounds, and for the worst single round (a short last round copies little).
 
     python benchmarks/migrate.py                  # four cases, ~2 minutes
     python benchmarks/migrate.py --gib 1          # smaller guest
+    python benchmarks/migrate.py wire --gib 2     # a quiet guest vs sendfile over loopback
+    python benchmarks/migrate.py downtime --gib 2 # downtime vs prediction, file destination
+
+(``wire`` and ``downtime`` live in migrate_wire.py.)
 """
 
 from __future__ import annotations
@@ -84,8 +88,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    ap.add_argument(
+        "mode", nargs="?", default="workloads", choices=["workloads", "wire", "downtime"]
+    )
     ap.add_argument("--gib", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3, help="wire, downtime: runs")
+    ap.add_argument("--pages-per-second", type=int, default=50_000, help="downtime's workload")
     args = ap.parse_args()
+    if args.mode != "workloads":
+        import migrate_wire
+
+        with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
+            if args.mode == "wire":
+                asyncio.run(migrate_wire.run(args.gib, tmp, args.repeats))
+            else:
+                asyncio.run(
+                    migrate_wire.downtime(args.gib, tmp, args.repeats, args.pages_per_second)
+                )
+        return
     with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
         results = asyncio.run(run(args.gib, tmp))
     print(f"pre-copy of a running {args.gib} GiB guest to a tmpfs image, verified")

@@ -3,14 +3,17 @@
 1. Register a consumer of its own (manual protect, initially set), so no other consumer loses
    a bit; map the VM's RAM file read-only.
 2. Round 0 sends every page (the initially-set bitmap says all are dirty). Each later round:
-   GET the dirty pages; if they fit ``bandwidth x downtime-limit`` (QEMU's rule), switch over;
+   GET the dirty pages; if the switch-over would fit the downtime limit (QEMU's rule, remaining
+   / bandwidth, made whole: see ``_predict``), switch over;
    else CLEAR them, then read and send them — clear *before* reading, so a store during the
    copy sets the bit again and is sent next round.
 3. Switch-over (converged, or after ``max_rounds``): ``stop`` the VM, a final GET/CLEAR/copy,
    slots without dirty logging in full, then every page's storage key (s390; once, as QEMU's
    non-iterable s390-skeys section, see :mod:`dirtylogctl.skeys`), and wait for the
-   destination's acknowledgement. The downtime reported is the time actually spent between
-   ``stop`` and that acknowledgement, the keys included.
+   destination's acknowledgement that every page and key is in the image. The downtime
+   reported is the time actually spent between ``stop`` and that acknowledgement, the keys
+   included; the destination's flush (fsync, the image put in place) follows, outside it —
+   the destination holds the state once it has it, as QEMU's does in memory.
 4. ``verify``: compare the destination with the paused source, page by page, then key by key.
 
 On any failure — Ctrl-C included, which cancels the driver at its next await (the copy
@@ -33,7 +36,7 @@ import numpy as np
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from dirtylogctl.skeys import KeyPass, KeyStats, Range, why_not_carried
-from dirtylogctl.stream import FileSink, Sink, TcpSink
+from dirtylogctl.stream import FileSink, Run, Sink, TcpSink
 from dirtylogctl.wireformat import (
     MAX_PAGES_PER_FRAME,
     MAX_VERIFY_PAGES,
@@ -83,8 +86,9 @@ class Stats:
     remaining: int = 0
     setup_time: float = 0.0
     total_time: float = 0.0
-    downtime: float = 0.0
+    downtime: float = 0.0  # stop to the destination's ACK, which comes before its flush
     expected_downtime: float = 0.0
+    settle_time: float = 0.0  # the destination's flush, after the downtime
     converged: bool = False
     pages_sent: int = 0
     unique_pages_sent: int = 0
@@ -105,6 +109,7 @@ class Stats:
             "setup-time": round(self.setup_time * 1e3, 1),
             "downtime": round(self.downtime * 1e3, 1),
             "expected-downtime": round(self.expected_downtime * 1e3, 1),
+            "settle-time": round(self.settle_time * 1e3, 1),
             "ram": {
                 "total": self.total_bytes,
                 "transferred": self.transferred,
@@ -168,6 +173,7 @@ class _Slot:
     logged: bool
     region: np.ndarray  # the slot's RAM, (npages, PAGE_SIZE) uint8, read-only
     sent: DirtyBitmap  # pages sent at least once
+    offset: int = 0  # of the slot's first page in the RAM file
 
 
 DESTINATION_FORM = "tcp:HOST:PORT (port 1-65535) or a file path"
@@ -213,6 +219,12 @@ class Migration:
         self._stopped_by_us = False
         self._consumer_added = False  # set before asking: a cancelled ask may have succeeded
         self._fd = -1
+        self._ram_fd = -1
+        self._stop_seconds = 0.0  # a QMP round trip, measured at setup
+        self._key_seconds = 0.0  # reading every key, timed when a switch-over comes near
+        # seconds a page of a run and a scattered page last took to send: they differ (a RUN
+        # frame is one copy of contiguous memory; PAGES a gather, and a fault each at a file)
+        self._page_seconds: dict[str, float] = {}
 
     @property
     def source_stopped(self) -> bool:
@@ -301,6 +313,7 @@ class Migration:
         if "ram-path" not in vm:
             raise MigrationError(f"vm '{self.o.vm}' has no RAM file a migration could read")
         ram = np.memmap(vm["ram-path"], dtype=np.uint8, mode="r")
+        self._ram_fd = os.open(vm["ram-path"], os.O_RDONLY | os.O_CLOEXEC)  # for sendfile
         slots = [
             _Slot(
                 m["slot"],
@@ -310,6 +323,7 @@ class Migration:
                 m["log-dirty-pages"],
                 ram[m["ram-offset"] : m["ram-offset"] + m["size"]].reshape(-1, PAGE_SIZE),
                 DirtyBitmap.zeros(m["npages"]),
+                m["ram-offset"],
             )
             for m in vm["memslots"]
         ]
@@ -324,7 +338,9 @@ class Migration:
         )
         self._fd = os.memfd_create("dirtylogctl-migrate", os.MFD_CLOEXEC)
         self.qmp.send_fd_scm(self._fd)
+        t0 = time.monotonic()
         await self.qmp.execute("getfd", {"fdname": self.consumer})
+        self._stop_seconds = time.monotonic() - t0  # what a "stop" costs: one round trip
         infos = tuple(SlotInfo(s.slot, s.gpa, s.npages) for s in slots)
         sink.start(Header(self.o.vm, infos, storage_keys=keys.carried))
         return slots, ram
@@ -335,11 +351,15 @@ class Migration:
         for number in range(self.o.max_rounds + 1):
             t0 = time.monotonic()
             dirty = await self._get(slots)
+            got = time.monotonic() - t0
             pending = sum(b.count() for b in dirty.values())
             self.stats.remaining = pending * PAGE_SIZE
             if number > 0 and bandwidth > 0:
-                self.stats.expected_downtime = pending * PAGE_SIZE / bandwidth
-                if pending * PAGE_SIZE <= bandwidth * self.o.downtime_limit:
+                by_bandwidth = pending * PAGE_SIZE / bandwidth
+                copy = self._copy_seconds(dirty, by_bandwidth)
+                predicted = await self._predict(slots, by_bandwidth if copy is None else copy, got)
+                self.stats.expected_downtime = predicted
+                if copy is not None and predicted <= self.o.downtime_limit:
                     self.stats.converged = True
                     return
             await self._clear(slots, dirty)
@@ -352,6 +372,34 @@ class Migration:
             f"{self.stats.remaining // PAGE_SIZE} pages still dirty"
         )
 
+    def _copy_seconds(self, dirty: dict[int, DirtyBitmap], by_bandwidth: float) -> float | None:
+        """What copying ``dirty`` takes: its run pages and its scattered pages, each at its
+        kind's last per-page cost. A kind not yet timed (round 0 is one long run) makes it
+        it unknown (None: one more round times it), unless it has too few pages to matter."""
+        counted = {"runs": 0, "scattered": 0}
+        for bitmap in dirty.values():
+            _, counts, scattered = split_runs(bitmap.pages())
+            counted["runs"] += int(counts.sum())
+            counted["scattered"] += scattered.size
+        seconds = 0.0
+        for kind, count in counted.items():
+            if kind in self._page_seconds:
+                seconds += count * self._page_seconds[kind]
+            elif count >= MAX_PAGES_PER_FRAME:
+                return None
+        return seconds if self._page_seconds else by_bandwidth
+
+    async def _predict(self, slots: list[_Slot], copy: float, get_seconds: float) -> float:
+        """The downtime a switch-over now would take: what it does, each at its last measured
+        cost — stop, GET (and a CLEAR of about its cost), copy the pending pages at the last
+        round's bandwidth, every storage key (QEMU leaves device state out; we time a read of
+        them once the rest fits, so as not to pay one every round), DONE's round trip. The
+        flush is not in it: it comes after the ACK (see settle)."""
+        pages = self._stop_seconds + 2 * get_seconds + copy
+        if self.stats.storage_keys.carried and pages <= self.o.downtime_limit:
+            self._key_seconds = await self._key_pass().time_read(_ranges(slots))
+        return pages + self._key_seconds
+
     async def _switch_over(self, slots: list[_Slot], sink: Sink) -> None:
         stopped = time.monotonic()
         self._stopped_by_us = True  # before asking: a stop cancelled in flight may have happened
@@ -362,7 +410,7 @@ class Migration:
             if not s.logged:
                 dirty[s.slot] = DirtyBitmap.ones(s.npages)
         last = await self._copy(
-            len(self.stats.rounds), slots, dirty, sink, time.monotonic() - stopped
+            len(self.stats.rounds), slots, dirty, sink, time.monotonic() - stopped, stopped=True
         )
         keys = self.stats.storage_keys
         if keys.carried:  # after the last page: every key as the last store left it
@@ -371,6 +419,9 @@ class Migration:
         sink.finish(self.stats.pages_sent)
         self.stats.downtime = time.monotonic() - stopped
         self.stats.remaining = 0
+        settle = time.monotonic()
+        sink.settle()  # the destination's flush, after the ACK: the guest could run by now
+        self.stats.settle_time = time.monotonic() - settle
         self.progress.round_done(self.stats, last)
 
     async def _get(self, slots: list[_Slot]) -> dict[int, DirtyBitmap]:
@@ -427,20 +478,40 @@ class Migration:
         dirty: dict[int, DirtyBitmap],
         sink: Sink,
         harvested: float,
+        stopped: bool = False,
     ) -> Round:
+        """Send the dirty pages: runs as RUN frames (from the RAM file by the kernel when the
+        guest is ``stopped``), the scattered rest in PAGES frames."""
         t0 = time.monotonic()
         sent = 0
+        spent = {"runs": [0.0, 0], "scattered": [0.0, 0]}  # seconds, pages
         for s in slots:
             bitmap = dirty.get(s.slot)
             if bitmap is None:
                 continue
             pages = bitmap.pages()
-            for start in range(0, pages.size, MAX_PAGES_PER_FRAME):
-                chunk = pages[start : start + MAX_PAGES_PER_FRAME]
+            firsts, counts, scattered = split_runs(pages)
+            t_runs = time.monotonic()
+            for first, count in zip(firsts.tolist(), counts.tolist(), strict=True):
+                gpa, offset = s.gpa + first * PAGE_SIZE, s.offset + first * PAGE_SIZE
+                run = Run(gpa, s.region[first : first + count], self._ram_fd, offset, stopped)
+                sink.send_run(run)
+                sent += count
+                await self._throttle(sent * PAGE_SIZE, t0)
+            t_scattered = time.monotonic()
+            spent["runs"][0] += t_scattered - t_runs
+            spent["runs"][1] += int(counts.sum())
+            for start in range(0, scattered.size, MAX_PAGES_PER_FRAME):
+                chunk = scattered[start : start + MAX_PAGES_PER_FRAME]
                 sink.send_pages(s.gpa + chunk * PAGE_SIZE, s.region[chunk])
                 sent += chunk.size
                 await self._throttle(sent * PAGE_SIZE, t0)
+            spent["scattered"][0] += time.monotonic() - t_scattered
+            spent["scattered"][1] += scattered.size
             s.sent |= bitmap
+        for kind, (seconds, count) in spent.items():
+            if count >= MAX_PAGES_PER_FRAME:  # enough to time: the prediction's per-page cost
+                self._page_seconds[kind] = seconds / count
         elapsed = time.monotonic() - t0
         self.stats.pages_sent += sent
         self.stats.transferred += sent * PAGE_SIZE
@@ -485,9 +556,37 @@ class Migration:
             pass
         if self._fd >= 0:
             os.close(self._fd)
+        if self._ram_fd >= 0:
+            os.close(self._ram_fd)
         if sink is not None:
             sink.close()
         del ram_map
+
+
+MIN_RUN_PAGES = 16
+"""Shorter runs of dirty pages go in PAGES frames: a RUN costs three sends, worth it from
+64 KiB on (below, a copy into one frame is cheaper than the system calls)."""
+
+
+def split_runs(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted page numbers as runs of at least MIN_RUN_PAGES contiguous pages, each at most
+    MAX_PAGES_PER_FRAME long (first pages, lengths), and the pages left over."""
+    if not pages.size:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    lengths = np.diff(np.concatenate((starts, [pages.size])))
+    long = lengths >= MIN_RUN_PAGES
+    scattered = pages[~np.repeat(long, lengths)]
+    starts, lengths = starts[long], lengths[long]
+    # each long run in frames: ceil(length / MAX) pieces, the last one shorter
+    pieces = -(-lengths // MAX_PAGES_PER_FRAME)
+    run_of = np.repeat(np.arange(starts.size), pieces)
+    within = np.arange(run_of.size) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    firsts = pages[starts[run_of]] + within * MAX_PAGES_PER_FRAME
+    counts = np.minimum(lengths[run_of] - within * MAX_PAGES_PER_FRAME, MAX_PAGES_PER_FRAME)
+    return firsts.astype(np.int64), counts.astype(np.int64), scattered.astype(np.int64)
 
 
 def _ranges(slots: list[_Slot]) -> list[Range]:

@@ -33,8 +33,8 @@ from dirtylogctl.migrate import (
     VmUnavailable,
     tcp_address,
 )
+from dirtylogctl.receive import IDLE_TIMEOUT, serve_once
 from dirtylogctl.skeys import KeyStats
-from dirtylogctl.stream import IDLE_TIMEOUT, serve_once
 from dirtylogctl.wireformat import PAGE_SIZE, StreamError
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_DIFFERENT = 0, 1, 3, 5

@@ -113,6 +113,14 @@ class KeyPass:
             return np.zeros(count, np.uint8)
         return np.frombuffer(os.pread(self.fd, count, 0), np.uint8, count)
 
+    async def time_read(self, ranges: list[Range]) -> float:
+        """Seconds to read every key once: the switch-over's key pass, for its prediction."""
+        started = time.monotonic()
+        for r in ranges:
+            for start, count in r.chunks(MAX_KEYS_PER_FRAME):
+                await self.read(r.gpa + start * PAGE_SIZE, count)
+        return time.monotonic() - started
+
     async def send(self, ranges: list[Range], sink: Sink, stats: KeyStats) -> None:
         """Every page's key, once, in header order: slot by slot, up from each first page."""
         started = time.monotonic()

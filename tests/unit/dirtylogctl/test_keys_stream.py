@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from dirtylogctl.keyfile import key_path
-from dirtylogctl.stream import FileSink, receive_image
+from dirtylogctl.receive import receive_image
+from dirtylogctl.stream import FileSink
 from dirtylogctl.wireformat import (
     MAX_KEYS_PER_FRAME,
     MAX_VERIFY_KEYS,

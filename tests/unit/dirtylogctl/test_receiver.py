@@ -20,8 +20,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from dirtylogctl import stream
-from dirtylogctl.stream import Image, check_output, receive, receive_image
+from dirtylogctl import image
+from dirtylogctl import receive as stream
+from dirtylogctl.image import Image
+from dirtylogctl.receive import check_output, receive, receive_image
 from dirtylogctl.wireformat import (
     MAGIC,
     MAX_HEADER_BYTES,
@@ -217,8 +219,8 @@ def test_an_image_larger_than_the_free_space_is_refused_before_any_is_reserved(
     def never(*args):
         raise AssertionError("posix_fallocate called for an image that cannot fit")
 
-    monkeypatch.setattr(stream.os, "fstatvfs", nearly_full)
-    monkeypatch.setattr(stream.os, "posix_fallocate", never)
+    monkeypatch.setattr(image.os, "fstatvfs", nearly_full)
+    monkeypatch.setattr(image.os, "posix_fallocate", never)
     with pytest.raises(StreamError, match=r"No space left on device \(ENOSPC\): only \d+ bytes"):
         Image(str(tmp_path / "img"), 1 << 30)
     assert list(tmp_path.iterdir()) == []

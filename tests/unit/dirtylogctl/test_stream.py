@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from dirtylogctl.stream import receive
+from dirtylogctl.receive import receive
 from dirtylogctl.wireformat import (
     PAGE_SIZE,
     Header,
@@ -113,7 +113,7 @@ def test_bad_magic_is_refused():
 
 
 def test_file_image_writes_scattered_pages_in_one_go(tmp_path):
-    from dirtylogctl.stream import Image as FileImage
+    from dirtylogctl.image import Image as FileImage
 
     img = FileImage(str(tmp_path / "img"), 64 * PAGE)
     gpas = np.array([63 * PAGE, 0, 17 * PAGE])
@@ -130,7 +130,7 @@ def test_file_image_writes_scattered_pages_in_one_go(tmp_path):
 def test_an_image_reserves_its_slots_keeps_the_holes_sparse_and_refuses_pages_outside(tmp_path):
     """Every slot's pages are allocated up front (a store into the mapping can then not fail
     for want of space); the gap between slots stays a hole, and no page may be stored there."""
-    from dirtylogctl.stream import Image as FileImage
+    from dirtylogctl.image import Image as FileImage
 
     gap = 1 << 30
     img = FileImage(str(tmp_path / "img"), gap + 64 * PAGE, [(0, 64 * PAGE), (gap, 64 * PAGE)])
