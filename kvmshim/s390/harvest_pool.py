@@ -17,20 +17,20 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-# Half the CPUs, at most four: the harvest shares the host with the guests' vCPUs and the
-# daemon's loop, and on the 2-core test host a second harvest thread was as often slower as
-# faster (README, Performance: harvest); past four the pool only adds wake-ups.
+# The CPUs, at most four: on a quiet 2-core host the second thread made dense and large
+# harvests 1.2-1.7x faster (README, Performance: harvest); under load it can be slower, so the
+# flag exists; past four the pool only adds wake-ups.
 MAX_DEFAULT_THREADS = 4
 THREAD_PREFIX = "kvmshim-harvest"  # the pool's threads are <prefix>_N (metrics group them)
 
 
 def default_harvest_threads() -> int:
-    """Half the CPUs this process may run on, at least 1 and at most 4."""
+    """The CPUs this process may run on, at least 1 and at most 4."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
-    return max(1, min(cpus // 2, MAX_DEFAULT_THREADS))
+    return max(1, min(cpus, MAX_DEFAULT_THREADS))
 
 
 _lock = threading.Lock()

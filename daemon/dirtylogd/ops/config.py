@@ -179,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--harvest-threads",
         type=int,
         metavar="N",
-        help="threads one s390 harvest splits its chunks over (half the usable CPUs, 1 to "
-        f"{MAX_DEFAULT_THREADS}); harvests of different VMs also run side by side",
+        help="threads one s390 harvest splits its chunks over (the usable CPUs, at most "
+        f"{MAX_DEFAULT_THREADS}; 1 on a host whose guests keep every core busy); harvests of "
+        "different VMs also run side by side",
     )
     p.add_argument("--version", action="version", version=f"dirtylogd {__version__}")
     return p
