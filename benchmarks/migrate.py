@@ -26,8 +26,7 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
-from daemon_client import connected_daemon
+from daemon_client import connected_daemon, stored_vm
 
 GiB = 1 << 30
 CASES = [(50_000, None), (50_000, "400M"), (200_000, None), (200_000, "400M")]
@@ -36,22 +35,7 @@ CASES = [(50_000, None), (50_000, "400M"), (200_000, None), (200_000, "400M")]
 async def run(gib: int, tmp: str) -> list[dict]:
     results = []
     async with connected_daemon(tmp) as qmp:
-        npages = gib * GiB // 4096
-        base = 4 * GiB
-        await qmp.execute(
-            "vm-create",
-            {
-                "name": "mig",
-                "backend": "softmmu",
-                "memslots": [{"slot": 0, "guest-phys-addr": base, "size": gib * GiB}],
-            },
-        )
-        all_gfns = np.arange(npages) + (base >> 12)
-        for i in range(0, npages, 65536):  # populate: every page stored once
-            await qmp.execute(
-                "sim-write-pages",
-                {"vm": "mig", "gfns": all_gfns[i : i + 65536].tolist(), "value": 1},
-            )
+        await stored_vm(qmp, "mig", gib)  # every page stored once
         for pps, cap in CASES:
             await qmp.execute(
                 "sim-workload-start", {"vm": "mig", "pages-per-second": pps, "vcpus": 2, "seed": 1}

@@ -21,8 +21,7 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
-from daemon_client import connected_daemon, socket_path
+from daemon_client import connected_daemon, socket_path, stored_vm
 
 GiB = 1 << 30
 
@@ -112,21 +111,7 @@ def migrate(tmp: str, out: str) -> tuple[float, dict[str, Any]]:
 
 async def run(gib: int, tmp: str, repeats: int) -> None:
     async with connected_daemon(tmp) as qmp:
-        npages = gib * GiB // 4096
-        base = 4 * GiB
-        await qmp.execute(
-            "vm-create",
-            {
-                "name": "mig",
-                "backend": "softmmu",
-                "memslots": [{"slot": 0, "guest-phys-addr": base, "size": gib * GiB}],
-            },
-        )
-        gfns = np.arange(npages) + (base >> 12)
-        for i in range(0, npages, 65536):  # every page stored once
-            await qmp.execute(
-                "sim-write-pages", {"vm": "mig", "gfns": gfns[i : i + 65536].tolist(), "value": 1}
-            )
+        await stored_vm(qmp, "mig", gib)
         vms: list[dict[str, Any]] = await qmp.execute("query-vms")  # type: ignore[assignment]
         (vm,) = [v for v in vms if v["name"] == "mig"]
         ram = vm["ram-path"]
@@ -159,21 +144,7 @@ async def downtime(gib: int, tmp: str, repeats: int, pps: int) -> None:
     """A VM whose workload converges, migrated to an image file: downtime against the limit
     (300 ms) and the prediction the switch-over decision made; the flush comes after."""
     async with connected_daemon(tmp) as qmp:
-        npages = gib * GiB // 4096
-        base = 4 * GiB
-        await qmp.execute(
-            "vm-create",
-            {
-                "name": "mig",
-                "backend": "softmmu",
-                "memslots": [{"slot": 0, "guest-phys-addr": base, "size": gib * GiB}],
-            },
-        )
-        gfns = np.arange(npages) + (base >> 12)
-        for i in range(0, npages, 65536):
-            await qmp.execute(
-                "sim-write-pages", {"vm": "mig", "gfns": gfns[i : i + 65536].tolist(), "value": 1}
-            )
+        await stored_vm(qmp, "mig", gib)
         print(f"{gib} GiB VM storing {pps:,} pages/s (2 vCPUs) to a tmpfs image file, limit 300 ms")
         columns = ("run", "conv", "rounds", "downtime", "predicted", "error", "flush after")
         print(" ".join(f"{c:>{w}}" for c, w in zip(columns, (3, 5, 6, 9, 9, 7, 11), strict=True)))
