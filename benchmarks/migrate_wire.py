@@ -62,6 +62,14 @@ def pipeline(ram_path: str, out: str) -> float:
     return elapsed
 
 
+def migrate_args(tmp: str, destination: str) -> list[str]:
+    """``dirtylogctl migrate`` of the benchmark VM, JSON report, source resumed afterwards."""
+    return [
+        sys.executable, "-m", "dirtylogctl.cli", "-s", socket_path(tmp), "--json",
+        "migrate", "mig", destination, "--resume",
+    ]  # fmt: skip
+
+
 def migrate(tmp: str, out: str) -> tuple[float, dict[str, Any]]:
     """Seconds from starting ``dirtylogctl migrate`` to its end, and its JSON report."""
     env = dict(os.environ)
@@ -87,18 +95,7 @@ def migrate(tmp: str, out: str) -> tuple[float, dict[str, Any]]:
         if "listening" in line:
             port = int(line.rsplit(":", 1)[1].split()[0])
             break
-    args = [
-        sys.executable,
-        "-m",
-        "dirtylogctl.cli",
-        "-s",
-        socket_path(tmp),
-        "--json",
-        "migrate",
-        "mig",
-        f"tcp:127.0.0.1:{port}",
-        "--resume",
-    ]
+    args = migrate_args(tmp, f"tcp:127.0.0.1:{port}")
     t0 = time.perf_counter()
     done = subprocess.run(args, capture_output=True, text=True)
     elapsed = time.perf_counter() - t0
@@ -155,18 +152,7 @@ async def downtime(gib: int, tmp: str, repeats: int, pps: int) -> None:
                 {"vm": "mig", "pages-per-second": pps, "vcpus": 2, "seed": number},
             )
             await asyncio.sleep(0.5)
-            args = [
-                sys.executable,
-                "-m",
-                "dirtylogctl.cli",
-                "-s",
-                socket_path(tmp),
-                "--json",
-                "migrate",
-                "mig",
-                out,
-                "--resume",
-            ]
+            args = migrate_args(tmp, out)
             done = await asyncio.to_thread(subprocess.run, args, capture_output=True, text=True)
             await qmp.execute("sim-workload-stop", {"vm": "mig"})
             if not done.stdout.startswith("{"):
