@@ -8,7 +8,7 @@ decides with the same rules and asks the daemon to act (``cpu-throttle-set``,
   1000 ms have passed since the period began does it judge it (``migration_trigger_throttle``)
   and start a new one.
 - ``migration_trigger_throttle``: the period is too dirty if the bytes it dirtied exceed the bytes
-  it transferred × ``throttle-trigger-threshold`` %; the 2nd too-dirty period (counting every one
+  it transferred x ``throttle-trigger-threshold`` %; the 2nd too-dirty period (counting every one
   since the last firing, consecutive or not: the counter is never reset by a calm period) fires,
   and the counter starts again.
 - Firing with ``auto-converge``: ``mig_throttle_guest_down`` — ``cpu-throttle-initial`` the first
