@@ -512,7 +512,9 @@ class Channels:
         assert self.image is not None
         stats = Received(channels=self.count, channel=index)
         while True:
-            head = _exactly(stream, wf.FRAME_HEAD.size, f"before its END (frame {stats.frames})")
+            head = _exactly(
+                stream, wf.FRAME_HEAD.size, f"before its END ({stats.frames} frames came)"
+            )
             stats.frames += 1
             kind = wf.frame_kind(head, stats.frames, False)
             if kind is Kind.RUN:

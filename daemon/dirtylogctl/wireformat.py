@@ -497,9 +497,16 @@ def decode_header(meta: bytes) -> Header:
 
 def _channels(doc: dict[str, Any]) -> tuple[int, bytes]:
     """Version 4's "channels" and "token"."""
-    channels = _int(doc, "channels", most=MAX_CHANNELS)
-    if channels < 1:
-        raise StreamError("bad stream header: 'channels' must be at least 1")
+    channels = doc.get("channels")
+    if (
+        not isinstance(channels, int)
+        or isinstance(channels, bool)
+        or not 1 <= channels <= MAX_CHANNELS
+    ):
+        raise StreamError(
+            f"bad stream header: 'channels' must be an integer from 1 to {MAX_CHANNELS}, "
+            f"not {reprlib.repr(channels)}"
+        )
     token = doc.get("token")
     if not isinstance(token, str) or len(token) != 2 * TOKEN_BYTES:
         raise StreamError(f"bad stream header: 'token' must be {2 * TOKEN_BYTES} hex digits")

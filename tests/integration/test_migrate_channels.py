@@ -11,14 +11,19 @@ import time
 from contextlib import suppress
 
 import numpy as np
+import pytest
 
 from dirtylogctl.stream import TcpSink
 from dirtylogctl.wireformat import (
+    CHAN,
     ERR,
     PAGE_SIZE,
     Header,
     SlotInfo,
+    done_frame,
+    encode_header,
     encode_hello,
+    end_frame,
     pages_frame,
 )
 
@@ -220,4 +225,49 @@ def test_ctrl_c_stops_a_migration_over_channels_and_resumes_the_source(
     state = vm_state(qmp, vm)
     assert state["paused"] is False
     assert [c["name"] for c in state["consumers"]] == ["default"]
+    assert list(tmp_path.iterdir()) == []
+
+
+LIES = {
+    "an END that miscounts": (
+        lambda: pages_frame(np.array([BLOCK]), PAGE) + end_frame(2),
+        "channel 1: its END says 2 pages were sent, 1 came",
+    ),
+    "a page of another channel": (
+        lambda: pages_frame(np.array([0]), PAGE) + end_frame(1),
+        "channel 1: frame 1: the page at 0x0 belongs to channel 0, not 1",
+    ),
+    "DONE on a data channel": (lambda: done_frame(0), "channel 1: frame 1: DONE on a data channel"),
+    "no END before the channel closes": (
+        lambda: pages_frame(np.array([BLOCK]), PAGE),
+        "channel 1: the channel ended before its END (1 frames came)",
+    ),
+}
+BLOCK = 256 * PAGE_SIZE
+PAGE = np.full(PAGE_SIZE, 0x22, np.uint8)
+
+
+@pytest.mark.parametrize("case", list(LIES))
+def test_a_channel_that_lies_fails_the_migration_with_its_reason(tmp_path, case):
+    frames, reason = LIES[case]
+    token = bytes(16)
+    header = Header("x", (SlotInfo(0, 0, 512),), version=4, channels=2, token=token)
+    with receiver(tmp_path / "img") as (proc, port):
+        main = socket.create_connection(("127.0.0.1", port), timeout=30)
+        main.sendall(encode_header(header))
+        assert main.recv(8) == CHAN + (2).to_bytes(4, "little")
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as channel:
+            channel.sendall(encode_hello(token, 1))
+            assert channel.recv(8) == CHAN + (1).to_bytes(4, "little")
+            channel.sendall(frames())
+        with suppress(OSError):
+            main.sendall(done_frame(1))
+        answer = b""
+        with suppress(OSError):
+            while chunk := main.recv(65536):
+                answer += chunk
+        main.close()
+        assert answer.startswith(ERR) and answer.endswith(reason.encode()), answer
+        assert proc.wait(30) == 1
+        assert proc.stderr.read() == f"dirtylogctl: receive failed: {reason}\n"
     assert list(tmp_path.iterdir()) == []

@@ -107,8 +107,9 @@ def test_a_version_4_header_carries_the_channels_and_the_token():
 @pytest.mark.parametrize(
     "change, reason",
     [
-        ({"channels": 0}, "'channels' must be at least 1"),
-        ({"channels": 17}, "'channels' must be an integer from 0 to 16"),
+        ({"channels": 0}, "'channels' must be an integer from 1 to 16, not 0"),
+        ({"channels": 17}, "'channels' must be an integer from 1 to 16, not 17"),
+        ({"channels": True}, "'channels' must be an integer from 1 to 16, not True"),
         ({"token": "zz" * 16}, "'token' must be 32 hex digits"),
         ({"token": "ab"}, "'token' must be 32 hex digits"),
     ],
