@@ -9,7 +9,9 @@ once complete.
 peers: no peer's bytes cost it more memory than a few of the largest frames, or end it with
 anything but a one-line StreamError; a silent peer is dropped after an idle timeout; a peer
 that never sends a valid header is dropped without ending it; and ``--output`` is replaced
-only by a complete image.
+only by a complete image. A migration over several TCP channels (format version 4) has its
+further connections accepted on the same socket by :class:`Channels`, which refuses any
+that is not one of them.
 """
 
 from __future__ import annotations

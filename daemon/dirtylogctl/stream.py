@@ -3,7 +3,7 @@
 The bytes on the wire — header, frames, checksums, replies, limits — are defined once, in
 :mod:`dirtylogctl.wireformat`; this module moves them. A sink takes pages to a local image
 file (:class:`FileSink`) or to a ``migrate-receive`` over TCP (:class:`TcpSink`, whose other
-end is :mod:`dirtylogctl.receive`).
+end is :mod:`dirtylogctl.receive`), over one connection or several (``--channels``).
 
 With the header's "storage-keys", the guest's s390 storage keys travel too (KEYS frames at
 switch-over) and land in a key file beside the image (:mod:`dirtylogctl.keyfile`).
