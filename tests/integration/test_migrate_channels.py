@@ -112,9 +112,10 @@ def test_hellos_that_are_not_the_migrations_are_refused_and_nothing_of_them_is_w
     assert (image == 0x11).all()  # not one 0xEE byte of the forged frames
 
 
-def test_the_sender_offering_channels_is_told_an_old_receiver_does_not_speak_them(tmp_path):
-    """A version-3 receiver refuses a version-4 header; seen here as the reason a receiver
-    gives for a version it does not know (the sender of one channel sends version 3)."""
+def test_one_channel_is_offered_as_version_3_which_older_receivers_take():
+    """A version-3 receiver refuses a version-4 header by its version (the sender then says
+    why: test_migrate.py::test_the_sender_is_told_why_the_receiver_refused_the_stream); so
+    only a sender offering several channels sends version 4."""
     assert Header.offering("x", (), False, 1).version == 3
     assert Header.offering("x", (), False, 2).version == 4
 
