@@ -11,6 +11,7 @@ rounds, and for the worst single round (a short last round copies little).
     python benchmarks/migrate.py                  # four cases, ~2 minutes
     python benchmarks/migrate.py --gib 1          # smaller guest
     python benchmarks/migrate.py wire --gib 2     # a quiet guest vs sendfile over loopback
+    python benchmarks/migrate.py wire --gib 2 --channels 1,2  # ... over 1 and 2 TCP channels
     python benchmarks/migrate.py downtime --gib 2 # downtime vs prediction, file destination
 
 (``wire`` and ``downtime`` live in migrate_wire.py.)
@@ -78,13 +79,17 @@ def main() -> None:
     ap.add_argument("--gib", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3, help="wire, downtime: runs")
     ap.add_argument("--pages-per-second", type=int, default=50_000, help="downtime's workload")
+    ap.add_argument(
+        "--channels", default="1", help="wire: TCP channel counts to migrate with, e.g. 1,2"
+    )
     args = ap.parse_args()
     if args.mode != "workloads":
         import migrate_wire
 
         with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
             if args.mode == "wire":
-                asyncio.run(migrate_wire.run(args.gib, tmp, args.repeats))
+                counts = tuple(int(n) for n in args.channels.split(","))
+                asyncio.run(migrate_wire.run(args.gib, tmp, args.repeats, counts))
             else:
                 asyncio.run(
                     migrate_wire.downtime(args.gib, tmp, args.repeats, args.pages_per_second)

@@ -6,8 +6,10 @@ A quiet VM (every page stored once, no workload) is migrated with ``dirtylogctl 
 writes a fresh file in the same directory (tmpfs). Both receivers are separate processes,
 as the senders are; the ratio is migration rate / pipeline rate (≥ 0.9 is the target), per
 run and for the best of each (on a machine shared with other work, each at its quietest).
+With ``--channels 1,2`` each run migrates once per count (``dirtylogctl migrate --channels``),
+each against the same run's pipeline.
 
-    python benchmarks/migrate.py wire --gib 2
+    python benchmarks/migrate.py wire --gib 2 --channels 1,2
 """
 
 from __future__ import annotations
@@ -62,15 +64,15 @@ def pipeline(ram_path: str, out: str) -> float:
     return elapsed
 
 
-def migrate_args(tmp: str, destination: str) -> list[str]:
+def migrate_args(tmp: str, destination: str, channels: int = 1) -> list[str]:
     """``dirtylogctl migrate`` of the benchmark VM, JSON report, source resumed afterwards."""
     return [
         sys.executable, "-m", "dirtylogctl.cli", "-s", socket_path(tmp), "--json",
-        "migrate", "mig", destination, "--resume",
+        "migrate", "mig", destination, "--resume", "--channels", str(channels),
     ]  # fmt: skip
 
 
-def migrate(tmp: str, out: str) -> tuple[float, dict[str, Any]]:
+def migrate(tmp: str, out: str, channels: int = 1) -> tuple[float, dict[str, Any]]:
     """Seconds from starting ``dirtylogctl migrate`` to its end, and its JSON report."""
     env = dict(os.environ)
     receiver = subprocess.Popen(
@@ -95,7 +97,7 @@ def migrate(tmp: str, out: str) -> tuple[float, dict[str, Any]]:
         if "listening" in line:
             port = int(line.rsplit(":", 1)[1].split()[0])
             break
-    args = migrate_args(tmp, f"tcp:127.0.0.1:{port}")
+    args = migrate_args(tmp, f"tcp:127.0.0.1:{port}", channels)
     t0 = time.perf_counter()
     done = subprocess.run(args, capture_output=True, text=True)
     elapsed = time.perf_counter() - t0
@@ -106,7 +108,7 @@ def migrate(tmp: str, out: str) -> tuple[float, dict[str, Any]]:
     return elapsed, json.loads(done.stdout)
 
 
-async def run(gib: int, tmp: str, repeats: int) -> None:
+async def run(gib: int, tmp: str, repeats: int, channels: tuple[int, ...] = (1,)) -> None:
     async with connected_daemon(tmp) as qmp:
         await stored_vm(qmp, "mig", gib)
         vms: list[dict[str, Any]] = await qmp.execute("query-vms")  # type: ignore[assignment]
@@ -115,26 +117,34 @@ async def run(gib: int, tmp: str, repeats: int) -> None:
         out = os.path.join(tmp, "image")
         size = gib * GiB
         print(f"quiet {gib} GiB VM over loopback TCP to a fresh tmpfs image, {repeats} runs")
-        print("  MB/s: pipeline, whole migration (wall time of dirtylogctl migrate), its round 0")
-        print(
-            f"{'run':>3} {'pipeline':>8} {'migrate':>8} {'round 0':>8} {'ratio':>6} {'r0 ratio':>8}"
-        )
-        best = [0.0, 0.0, 0.0]
+        print("  MB/s: pipeline; per channel count, whole migration (wall time of dirtylogctl")
+        print("  migrate) and its round 0, each also as a ratio to the same run's pipeline")
+        heads = [f"{'pipeline':>8}"]
+        for n in channels:
+            heads += [f"{f'{n}ch':>6} {'ratio':>6} {'r0':>6} {'ratio':>6}"]
+        print(f"{'run':>3} " + " | ".join(heads))
+        best = [0.0] * (1 + 2 * len(channels))
         for number in range(repeats):
-            base_s = await asyncio.to_thread(pipeline, ram, out + ".pipe")
-            mig_s, doc = await asyncio.to_thread(migrate, tmp, out)
-            r0 = doc["rounds"][0]
-            pipe, whole, r0_rate = size / base_s / 1e6, size / mig_s / 1e6, r0["mbps"] / 8
-            best = [max(b, x) for b, x in zip(best, (pipe, whole, r0_rate), strict=True)]
-            print(
-                f"{number:>3} {pipe:>8.0f} {whole:>8.0f} {r0_rate:>8.0f} "
-                f"{whole / pipe:>5.2f}x {r0_rate / pipe:>7.2f}x"
-            )
+            pipe = size / await asyncio.to_thread(pipeline, ram, out + ".pipe") / 1e6
+            rates = [pipe]
+            for n in channels:
+                mig_s, doc = await asyncio.to_thread(migrate, tmp, out, n)
+                if doc["channels"] != n:
+                    raise SystemExit(f"asked for {n} channels, got {doc['channels']}")
+                rates += [size / mig_s / 1e6, doc["rounds"][0]["mbps"] / 8]
+            best = [max(b, x) for b, x in zip(best, rates, strict=True)]
+            print(_row(f"{number:>3}", rates))
         # on a shared machine the best of each is what it can do when left alone
-        print(
-            f"best {best[0]:>7.0f} {best[1]:>8.0f} {best[2]:>8.0f} "
-            f"{best[1] / best[0]:>5.2f}x {best[2] / best[0]:>7.2f}x"
-        )
+        print(_row("best", best))
+
+
+def _row(label: str, rates: list[float]) -> str:
+    """A pipeline rate, then (whole, round 0) per channel count, each with its ratio."""
+    pipe, cells = rates[0], [f"{rates[0]:>8.0f}"]
+    for at in range(1, len(rates), 2):
+        whole, r0 = rates[at], rates[at + 1]
+        cells.append(f"{whole:>6.0f} {whole / pipe:>5.2f}x {r0:>6.0f} {r0 / pipe:>5.2f}x")
+    return f"{label:>3} " + " | ".join(cells)
 
 
 async def downtime(gib: int, tmp: str, repeats: int, pps: int) -> None:

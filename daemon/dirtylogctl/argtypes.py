@@ -47,3 +47,13 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, not {text!r}")
     return value
+
+
+def channel_count(text: str) -> int:
+    """A number of TCP channels: 1 to the format's MAX_CHANNELS (16)."""
+    from dirtylogctl.wireformat import MAX_CHANNELS
+
+    value = non_negative_int(text)
+    if not 1 <= value <= MAX_CHANNELS:
+        raise argparse.ArgumentTypeError(f"expected 1 to {MAX_CHANNELS} channels, not {text!r}")
+    return value

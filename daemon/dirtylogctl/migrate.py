@@ -59,6 +59,7 @@ class Options:
     verify: bool = False
     resume: bool = False  # cont the source after a successful migration
     reconnect_timeout: float = 30.0  # seconds to wait for a restarted daemon
+    channels: int = 1  # TCP connections offered to a migrate-receive (a file has none)
 
 
 @dataclass
@@ -95,6 +96,7 @@ class Stats:
     rounds: list[Round] = field(default_factory=list)
     differing_pages: list[int] | None = None
     storage_keys: KeyStats = field(default_factory=KeyStats)
+    channels: int = 1  # TCP connections the destination accepted
 
     @property
     def dirty_sync_count(self) -> int:
@@ -122,6 +124,7 @@ class Stats:
                 "mbps": round(self.transferred * 8 / elapsed / 1e6, 3),
             },
             "converged": self.converged,
+            "channels": self.channels,
             "rounds": [
                 {
                     "round": r.number,
@@ -196,10 +199,11 @@ def tcp_address(destination: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
-def open_sink(destination: str) -> Sink:
+def open_sink(destination: str, channels: int = 1) -> Sink:
+    """A TCP destination offered ``channels`` connections; a file, which has none, ignores it."""
     address = tcp_address(destination)
     if address is not None:
-        return TcpSink(*address)
+        return TcpSink(*address, offered=channels)
     return FileSink(destination)
 
 
@@ -237,7 +241,7 @@ class Migration:
         ram_map = None
         try:
             vm = await self._find_vm()  # before the destination hears of it
-            sink = open_sink(self.o.destination)
+            sink = open_sink(self.o.destination, self.o.channels)
             slots, ram_map = await self._setup(vm, sink)
             self.stats.setup_time = time.monotonic() - started
             await self._precopy(slots, sink)
@@ -342,7 +346,8 @@ class Migration:
         await self.qmp.execute("getfd", {"fdname": self.consumer})
         self._stop_seconds = time.monotonic() - t0  # what a "stop" costs: one round trip
         infos = tuple(SlotInfo(s.slot, s.gpa, s.npages) for s in slots)
-        sink.start(Header(self.o.vm, infos, storage_keys=keys.carried))
+        sink.start(Header.offering(self.o.vm, infos, keys.carried, self.o.channels))
+        self.stats.channels = sink.channels
         return slots, ram
 
     # --- rounds ---------------------------------------------------------------------------------
@@ -498,6 +503,7 @@ class Migration:
                 sink.send_run(run)
                 sent += count
                 await self._throttle(sent * PAGE_SIZE, t0)
+            sink.drain()  # channels send from threads: a kind's time is the wire's
             t_scattered = time.monotonic()
             spent["runs"][0] += t_scattered - t_runs
             spent["runs"][1] += int(counts.sum())
@@ -506,6 +512,7 @@ class Migration:
                 sink.send_pages(s.gpa + chunk * PAGE_SIZE, s.region[chunk])
                 sent += chunk.size
                 await self._throttle(sent * PAGE_SIZE, t0)
+            sink.drain()
             spent["scattered"][0] += time.monotonic() - t_scattered
             spent["scattered"][1] += scattered.size
             s.sent |= bitmap

@@ -21,7 +21,12 @@ from rich.live import Live
 from rich.table import Table
 
 from dirtylogctl import output
-from dirtylogctl.argtypes import non_negative_float, non_negative_int, positive_float
+from dirtylogctl.argtypes import (
+    channel_count,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+)
 from dirtylogctl.keyfile import key_path
 from dirtylogctl.migrate import (
     DESTINATION_FORM,
@@ -33,7 +38,7 @@ from dirtylogctl.migrate import (
     VmUnavailable,
     tcp_address,
 )
-from dirtylogctl.receive import IDLE_TIMEOUT, serve_once
+from dirtylogctl.receive import DEFAULT_MAX_CHANNELS, IDLE_TIMEOUT, serve_once
 from dirtylogctl.skeys import KeyStats
 from dirtylogctl.wireformat import PAGE_SIZE, StreamError
 
@@ -120,7 +125,8 @@ def summary(vm: str, stats: Stats, limit: float) -> str:
         f"migration of {vm} {stats.status} in {stats.total_time * 1e3:.0f} ms "
         f"(setup {stats.setup_time * 1e3:.0f} ms): {stats.dirty_sync_count} rounds, "
         f"{stats.pages_sent} pages sent ({stats.transferred / MiB:.1f} MiB, "
-        f"{ram['pages-resent']} resent), {ram['mbps']:.0f} Mbit/s",
+        f"{ram['pages-resent']} resent), {ram['mbps']:.0f} Mbit/s"
+        + (f" over {stats.channels} TCP channels" if stats.channels > 1 else ""),
         f"downtime {stats.downtime * 1e3:.0f} ms (expected {stats.expected_downtime * 1e3:.0f} ms, "
         f"limit {limit * 1e3:.0f} ms), "
         + ("converged" if stats.converged else "did not converge: switched over at --max-rounds"),
@@ -181,6 +187,7 @@ async def run_migrate(client: QMPClient, args: argparse.Namespace) -> int:
         verify=args.verify,
         resume=args.resume,
         reconnect_timeout=args.reconnect_timeout,
+        channels=args.channels,
     )
 
     async def connect() -> QMPClient:
@@ -269,6 +276,7 @@ def run_receive(args: argparse.Namespace) -> int:
             idle_timeout=args.idle_timeout,
             max_image_bytes=args.max_image_size,
             dropped=dropped,
+            max_channels=args.max_channels,
         )
     except (StreamError, OSError) as exc:
         print(f"dirtylogctl: receive failed: {exc}", file=sys.stderr)
@@ -329,6 +337,15 @@ def add_parsers(sub: Any, cmd: Any, size: Any) -> None:
         help="resume the source after a successful migration (default: stay stopped)",
     )
     q.add_argument(
+        "--channels",
+        type=channel_count,
+        default=1,
+        metavar="N",
+        help="TCP connections to offer a migrate-receive, 1-16 (default 1); it may accept "
+        "fewer; the JSON report's 'channels' says how many were used. A file destination "
+        "ignores this",
+    )
+    q.add_argument(
         "--reconnect-timeout",
         type=non_negative_float,
         default=30.0,
@@ -361,4 +378,12 @@ def add_parsers(sub: Any, cmd: Any, size: Any) -> None:
         type=size,
         metavar="BYTES",
         help="refuse a migration whose slots need more, e.g. 64G (default: the free space)",
+    )
+    q.add_argument(
+        "--max-channels",
+        type=channel_count,
+        default=DEFAULT_MAX_CHANNELS,
+        metavar="N",
+        help=f"accept at most this many TCP connections per migration, 1-16 "
+        f"(default {DEFAULT_MAX_CHANNELS}); a sender offering more gets this many",
     )

@@ -3,7 +3,7 @@
 The bytes on the wire — header, frames, checksums, replies, limits — are defined once, in
 :mod:`dirtylogctl.wireformat`; this module moves them. A sink takes pages to a local image
 file (:class:`FileSink`) or to a ``migrate-receive`` over TCP (:class:`TcpSink`, whose other
-end is :mod:`dirtylogctl.receive`).
+end is :mod:`dirtylogctl.receive`), over one connection or several (``--channels``).
 
 With the header's "storage-keys", the guest's s390 storage keys travel too (KEYS frames at
 switch-over) and land in a key file beside the image (:mod:`dirtylogctl.keyfile`).
@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import socket
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import numpy as np
@@ -41,7 +45,13 @@ class Run:
 class Sink(Protocol):
     """Where a migration sends pages."""
 
+    channels: int  # the TCP connections in use, after start (1 for a file)
+
     def start(self, header: Header) -> None: ...
+
+    def drain(self) -> None:
+        """Wait until every page handed over is sent (a round's end: its time is the wire's)."""
+        ...
 
     def send_pages(self, gpas: np.ndarray, data: np.ndarray) -> None: ...
 
@@ -71,10 +81,15 @@ class Sink(Protocol):
 class FileSink(Sink):
     """A local image file; pages land at their guest-physical offsets, keys in its key file."""
 
+    channels = 1  # a file has no channels: --channels does not apply
+
     def __init__(self, path: str) -> None:
         self.path = path
         self.image: Image | None = None
         self.keys: KeyFile | None = None
+
+    def drain(self) -> None:
+        pass
 
     def start(self, header: Header) -> None:
         self.image = image_for(self.path, header)
@@ -126,10 +141,10 @@ class FileSink(Sink):
             self.keys = None
 
 
-class TcpSink(Sink):
-    """A migrate-receive process listening on HOST:PORT."""
+class _Link:
+    """One TCP connection to the destination: frames out, replies in."""
 
-    def __init__(self, host: str, port: int, timeout: float = 30.0) -> None:
+    def __init__(self, host: str, port: int, timeout: float) -> None:
         try:
             self.sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
@@ -137,34 +152,28 @@ class TcpSink(Sink):
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buffer = np.empty(wf.MAX_PAGES_PER_FRAME * PAGE_SIZE, np.uint8)  # a live run
 
-    def _send(self, data: bytes) -> None:
+    def send(self, data: bytes) -> None:
         try:
             self.sock.sendall(data)
         except OSError as exc:
             lost = StreamError(f"lost the connection to the destination: {exc}")
-            raise (self._refusal() or lost) from None
+            raise (self.refusal() or lost) from None
 
-    def _refusal(self) -> StreamError | None:
+    def refusal(self) -> StreamError | None:
         """The ERR a receiver sent before closing on us, if it did: its reason beats "connection
         reset" (Linux keeps data that arrived before the reset readable)."""
         with contextlib.suppress(OSError):
             self.sock.settimeout(1.0)
         try:
-            wf.read_reply_tag(self._recv)
+            wf.read_reply_tag(self.recv)
         except wf.RefusedError as exc:
             return exc
         except StreamError:
             pass
         return None
 
-    def start(self, header: Header) -> None:
-        self._send(wf.encode_header(header))
-
     def send_pages(self, gpas: np.ndarray, data: np.ndarray) -> None:
-        self._send(wf.pages_frame(gpas, data))
-
-    def send_keys(self, gpa: int, keys: np.ndarray) -> None:
-        self._send(wf.keys_frame(gpa, keys))
+        self.send(wf.pages_frame(gpas, data))
 
     def send_run(self, run: Run) -> None:
         """A RUN frame. A frozen run goes zero-copy: the kernel sends it from the RAM file.
@@ -179,7 +188,7 @@ class TcpSink(Sink):
             self._sendmsg([head, payload.data, wf.frame_crc(head, payload.data)])
             return
         crc = wf.frame_crc(head, run.pages.data)
-        self._send(head)
+        self.send(head)
         size = count * PAGE_SIZE
         try:  # socket.sendfile: os.sendfile, waiting out a full send buffer under the timeout
             with open(run.fd, "rb", closefd=False) as ram:
@@ -187,8 +196,8 @@ class TcpSink(Sink):
                     raise StreamError("the guest's RAM file ended inside a memslot")
         except OSError as exc:
             lost = StreamError(f"lost the connection to the destination: {exc}")
-            raise (self._refusal() or lost) from None
-        self._send(crc)
+            raise (self.refusal() or lost) from None
+        self.send(crc)
 
     def _sendmsg(self, parts: list[bytes | memoryview]) -> None:
         """``parts`` in one gathered send (and its rest, if the kernel took less)."""
@@ -202,28 +211,9 @@ class TcpSink(Sink):
                     views[0] = views[0][n:]
         except OSError as exc:
             lost = StreamError(f"lost the connection to the destination: {exc}")
-            raise (self._refusal() or lost) from None
+            raise (self.refusal() or lost) from None
 
-    def finish(self, total_pages: int) -> None:
-        self._send(wf.done_frame(total_pages))
-        written = wf.read_ack(self._recv)
-        if written != total_pages:
-            raise StreamError(f"the destination wrote {written} pages of {total_pages}")
-
-    def settle(self) -> None:
-        self._send(wf.flush_frame())
-        wf.read_sync(self._recv)
-
-    def verify(self, gpas: np.ndarray, pages: np.ndarray) -> list[int]:
-        key = int.from_bytes(os.urandom(8), "little")
-        self._send(wf.verify_frame(key, gpas, wf.page_digests(pages, key)))
-        return wf.read_diff(self._recv)
-
-    def verify_keys(self, gpa: int, keys: np.ndarray) -> list[int]:
-        self._send(wf.verify_keys_frame(gpa, keys))
-        return wf.read_diff(self._recv)
-
-    def _recv(self, n: int) -> bytes:
+    def recv(self, n: int) -> bytes:
         buf = bytearray()
         while len(buf) < n:
             try:
@@ -235,5 +225,169 @@ class TcpSink(Sink):
             buf += chunk
         return bytes(buf)
 
+    def shutdown(self) -> None:
+        """Wake a thread blocked sending on this connection (close alone would not)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
         self.sock.close()
+
+
+Job = Callable[[_Link], None]
+
+
+class _Lane(threading.Thread):
+    """Sends one channel's frames, in order, from a thread of its own: sendmsg, sendfile and
+    the checksum release the GIL, so channels send in parallel while the driver harvests.
+    A short queue keeps the driver (and its bandwidth cap and Ctrl-C) within a frame or two
+    of the wire; after a failure the lane drops what is queued, so a put never waits on it."""
+
+    DEPTH = 2
+
+    def __init__(self, link: _Link, index: int) -> None:
+        super().__init__(name=f"migrate-channel-{index}", daemon=True)
+        self.link = link
+        self.jobs: queue.Queue[Job | None] = queue.Queue(self.DEPTH)
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            try:
+                if job is None:
+                    return
+                if self.error is None:
+                    job(self.link)
+            except BaseException as exc:  # reported to the driver at its next put or drain
+                self.error = exc
+            finally:
+                self.jobs.task_done()
+
+    def stop(self) -> None:
+        """End the thread (its connection shut down first, so it cannot hang in a send)."""
+        self.error = self.error or StreamError("the migration was ended")
+        self.link.shutdown()
+        with contextlib.suppress(queue.Full):
+            self.jobs.put(None, timeout=1.0)
+        self.join(timeout=5.0)
+
+
+class TcpSink(Sink):
+    """A migrate-receive process listening on HOST:PORT, over one TCP connection or several
+    (``channels``: offered; the receiver may accept fewer, see :mod:`dirtylogctl.wireformat`).
+
+    With several, each page goes on the channel its address pins it to, each channel sent
+    from a thread of its own; header, keys, DONE, verification and FLUSH go on the main one
+    once every channel's frames are out."""
+
+    def __init__(self, host: str, port: int, timeout: float = 30.0, offered: int = 1) -> None:
+        self.address, self.timeout, self.offered = (host, port), timeout, offered
+        self.main = _Link(host, port, timeout)
+        self.links = [self.main]
+        self.lanes: list[_Lane] = []  # with several channels: one sending thread each
+        self.channels = 1
+        self.sent = [0]  # pages per channel, for END
+
+    def start(self, header: Header) -> None:
+        self.main.send(wf.encode_header(header))
+        if header.version < 4:
+            return
+        accepted = wf.read_chan(self.main.recv)
+        if not 1 <= accepted <= header.channels:
+            raise StreamError(
+                f"the destination accepted {accepted} channels of the {header.channels} offered"
+            )
+        for index in range(1, accepted):
+            self.links.append(self._hello(header.token, index))
+        self.channels, self.sent = accepted, [0] * accepted
+        if accepted > 1:
+            self.lanes = [_Lane(link, i) for i, link in enumerate(self.links)]
+
+    def _hello(self, token: bytes, index: int) -> _Link:
+        """Channel ``index``, connected and accepted by the receiver."""
+        link = _Link(*self.address, self.timeout)
+        try:
+            link.send(wf.encode_hello(token, index))
+            if wf.read_chan(link.recv) != index:
+                raise StreamError(f"the destination accepted channel {index} as another")
+        except StreamError as exc:
+            link.close()
+            raise StreamError(f"channel {index}: {exc}") from None
+        return link
+
+    def _on(self, channel: int, job: Job) -> None:
+        """``job`` on ``channel``'s connection: now, or queued to its lane."""
+        if not self.lanes:
+            job(self.links[channel])
+            return
+        self._check()
+        self.lanes[channel].jobs.put(job)
+
+    def _check(self) -> None:
+        """Raise the first lane's failure, once every lane has stopped sending: preferably
+        as the receiver's reason, which it sends on the main channel."""
+        failed = next((lane.error for lane in self.lanes if lane.error is not None), None)
+        if failed is None:
+            return
+        for lane in self.lanes:
+            lane.error = lane.error or failed  # the rest of every queue is dropped
+        for lane in self.lanes:
+            lane.jobs.join()
+        if isinstance(failed, wf.RefusedError) or not isinstance(failed, StreamError):
+            raise failed
+        raise self.main.refusal() or failed
+
+    def drain(self) -> None:
+        for lane in self.lanes:
+            lane.jobs.join()
+        self._check()
+
+    def send_pages(self, gpas: np.ndarray, data: np.ndarray) -> None:
+        for channel, idx in wf.split_pages(gpas, self.channels):
+            part_gpas = gpas if idx.size == gpas.size else gpas[idx]
+            part = data if idx.size == gpas.size else data[idx]
+            self._on(channel, partial(_Link.send_pages, gpas=part_gpas, data=part))
+            self.sent[channel] += int(idx.size)
+
+    def send_run(self, run: Run) -> None:
+        for channel, gpa, count in wf.split_run(run.gpa, run.pages.shape[0], self.channels):
+            at = (gpa - run.gpa) // PAGE_SIZE
+            piece = Run(
+                gpa, run.pages[at : at + count], run.fd, run.offset + at * PAGE_SIZE, run.frozen
+            )
+            self._on(channel, partial(_Link.send_run, run=piece))
+            self.sent[channel] += count
+
+    def send_keys(self, gpa: int, keys: np.ndarray) -> None:
+        self.drain()  # after every page on the main channel
+        self.main.send(wf.keys_frame(gpa, keys))
+
+    def finish(self, total_pages: int) -> None:
+        self.drain()
+        for index in range(1, self.channels):
+            self.links[index].send(wf.end_frame(self.sent[index]))
+        self.main.send(wf.done_frame(total_pages))
+        written = wf.read_ack(self.main.recv)
+        if written != total_pages:
+            raise StreamError(f"the destination wrote {written} pages of {total_pages}")
+
+    def settle(self) -> None:
+        self.main.send(wf.flush_frame())
+        wf.read_sync(self.main.recv)
+
+    def verify(self, gpas: np.ndarray, pages: np.ndarray) -> list[int]:
+        key = int.from_bytes(os.urandom(8), "little")
+        self.main.send(wf.verify_frame(key, gpas, wf.page_digests(pages, key)))
+        return wf.read_diff(self.main.recv)
+
+    def verify_keys(self, gpa: int, keys: np.ndarray) -> list[int]:
+        self.main.send(wf.verify_keys_frame(gpa, keys))
+        return wf.read_diff(self.main.recv)
+
+    def close(self) -> None:
+        for lane in self.lanes:
+            lane.stop()
+        for link in self.links:
+            link.close()

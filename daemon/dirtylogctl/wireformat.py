@@ -1,10 +1,11 @@
 """The migration stream's wire format, in one place: the sender builds and the receiver checks
 with the same definitions, so the two ends cannot drift apart.
 
-Format version 3 (this receiver still takes version 2). Every integer is little-endian.
+Format version 4 (this receiver still takes versions 2 and 3). Every integer is little-endian.
 
-    stream = MAGIC, header, frame ... DONE frame, VERIFY and VERIFY_KEYS frames ...
-             (then the sender closes)
+    stream = MAGIC, header, [CHAN reply,] frame ... DONE frame, VERIFY and VERIFY_KEYS
+             frames ... (then the sender closes)
+    channel = HELLO, [CHAN reply,] PAGES and RUN frames ..., END frame   (version 4)
 
     MAGIC    8 bytes   b"DLGMIG1\\n"
     header   u32       length of the JSON that follows (at most MAX_HEADER_BYTES, 128 KiB)
@@ -14,6 +15,9 @@ Format version 3 (this receiver still takes version 2). Every integer is little-
                        slot a page-aligned range of the 64-bit guest-physical address space;
                        "storage-keys": the source has s390 storage keys, and KEYS frames
                        carry every slot's before DONE
+                       version 4 adds "channels": N (1 to MAX_CHANNELS, 16), the TCP
+                       connections the sender offers, and "token": 32 hex digits, random
+                       per migration, that its further connections present (see below)
 
     frame    +---------+-----------+---------+-------------------+-------------------------+
              | u8 kind | u32 count | u64 aux | payload           | u32 CRC-32 of all bytes |
@@ -35,6 +39,8 @@ Format version 3 (this receiver still takes version 2). Every integer is little-
     7 FLUSH        0                0              none: sync the image, answered   after DONE
                                                    SYNC (a close after DONE syncs
                                                    too, but answers nobody)
+    8 END          0                pages sent     none: a data channel's last frame    version 4:
+                                    on the channel                                  its end
     Every gpa is page-aligned. The count is checked before the payload is read, so no frame
     costs a receiver more than the largest one the format allows (a PAGES frame, ~1 MiB).
 
@@ -52,6 +58,31 @@ Format version 3 (this receiver still takes version 2). Every integer is little-
     guest stores into between the checksum and the kernel's read would fail the frame (see
     dirtylogctl.stream). A mismatch ends the stream; nothing of that frame is stored.
 
+    Channels (version 4, as QEMU's multifd). The receiver answers a version-4 header with
+    CHAN and the count it accepts, M (1 <= M <= the count offered, and at most its own
+    --max-channels). The connection that carried the header is channel 0, the main channel;
+    the sender then opens channels 1 .. M-1, each beginning with a HELLO:
+
+    HELLO    8 bytes   b"DLGCHAN\n"
+             16 bytes  the header's token
+             u32       the channel's index, 1 .. M-1
+
+    which the receiver answers CHAN with that index, or ERR and a close (a wrong token, an
+    index out of range or already connected, no migration waiting for channels): nothing of
+    a refused connection is written. A data channel carries only PAGES and RUN frames and
+    ends with END, whose aux is the number of pages it carried; the main channel carries
+    its own share of pages and everything else (KEYS, DONE, VERIFY, VERIFY_KEYS, FLUSH).
+    The receiver acknowledges DONE only once every channel's END has come, its page count
+    matched, and all of it is written; a channel that is lost, lies, or never connects
+    fails the whole migration (the image is not put in place).
+
+    Ordering without a per-round sync: every page is pinned to one channel by its address,
+    channel = (gpa / 4096 / BLOCK_PAGES) mod M, with BLOCK_PAGES = 256 (a RUN frame at most,
+    so a RUN spans at most two blocks and the sender splits it at the boundary). Two sends
+    of the same page (one per round it was dirty) thus travel on one TCP connection, in
+    order: the later cannot overtake the earlier, and the receiver writes them in that
+    order. The receiver refuses a frame naming a page of another channel.
+
     replies (receiver to sender): a 4-byte tag, then
     b"ACK "  u64 pages written                    to DONE: every page and key is in the image
                                                   (version 2: and synced)
@@ -60,14 +91,19 @@ Format version 3 (this receiver still takes version 2). Every integer is little-
                                                   and so out of the sender's downtime)
     b"DIFF"  u32 count, count u64 gpa             to VERIFY: pages whose digest differs;
                                                   to VERIFY_KEYS: pages whose key differs
-    b"ERR "  u32 length, UTF-8 reason             instead of either; the receiver then closes
+    b"CHAN"  u32 count                            to a version-4 header: the channels
+                                                  accepted; to a HELLO: its index, accepted
+    b"ERR "  u32 length, UTF-8 reason             instead of any; the receiver then closes
 
 Version 1 had no KEYS and no "storage-keys"; a version-1 receiver refuses a version-2 stream
 by its header ("stream format version 2 is not supported"), and this one refuses version 1,
 whose sender would silently leave an s390 guest's keys behind. Version 2 had no RUN and
 FLUSH, and its ACK meant "synced": a version-2 receiver would fail a version-3 stream at
 its first RUN, so version 3 is refused by its header there; this receiver answers a version-2
-stream as version 2 did (DONE syncs before its ACK).
+stream as version 2 did (DONE syncs before its ACK). Version 3 had one connection: a
+version-3 receiver would wait for frames while a version-4 sender waits for CHAN, so it
+refuses version 4 by its header. A sender of one channel therefore sends version 3, which
+every receiver since version 3 takes; only a sender offering more sends version 4.
 
 Extending: MAGIC, the header's length prefix and its "version" member stay the same in every
 version, so any receiver can say which version it was sent. A new frame kind is a ``Kind``
@@ -78,6 +114,7 @@ receiver of the previous version would misread the new stream.
 from __future__ import annotations
 
 import json
+import os
 import reprlib
 import struct
 import zlib
@@ -92,9 +129,14 @@ from crc32c import crc32c
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
-VERSION = 3
-SUPPORTED = frozenset({2, 3})  # a version-2 sender gets version 2's single, synced ACK
+VERSION = 4
+SUPPORTED = frozenset({2, 3, 4})  # a version-2 sender gets version 2's single, synced ACK
+ONE_CHANNEL_VERSION = 3  # what a sender of one channel sends: any receiver since 3 takes it
 MAGIC = b"DLGMIG1\n"
+CHANNEL_MAGIC = b"DLGCHAN\n"
+TOKEN_BYTES = 16
+MAX_CHANNELS = 16
+BLOCK_PAGES = 256  # pages pin to channels in blocks of a RUN frame's largest count
 PAGE_SIZE = 4096
 # The header is JSON, and parsing JSON costs up to ~25 bytes of Python objects per byte
 # ("[{},{},..."): 128 KiB keeps a hostile header near 3 MiB, a few PAGES frames, and still
@@ -115,7 +157,8 @@ CRC = struct.Struct("<I")
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
 
-ACK, DIFF, ERR, SYNC = b"ACK ", b"DIFF", b"ERR ", b"SYNC"
+ACK, DIFF, ERR, SYNC, CHAN = b"ACK ", b"DIFF", b"ERR ", b"SYNC", b"CHAN"
+HELLO = struct.Struct(f"<8s{TOKEN_BYTES}sI")  # CHANNEL_MAGIC, token, index
 
 Read = Callable[[int], bytes]
 """Exactly n bytes from the other end, or StreamError."""
@@ -138,6 +181,7 @@ class Kind(IntEnum):
     VERIFY_KEYS = 5
     RUN = 6
     FLUSH = 7
+    END = 8
 
 
 class Phase(Enum):
@@ -169,7 +213,9 @@ FRAMES: dict[Kind, FrameSpec] = {
     Kind.VERIFY_KEYS: FrameSpec(MAX_VERIFY_KEYS, 1, 0, Phase.AFTER_DONE),
     Kind.RUN: FrameSpec(MAX_PAGES_PER_FRAME, PAGE_SIZE, 0, Phase.BEFORE_DONE),
     Kind.FLUSH: FrameSpec(0, 0, 0, Phase.AFTER_DONE),
+    Kind.END: FrameSpec(0, 0, 0, Phase.BEFORE_DONE),
 }
+PAGE_KINDS = frozenset({Kind.PAGES, Kind.RUN})  # what a data channel carries, and END
 KEY_KINDS = frozenset({Kind.KEYS, Kind.VERIFY_KEYS})
 
 
@@ -247,6 +293,11 @@ def done_frame(total_pages: int) -> bytes:
     return encode_frame(Kind.DONE, 0, total_pages)
 
 
+def end_frame(channel_pages: int) -> bytes:
+    """END: a data channel's last frame, with the pages it carried."""
+    return encode_frame(Kind.END, 0, channel_pages)
+
+
 def verify_frame(key: int, gpas: np.ndarray, digests: np.ndarray) -> bytes:
     pairs = np.stack((gpas.astype("<u8"), digests.astype("<u8")), axis=1)
     return encode_frame(Kind.VERIFY, gpas.size, 0, U64.pack(key) + pairs.tobytes())
@@ -322,9 +373,22 @@ class Header:
 
     vm: str
     slots: tuple[SlotInfo, ...]
-    version: int = VERSION
+    version: int = ONE_CHANNEL_VERSION
     page_size: int = PAGE_SIZE
     storage_keys: bool = False  # KEYS frames carry every slot's s390 storage keys
+    channels: int = 1  # version 4: the TCP connections the sender offers
+    token: bytes = b""  # version 4: what its further connections present
+
+    @classmethod
+    def offering(
+        cls, vm: str, slots: tuple[SlotInfo, ...], storage_keys: bool, channels: int
+    ) -> Header:
+        """A sender's header: version 3 for one channel (older receivers take it), else
+        version 4 with a fresh random token."""
+        if channels <= 1:
+            return cls(vm, slots, ONE_CHANNEL_VERSION, storage_keys=storage_keys)
+        token = os.urandom(TOKEN_BYTES)
+        return cls(vm, slots, 4, storage_keys=storage_keys, channels=channels, token=token)
 
     def total_pages(self) -> int:
         return sum(s.npages for s in self.slots)
@@ -351,6 +415,9 @@ def encode_header(header: Header) -> bytes:
             {"slot": s.slot, "guest-phys-addr": s.gpa, "npages": s.npages} for s in header.slots
         ],
     }
+    if header.version >= 4:
+        doc["channels"] = header.channels
+        doc["token"] = header.token.hex()
     meta = json.dumps(doc).encode()
     if len(meta) > MAX_HEADER_BYTES:
         raise StreamError(
@@ -362,7 +429,10 @@ def encode_header(header: Header) -> bytes:
 
 def read_header(read: Read) -> Header:
     """MAGIC and the header, checked: a bad one is a StreamError saying what is wrong."""
-    if read(len(MAGIC)) != MAGIC:
+    magic = read(len(MAGIC))
+    if magic == CHANNEL_MAGIC:
+        raise StreamError("a channel hello, but no migration is waiting for channels")
+    if magic != MAGIC:
         raise StreamError("not a dirtylogd migration stream (bad magic)")
     (length,) = HEADER_LENGTH.unpack(read(HEADER_LENGTH.size))
     if length > MAX_HEADER_BYTES:
@@ -419,7 +489,33 @@ def decode_header(meta: bytes) -> Header:
     if len(slots) > MAX_SLOTS:
         raise StreamError(f"bad stream header: {len(slots)} slots, over the limit of {MAX_SLOTS}")
     slots_info = tuple(_slot(i, s) for i, s in enumerate(slots))
-    return Header(vm, slots_info, version, page_size, storage_keys)
+    channels, token = 1, b""
+    if version >= 4:
+        channels, token = _channels(doc)
+    return Header(vm, slots_info, version, page_size, storage_keys, channels, token)
+
+
+def _channels(doc: dict[str, Any]) -> tuple[int, bytes]:
+    """Version 4's "channels" and "token"."""
+    channels = doc.get("channels")
+    if (
+        not isinstance(channels, int)
+        or isinstance(channels, bool)
+        or not 1 <= channels <= MAX_CHANNELS
+    ):
+        raise StreamError(
+            f"bad stream header: 'channels' must be an integer from 1 to {MAX_CHANNELS}, "
+            f"not {reprlib.repr(channels)}"
+        )
+    token = doc.get("token")
+    if not isinstance(token, str) or len(token) != 2 * TOKEN_BYTES:
+        raise StreamError(f"bad stream header: 'token' must be {2 * TOKEN_BYTES} hex digits")
+    try:
+        return channels, bytes.fromhex(token)
+    except ValueError:
+        raise StreamError(
+            f"bad stream header: 'token' must be {2 * TOKEN_BYTES} hex digits"
+        ) from None
 
 
 def _int(doc: dict[str, Any], name: str, where: str = "", most: int | None = None) -> int:
@@ -455,6 +551,68 @@ def _slot(index: int, doc: object) -> SlotInfo:
             f"pages is not a page-aligned range of the 64-bit address space"
         )
     return slot
+
+
+# --- channels (version 4) -----------------------------------------------------------------------
+def channel_of(gpa: int, channels: int) -> int:
+    """The channel a page travels on, always the same one: its 256-page block mod the count."""
+    return (gpa // PAGE_SIZE // BLOCK_PAGES) % channels
+
+
+def split_run(gpa: int, count: int, channels: int) -> list[tuple[int, int, int]]:
+    """A run of ``count`` pages from ``gpa`` as (channel, gpa, count) pieces, cut at block
+    boundaries when there are several channels (one piece, channel 0, when there is one)."""
+    if channels <= 1:
+        return [(0, gpa, count)]
+    pieces = []
+    first, end = gpa // PAGE_SIZE, gpa // PAGE_SIZE + count
+    while first < end:
+        stop = min(end, (first // BLOCK_PAGES + 1) * BLOCK_PAGES)
+        pieces.append(((first // BLOCK_PAGES) % channels, first * PAGE_SIZE, stop - first))
+        first = stop
+    return pieces
+
+
+def split_pages(gpas: np.ndarray, channels: int) -> list[tuple[int, np.ndarray]]:
+    """Scattered pages by channel: (channel, the indices into ``gpas`` of its pages), in the
+    pages' order, only for channels that get any."""
+    if channels <= 1:
+        return [(0, np.arange(gpas.size))] if gpas.size else []
+    of = (gpas.astype(np.uint64) // np.uint64(PAGE_SIZE * BLOCK_PAGES)) % np.uint64(channels)
+    return [(c, idx) for c in range(channels) if (idx := np.flatnonzero(of == c)).size]
+
+
+def strays(gpas: np.ndarray, channel: int, channels: int) -> np.ndarray:
+    """The pages of ``gpas`` that are not ``channel``'s: a receiver refuses a frame with any
+    (their order against another channel's sends of them would be lost)."""
+    of = (gpas.astype(np.uint64) // np.uint64(PAGE_SIZE * BLOCK_PAGES)) % np.uint64(channels)
+    result: np.ndarray = gpas[of != np.uint64(channel)]
+    return result
+
+
+def encode_hello(token: bytes, index: int) -> bytes:
+    return HELLO.pack(CHANNEL_MAGIC, token, index)
+
+
+def read_hello(read: Read) -> tuple[bytes, int]:
+    """A data channel's HELLO: (token, index); StreamError if it is none."""
+    magic, token, index = HELLO.unpack(read(HELLO.size))
+    if magic != CHANNEL_MAGIC:
+        raise StreamError("not a migration channel (bad magic)")
+    return token, index
+
+
+def encode_chan(count: int) -> bytes:
+    return CHAN + U32.pack(count)
+
+
+def read_chan(read: Read) -> int:
+    """CHAN's count: the channels accepted, or the index of the channel accepted."""
+    tag = read_reply_tag(read)
+    if tag != CHAN:
+        raise StreamError(f"the destination did not answer for its channels ({tag!r})")
+    (count,) = U32.unpack(read(U32.size))
+    return int(count)
 
 
 # --- replies ------------------------------------------------------------------------------------

@@ -161,12 +161,12 @@ def test_the_sender_is_told_why_the_receiver_refused_the_stream(tmp_path):
     from dirtylogctl.stream import TcpSink
     from dirtylogctl.wireformat import StreamError
 
-    reason = "stream format version 4 is not supported (this receiver speaks version 3)"
+    reason = "stream format version 5 is not supported (this receiver speaks version 4)"
     with receiver(tmp_path / "never.img") as (proc, port):
         sink = TcpSink("127.0.0.1", port)
-        sink.start(Header("t", (), version=4))
         pages = np.zeros((256, 4096), np.uint8)
         with pytest.raises(StreamError, match=re.escape(f"refused the stream: {reason}")):
+            sink.start(Header("t", (), version=5))  # a version-4 sender waits for CHAN here
             for _ in range(64):
                 sink.send_pages(np.arange(256) * 4096, pages)
             sink.finish(64 * 256)
@@ -528,7 +528,7 @@ SMALL = encode_header(Header("x", (SlotInfo(0, 0, 16),)))
 REFUSED_PEERS = {
     # a peer that never sends a valid header is dropped, and the receiver waits on
     "not-a-migration": (b"GET / HTTP/1.1\r\n\r\n", None, "bad magic"),
-    "version-4": (encode_header(Header("x", (), version=4)), None, "version 4 is not supported"),
+    "version-5": (encode_header(Header("x", (), version=5)), None, "version 5 is not supported"),
     "version-1": (
         raw_header([]).replace(b'"version": 2', b'"version": 1'),
         None,

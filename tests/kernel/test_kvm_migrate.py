@@ -53,3 +53,46 @@ def test_running_kvm_guest_migrates_byte_identical(kvm_daemon, kqmp, tmp_path):
         assert vm["paused"] is True and vm["workload"]["pages-stored"] > 0
     finally:
         kqmp("vm-remove", vm="kmig")
+
+
+def test_running_kvm_guest_migrates_over_two_channels_without_keys(kvm_daemon, kqmp, tmp_path):
+    """No storage keys (x86): the main channel carries pages, DONE and VERIFY only."""
+    from tests.integration.test_migrate import receiver
+
+    kqmp(
+        "vm-create",
+        name="kmig2",
+        backend="kvm",
+        memslots=[{"slot": 0, "guest-phys-addr": 4 << 30, "size": 48 * MiB}],
+    )
+    try:
+        kqmp("sim-workload-start", vm="kmig2", pages_per_second=20_000, vcpus=2, seed=3)
+        time.sleep(0.3)
+        with receiver(tmp_path / "image") as (proc, port):
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "dirtylogctl.cli",
+                    "-s",
+                    kvm_daemon.socket,
+                    "--json",
+                    "migrate",
+                    "kmig2",
+                    f"tcp:127.0.0.1:{port}",
+                    "--verify",
+                    "--channels",
+                    "2",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert out.returncode == 0, out.stderr
+            assert proc.wait(30) == 0
+        doc = json.loads(out.stdout)
+        assert doc["channels"] == 2 and doc["verify"]["differing-pages"] == 0
+        assert doc["storage-keys"]["sent"] is False
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["image"]
+    finally:
+        kqmp("vm-remove", vm="kmig2")

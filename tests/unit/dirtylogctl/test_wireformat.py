@@ -107,7 +107,7 @@ def test_header_round_trip_carries_version_and_page_size():
     raw = encode_header(HEADER)
     assert raw.startswith(MAGIC)
     doc = json.loads(raw[len(MAGIC) + 4 :])
-    assert doc["version"] == VERSION == 3 and doc["page-size"] == PAGE_SIZE == 4096
+    assert doc["version"] == 3 and VERSION == 4 and doc["page-size"] == PAGE_SIZE == 4096
     assert doc["storage-keys"] is False
     assert read_header(reader(raw)) == HEADER
     assert HEADER.image_bytes() == (8 << 30) + PAGE_SIZE
@@ -125,9 +125,9 @@ def test_a_whole_stream_round_trips_through_the_receiver():
 
 
 def test_an_unknown_version_is_refused_naming_both_versions():
-    raw = encode_header(Header("vm1", (), version=4)) + done_frame(0)
+    raw = encode_header(Header("vm1", (), version=5)) + done_frame(0)
     assert refusal(raw) == (
-        "stream format version 4 is not supported (this receiver speaks version 3)"
+        "stream format version 5 is not supported (this receiver speaks version 4)"
     )
 
 
@@ -135,7 +135,7 @@ def test_a_version_1_stream_is_refused_saying_why_it_cannot_be_taken_as_it_is():
     """Version 1 had no storage keys: taking it would silently drop an s390 guest's keys."""
     raw = raw_header({"version": 1, "page-size": 4096, "vm": "vm1", "slots": []})
     assert refusal(raw + done_frame(0)) == (
-        "stream format version 1 is not supported (this receiver speaks version 3): version 1 "
+        "stream format version 1 is not supported (this receiver speaks version 4): version 1 "
         "carries no storage keys, so an s390 guest's would be left behind; upgrade dirtylogctl "
         "on the source"
     )
@@ -143,14 +143,14 @@ def test_a_version_1_stream_is_refused_saying_why_it_cannot_be_taken_as_it_is():
 
 def test_a_header_without_a_version_is_refused():
     raw = raw_header({"page-size": 4096, "vm": "vm1", "slots": []}) + done_frame(0)
-    assert "names no format version (this receiver speaks version 3)" in refusal(raw)
+    assert "names no format version (this receiver speaks version 4)" in refusal(raw)
 
 
 @pytest.mark.parametrize("page_size", [512, 8192, 65536, 1 << 20])
 def test_a_page_size_other_than_4096_is_refused(page_size):
     raw = encode_header(Header("vm1", (), page_size=page_size)) + done_frame(0)
     assert refusal(raw) == (
-        f"stream page size {page_size} is not supported (format version 3 carries 4096-byte pages)"
+        f"stream page size {page_size} is not supported (format version 4 carries 4096-byte pages)"
     )
 
 
@@ -271,6 +271,9 @@ class RecordingSink:
         self.verified.append(gpas.size)
         return []
 
+    def drain(self):
+        pass
+
 
 def slot(npages: int) -> _Slot:
     region = np.zeros((npages, PAGE_SIZE), np.uint8)
@@ -305,7 +308,7 @@ def test_the_most_slots_at_their_widest_fit_the_header_and_one_more_is_refused_b
     assert len(encode_header(header)) <= len(MAGIC) + 4 + MAX_HEADER_BYTES
     assert read_header(reader(encode_header(header))) == header
     over = Header("vm", (SlotInfo(0, 0, 1),) * (MAX_SLOTS + 1))
-    with pytest.raises(StreamError, match="the VM has 1025 memslots; format version 3 carries"):
+    with pytest.raises(StreamError, match="the VM has 1025 memslots; format version 4 carries"):
         encode_header(over)
     doc = {**GOOD, "slots": [{"slot": 0, "guest-phys-addr": 0, "npages": 1}] * (MAX_SLOTS + 1)}
     assert refusal(raw_header(doc)) == "bad stream header: 1025 slots, over the limit of 1024"
