@@ -18,6 +18,7 @@ host memory, which is where the inclusive bound matters.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 from collections.abc import Callable
 
@@ -70,6 +71,10 @@ class SoftMmuBackend(GuestVm):
         # slot's harvest (the slot's own pages go straight from the PGSTEs into the result);
         # at most one page (3.16) or one segment (4.19) per other slot, so a set per slot.
         self._marks: dict[int, set[int]] = {}
+        # Bytes 8-15 of a page stored by write_pages: a sequence number per batch, so every
+        # store changes its page as a real guest's data would, even when the stamp (the
+        # generation) is the one already there. Page sampling (calc-dirty-rate) sees it.
+        self._store_seq = itertools.count(1)
 
     def options(self) -> dict[str, object]:
         return {"esop": self.esop, "kernel": self.kernel.name, "hugepages": self.hugepages}
@@ -218,6 +223,7 @@ class SoftMmuBackend(GuestVm):
 
             def commit(words: np.ndarray = words, at: np.ndarray = at) -> None:
                 words[at] = stamp
+                words[at + 1] = np.uint64(next(self._store_seq))
 
             self._access(self._mmus[slot], pages, path, commit)
         self._writes[path] += gfns.size
