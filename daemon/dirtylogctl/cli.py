@@ -24,6 +24,7 @@ from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 
 from dirtylogctl import __version__, connection, convergence, migrate_cli, output
 from dirtylogctl.argtypes import finite_float, positive_float
+from dirtylogctl.convergence import ReplyError
 from dirtylogctl.paths import SOCKET_ENV, default_socket, socket_path
 from kvmshim.s390.generations import DEFAULT_KERNEL, KERNELS
 
@@ -370,10 +371,6 @@ class UsageError(Exception):
 
 class NotFoundError(Exception):
     """Something the daemon does not have, found out client-side (exit 3)."""
-
-
-class ReplyError(Exception):
-    """The daemon's return value does not have the shape the command documents (exit 1)."""
 
 
 class OutputError(Exception):

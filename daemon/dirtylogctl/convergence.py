@@ -17,9 +17,27 @@ from qemu.qmp import QMPClient
 Shown = tuple[Any, str]
 
 
+class ReplyError(Exception):
+    """The daemon's return value does not have the shape the command documents (exit 1)."""
+
+
+async def _object(client: QMPClient, command: str, args: dict[str, Any]) -> dict[str, Any]:
+    reply = await client.execute(command, args)
+    if not isinstance(reply, dict):
+        raise ReplyError(f"{command} returned {type(reply).__name__}, not a JSON object")
+    return reply
+
+
+async def _rows(client: QMPClient, command: str, args: dict[str, Any]) -> list[dict[str, Any]]:
+    reply = await client.execute(command, args)
+    if not isinstance(reply, list) or not all(isinstance(r, dict) for r in reply):
+        raise ReplyError(f"{command} returned something other than a JSON array of objects")
+    return reply
+
+
 def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(line.rstrip() for line in lines)
@@ -43,7 +61,7 @@ def describe_calc(vm: str, r: dict[str, Any]) -> str:
 
 
 async def rate(client: QMPClient, a: argparse.Namespace) -> Shown:
-    r = await client.execute("query-dirty-rate", {"vm": a.vm})
+    r = await _object(client, "query-dirty-rate", {"vm": a.vm})
     human = (
         f"{a.vm}: harvests {r['dirty-pages-rate']:.0f} pages/s ({r['harvest-dirty-rate']} MiB/s)\n"
         + _table(r["slots"], ["slot", "as-id", "dirty-pages", "interval-ms", "pages-per-second"])
@@ -61,10 +79,10 @@ async def calc_dirty_rate(client: QMPClient, a: argparse.Namespace) -> Shown:
         args["sample-pages"] = a.sample_pages
     await client.execute("calc-dirty-rate", args)
     query = {"vm": a.vm, "calc-time-unit": unit}
-    r = await client.execute("query-dirty-rate", query)
+    r = await _object(client, "query-dirty-rate", query)
     while not a.no_wait and r["status"] == "measuring":
         await asyncio.sleep(0.05 if unit == "millisecond" else 0.2)
-        r = await client.execute("query-dirty-rate", query)
+        r = await _object(client, "query-dirty-rate", query)
     return r, describe_calc(a.vm, r)
 
 
@@ -79,7 +97,7 @@ async def dirty_limit(client: QMPClient, a: argparse.Namespace) -> Shown:
         await client.execute("set-vcpu-dirty-limit", {**where, "dirty-rate": a.rate})
         said = f"{which}: limited to {a.rate} MiB/s" if a.rate else f"{which}: no limit"
         return {}, said
-    rows = await client.execute("query-vcpu-dirty-limit", {"vm": a.vm})
+    rows = await _rows(client, "query-vcpu-dirty-limit", {"vm": a.vm})
     if not rows:
         return rows, f"{a.vm}: no vCPU is limited"
     return rows, _table(rows, ["cpu-index", "limit-rate", "current-rate"]) + "\n(MiB/s)"

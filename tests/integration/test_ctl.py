@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -83,7 +84,7 @@ def test_get_clear_io_and_get_out_file(ctl, tmp_path):
     assert DirtyBitmap.from_bytes(256, out.read_bytes()).count() == 0
     assert "5-6" in ctl("get", "cli2", "0").stdout  # the I/O marked pages 5 and 6
     rate = json.loads(ctl("--json", "rate", "cli2").stdout)
-    assert rate["status"] == "unstarted" and rate["slots"][0]["dirty-pages"] > 0
+    assert rate["status"] == "unstarted" and [s["slot"] for s in rate["slots"]] == [0]
     assert "no calc-dirty-rate yet" in ctl("rate", "cli2").stdout
     ctl("vm", "remove", "cli2")
 
@@ -92,7 +93,7 @@ def test_calc_dirty_rate_and_dirty_limit(ctl):
     ctl("vm", "create", "cli4", "--slot", "0:0:64M", "--backend", "softmmu")
     ctl("workload", "start", "cli4", "--pps", "5000", "--vcpus", "2", "--seed", "1")
     out = ctl("calc-dirty-rate", "cli4", "--calc-time", "200", "--unit", "ms").stdout
-    assert out.startswith("cli4: calc-dirty-rate ") and "(page-sampling, 200 millisecond(s))" in out
+    assert re.match(r"cli4: calc-dirty-rate \d+ MiB/s \(page-sampling, 2\d\d millisecond", out)
     assert "samples changed, standard error" in out
     out = ctl(
         "calc-dirty-rate", "cli4", "--calc-time", "100", "--unit", "ms", "--mode", "dirty-ring"

@@ -115,7 +115,16 @@ def test_every_return_and_event_has_exactly_the_declared_members(daemon_with_una
         qmp("cancel-vcpu-dirty-limit", vm="vm")
         qmp("cpu-throttle-set", vm="vm", percentage=0)
         time.sleep(0.1)
-        assert qmp("query-dirty-rate", vm="vm")["status"] == "measured"
+        assert qmp("query-dirty-rate", vm="vm")["status"] == "measured"  # with sample-count
+        qmp(
+            "calc-dirty-rate",
+            vm="vm",
+            calc_time=50,
+            calc_time_unit="millisecond",
+            mode="dirty-ring",
+        )
+        time.sleep(0.1)
+        assert "vcpu-dirty-rate" in qmp("query-dirty-rate", vm="vm")
         qmp("stop", vm="vm")
         qmp("cont", vm="vm")
         listed = {v["name"]: v for v in qmp("query-vms")}
