@@ -30,6 +30,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -43,9 +44,9 @@ PERIOD_DEFAULT = 1.0  # QEMU's x-vcpu-dirty-limit-period default (1000 ms)
 WAKE_SLICE = 0.05  # a braked vCPU looks at the settings this often, so a change acts at once
 
 
-@dataclass(frozen=True)
-class RingSnapshot:
-    """Per-vCPU counters at one moment; two snapshots differenced give each vCPU's rates."""
+class RingSnapshot(NamedTuple):
+    """Per-vCPU counters at one moment; two snapshots differenced give each vCPU's rates.
+    A tuple, so ``t, stored, dirtied = snapshot`` works as well as the names."""
 
     time: float  # time.monotonic()
     stored: np.ndarray  # int64 per vCPU: pages stored (guest and DMA)

@@ -121,6 +121,8 @@ def test_rates_and_snapshots_without_a_workload(vm):
     assert rates == [VcpuRate(0, None, 0.0, 0.0), VcpuRate(1, None, 0.0, 0.0)]  # no period yet
     snap = vm.dirty_ring_snapshot()
     assert isinstance(snap, RingSnapshot) and snap.stored.dtype == np.int64
+    t, stored, dirtied = snap
+    assert t == snap.time and stored.shape == dirtied.shape == (2,)
     snap.stored[:] = -1  # a copy
     assert (vm.dirty_ring_snapshot().stored >= 0).all()
     vm.stop_workload()
