@@ -227,6 +227,10 @@ def test_limit_errors_and_until_disconnect(daemon, qmp, busy_vm):
     )
     (vm,) = [v for v in qmp("query-vms") if v["name"] == busy_vm]
     assert vm["cpu-throttle-percentage"] == 30 and vm["vcpu-dirty-limit-period"] == 1000
+    assert qmp.error("vcpu-dirty-limit-period-set", vm=busy_vm, period=50)[1].startswith("period")
+    qmp("vcpu-dirty-limit-period-set", vm=busy_vm, period=500)
+    (vm,) = [v for v in qmp("query-vms") if v["name"] == busy_vm]
+    assert vm["vcpu-dirty-limit-period"] == 500
     holder.close()  # the socket closes: the daemon lifts both
     deadline = time.monotonic() + 5
     while qmp("query-vcpu-dirty-limit", vm=busy_vm):

@@ -23,7 +23,7 @@ async def calc_dirty_rate(ctx: Context, a: dict[str, Any]) -> Any:
         a["calc_time_unit"],
         a["sample_pages"],
         a["mode"],
-        getattr(vm.backend, "has_dirty_ring", False),  # TEMP until conv-engine
+        vm.backend.has_dirty_ring,
     )
     vm.calc.start(request, functools.partial(dirtyrate.measure, vm))
     return {}

@@ -384,7 +384,10 @@ COMMANDS: tuple[Command, ...] = (
         "How long each measured current-rate of a vCPU spans, which is also how often a "
         "limit is checked against it (QEMU's x-vcpu-dirty-limit-period).",
         (VM, Arg("period", Int(1, 1000), "ms")),
-        errors=(*NOT_FOUND, "GenericError if the backend refuses the period"),
+        errors=(
+            *NOT_FOUND,
+            "GenericError below 100 ms: the model's vCPUs measure no shorter period",
+        ),
     ),
     Command(
         "sim-write",

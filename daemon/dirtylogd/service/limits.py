@@ -131,9 +131,7 @@ def set_period(vm: VmState, ms: int) -> None:
 
 def describe(vm: VmState) -> dict[str, int]:
     """query-vms' throttle members (query-migrate's cpu-throttle-percentage; the period in ms)."""
-    controls = getattr(vm.backend, "vcpu_controls", None)  # TEMP until conv-engine
-    if controls is None:
-        return {"cpu-throttle-percentage": 0, "vcpu-dirty-limit-period": 1000}
+    controls = vm.backend.vcpu_controls
     return {
         "cpu-throttle-percentage": controls.throttle,
         "vcpu-dirty-limit-period": round(controls.period * 1000),
