@@ -89,6 +89,7 @@ class Result:
     """What a measured calc found (besides the rate)."""
 
     rate: int  # MiB/s
+    seconds: float | None = None  # the window measured (QEMU's calc_time_ms, at the wait's end)
     vcpus: list[dict[str, int]] | None = None  # dirty-ring: [{id, dirty-rate}]
     samples: int | None = None  # page-sampling: sampled pages and how many changed
     dirty_samples: int | None = None
@@ -150,7 +151,8 @@ class DirtyRateCalc:
         except Exception as exc:  # QEMU goes to measured with rate -1; say why in the log
             log.error("calc-dirty-rate failed: %s", exc)
             result = Result(-1)
-        self.calc_ms = int((time.monotonic() - began) * 1000)
+        elapsed = result.seconds if result.seconds is not None else time.monotonic() - began
+        self.calc_ms = int(elapsed * 1000)
         if request.mode != "page-sampling":
             self.sample_pages = 0  # as QEMU reports it in the other modes
         self.result, self.status = result, "measured"
@@ -286,9 +288,9 @@ async def _page_sampling(vm: VmState, request: CalcRequest, seed: int | None) ->
     seconds = await wait_until(began, request.calc_ms)
     total, changed, nbytes = await off_loop(count_changed, samples)
     if total == 0:  # QEMU: no sample, rate stays -1
-        return Result(-1, samples=0, dirty_samples=0)
+        return Result(-1, seconds, samples=0, dirty_samples=0)
     rate = int(changed * (nbytes // MiB) / (total * seconds))
-    return Result(rate, samples=total, dirty_samples=changed)
+    return Result(rate, seconds, samples=total, dirty_samples=changed)
 
 
 async def _dirty_bitmap(vm: VmState, request: CalcRequest) -> Result:
@@ -300,7 +302,8 @@ async def _dirty_bitmap(vm: VmState, request: CalcRequest) -> Result:
         began = time.monotonic()
         await wait_until(began, request.calc_ms)
         pages = await off_loop(harvest_all, vm, CALC_CONSUMER)
-        return Result(to_mib_per_s(pages, time.monotonic() - began))
+        seconds = time.monotonic() - began
+        return Result(to_mib_per_s(pages, seconds), seconds)
     finally:
         with contextlib.suppress(GenericError):
             vm.remove_consumer(CALC_CONSUMER)
@@ -310,11 +313,11 @@ async def _dirty_ring(vm: VmState, request: CalcRequest) -> Result:
     """calculate_dirtyrate_dirty_ring: per-vCPU newly dirtied pages between two snapshots of
     the workload's ring counters; the VM's rate is their sum (as QEMU sums its vCPUs')."""
     first = await off_loop(vm.backend.dirty_ring_snapshot)
-    await wait_until(time.monotonic(), request.calc_ms)
+    seconds = await wait_until(time.monotonic(), request.calc_ms)
     last = await off_loop(vm.backend.dirty_ring_snapshot)
     if first is None or last is None or len(first.dirtied) != len(last.dirtied):
-        return Result(0, vcpus=[])  # no workload (or a new one) in the window: nothing dirtied
+        return Result(0, seconds, vcpus=[])  # no workload (or a new one) in the window
     seconds = last.time - first.time
     deltas = (last.dirtied - first.dirtied).tolist()
     vcpus = [{"id": i, "dirty-rate": to_mib_per_s(d, seconds)} for i, d in enumerate(deltas)]
-    return Result(sum(v["dirty-rate"] for v in vcpus), vcpus=vcpus)
+    return Result(sum(v["dirty-rate"] for v in vcpus), seconds, vcpus=vcpus)
