@@ -22,8 +22,9 @@ from typing import Any
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 
-from dirtylogctl import __version__, connection, migrate_cli, output
+from dirtylogctl import __version__, connection, convergence, migrate_cli, output
 from dirtylogctl.argtypes import finite_float, positive_float
+from dirtylogctl.convergence import ReplyError
 from dirtylogctl.paths import SOCKET_ENV, default_socket, socket_path
 from kvmshim.s390.generations import DEFAULT_KERNEL, KERNELS
 
@@ -307,13 +308,13 @@ class Ctl:
         self.show(r, f"marked {r['pages']} pages")
 
     async def cmd_rate(self, a: argparse.Namespace) -> None:
-        r = await self._object("query-dirty-rate", {"vm": a.vm})
-        human = (
-            f"{a.vm}: {r['dirty-pages-rate']:.0f} pages/s ({r['dirty-rate']} MiB/s), "
-            f"{r['status']}\n"
-            + table(r["slots"], ["slot", "as-id", "dirty-pages", "interval-ms", "pages-per-second"])
-        )
-        self.show(r, human)
+        self.show(*await convergence.rate(self.qmp, a))
+
+    async def cmd_calc_dirty_rate(self, a: argparse.Namespace) -> None:
+        self.show(*await convergence.calc_dirty_rate(self.qmp, a))
+
+    async def cmd_dirty_limit(self, a: argparse.Namespace) -> None:
+        self.show(*await convergence.dirty_limit(self.qmp, a))
 
     async def cmd_stop(self, a: argparse.Namespace) -> None:
         self.show(await self.qmp.execute("stop", {"vm": a.vm}), f"{a.vm} stopped")
@@ -370,10 +371,6 @@ class UsageError(Exception):
 
 class NotFoundError(Exception):
     """Something the daemon does not have, found out client-side (exit 3)."""
-
-
-class ReplyError(Exception):
-    """The daemon's return value does not have the shape the command documents (exit 1)."""
 
 
 class OutputError(Exception):
@@ -551,7 +548,7 @@ def build_parser(fallback: str | None = None) -> argparse.ArgumentParser:
     q.add_argument("vm")
     q.add_argument("ranges", nargs="+", type=io_range, metavar="GPA:LENGTH")
 
-    cmd(sub, "rate", "rate", "dirty rate of a VM").add_argument("vm")
+    convergence.add_parsers(sub, cmd)
     cmd(sub, "stop", "stop", "pause a VM's vCPUs").add_argument("vm")
     cmd(sub, "cont", "cont", "resume a VM's vCPUs").add_argument("vm")
 

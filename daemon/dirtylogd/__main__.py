@@ -23,6 +23,7 @@ from dirtylogd.ops.metrics import WORKER_PREFIX, make_registry, serve
 from dirtylogd.qmp.events import EventHub
 from dirtylogd.qmp.fds import FdRegistry
 from dirtylogd.qmp.peers import PeerPolicy
+from dirtylogd.qmp.scope import ConnectionScope
 from dirtylogd.qmp.server import Limits, QmpServer, SocketInUse
 from dirtylogd.qmp.session import Session
 from dirtylogd.qmp.telemetry import ServerTelemetry
@@ -58,8 +59,8 @@ async def _serve(config: Config) -> None:
     service = Service(config.runtime_dir, state, events.publish, config.max_consumers)
     telemetry = ServerTelemetry()
 
-    def new_session(fds: FdRegistry) -> Session:
-        return Session(BoundCommands(service, fds, config.max_reply_bytes), telemetry)
+    def new_session(fds: FdRegistry, scope: ConnectionScope) -> Session:
+        return Session(BoundCommands(service, fds, config.max_reply_bytes, scope), telemetry)
 
     server = QmpServer(
         new_session,

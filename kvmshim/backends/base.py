@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
+from kvmshim.backends.vcpu_control import RingSnapshot, VcpuControls, VcpuRate
 from kvmshim.bitmap import DirtyBitmap
 from kvmshim.memslot import MemslotChange, MemslotTable
 
@@ -106,6 +107,10 @@ class Backend(Protocol):
     vcpu_failures: int  # vCPU threads that died since the VM was created
     io_reporter: IoReporter | None  # set by the daemon: where reported DMA stores go
     on_vcpu_failure: VcpuFailureHook | None  # set by the daemon: told of a dying vCPU
+    # Whether stores report the pages they newly dirtied per vCPU (a dirty ring): dirty limits
+    # need it; the cpu throttle does not.
+    has_dirty_ring: bool
+    vcpu_controls: VcpuControls  # throttle, dirty limits, period; survives workload restarts
 
     @property
     def ram_path(self) -> str:
@@ -139,7 +144,11 @@ class Backend(Protocol):
 
     def write(self, gpa: int, data: bytes, path: WritePath) -> np.ndarray: ...
 
-    def write_pages(self, gfns: np.ndarray, value: int, path: WritePath) -> None: ...
+    def write_pages(self, gfns: np.ndarray, value: int, path: WritePath) -> int | None:
+        """Store ``value`` (LE u64) into the first 8 bytes of every page in ``gfns``; the
+        number of pages these stores newly dirtied (what the next harvest reports because of
+        them), or None where the backend cannot attribute dirt to stores (KVM's bitmap)."""
+        ...
 
     def read(self, gpa: int, length: int, path: ReadPath) -> bytes: ...
 
@@ -172,6 +181,16 @@ class Backend(Protocol):
 
     def workload_status(self) -> WorkloadStatus | None:
         """The workload started last, or None if none runs."""
+        ...
+
+    def vcpu_rates(self) -> list[VcpuRate]:
+        """Each vCPU's limit and newly-dirtied/stored rates over the last complete period;
+        [] without a workload."""
+        ...
+
+    def dirty_ring_snapshot(self) -> RingSnapshot | None:
+        """Per-vCPU stored and newly-dirtied page counters since the workload started (copies,
+        to difference); None without a workload."""
         ...
 
     def pause(self) -> None: ...

@@ -23,6 +23,7 @@ from kvmshim.backends.base import (
     WritePath,
 )
 from kvmshim.backends.ram import GuestRamFile, Region
+from kvmshim.backends.vcpu_control import RingSnapshot, VcpuControls, VcpuRate
 from kvmshim.backends.workload import GfnLayout, RunGate, Workload
 from kvmshim.errors import KvmError
 from kvmshim.memslot import MemslotChange, MemslotTable
@@ -53,6 +54,9 @@ class GuestVm:
 
     kind = "guest"
     max_gfn: int | None = None  # highest frame a guest store may reach, if limited
+    # Whether guest stores report the pages they newly dirtied (write_pages' count): the
+    # model's per-vCPU dirty ring, which dirty limits need. KVM's dirty bitmap cannot.
+    has_dirty_ring = False
 
     def __init__(
         self, name: str, runtime_dir: str, memslots: MemslotTable, adopt: bool = False
@@ -68,6 +72,8 @@ class GuestVm:
         self._lock = threading.Lock()  # the memslot table and the regions
         self._gen_lock = threading.Lock()
         self._gate = RunGate()
+        # Throttle, dirty limits and per-vCPU counters: the VM's, so they outlive a workload.
+        self.vcpu_controls = VcpuControls(name, dirty_ring=self.has_dirty_ring)
         self._workload: Workload | None = None
         self._layout: GfnLayout | None = None
         self._writes: Counter[str] = Counter()
@@ -159,6 +165,7 @@ class GuestVm:
             report=lambda gfns: self.io_reporter(gfns) if self.io_reporter else None,
             name=self.name,
             on_failure=self._vcpu_failed,
+            controls=self.vcpu_controls,
         )
         self._workload.start()
 
@@ -171,6 +178,7 @@ class GuestVm:
         if self._workload is not None:
             self._workload.stop()
             self._workload = None
+            self.vcpu_controls.detach()
 
     @property
     def workload(self) -> Workload | None:
@@ -181,6 +189,19 @@ class GuestVm:
         if w is None:
             return None
         return WorkloadStatus(w.spec, w.running, w.pages_stored, w.failure)
+
+    def vcpu_rates(self) -> list[VcpuRate]:
+        """Each vCPU's limit and rates over the last complete period; [] without a workload."""
+        if self._workload is None:
+            return []
+        return self.vcpu_controls.rates()
+
+    def dirty_ring_snapshot(self) -> RingSnapshot | None:
+        """The per-vCPU stored and newly-dirtied counters now (cumulative since the workload
+        started; on KVM ``dirtied`` stays 0); None without a workload."""
+        if self._workload is None:
+            return None
+        return self.vcpu_controls.snapshot()
 
     @property
     def ram_path(self) -> str:
@@ -199,7 +220,7 @@ class GuestVm:
     def paused(self) -> bool:
         return self._gate.paused
 
-    def write_pages(self, gfns: np.ndarray, value: int, path: WritePath) -> None:
+    def write_pages(self, gfns: np.ndarray, value: int, path: WritePath) -> int | None:
         raise NotImplementedError
 
     def _gfn_layout(self) -> GfnLayout:
@@ -210,13 +231,14 @@ class GuestVm:
                 )
             return self._layout
 
-    def _workload_store(self, gfns: np.ndarray, stamp: int, path: WritePath) -> None:
+    def _workload_store(self, gfns: np.ndarray, stamp: int, path: WritePath) -> int | None:
         try:
-            self.write_pages(gfns, stamp, path)
+            return self.write_pages(gfns, stamp, path)
         except KvmError as exc:
             if exc.errno != errno.EFAULT:
                 raise
             # A memslot went away under the batch; the next batch uses the new layout.
+            return 0
 
     def _close_common(self, keep_ram: bool) -> None:
         self.stop_workload()

@@ -225,6 +225,8 @@ class KvmBackend(GuestVm):
 
     # --- guest stores and host-side writes -----------------------------------------------------
     def write_pages(self, gfns: np.ndarray, value: int, path: WritePath) -> None:
+        """Store ``value`` into every page; None, not a count: KVM's dirty bitmap attributes no
+        page to the store (or vCPU) that dirtied it, and this backend uses no dirty ring."""
         gfns = np.asarray(gfns, dtype=np.int64)
         located = list(self._locate(gfns))
         if path is WritePath.GUEST:
@@ -294,9 +296,9 @@ class KvmBackend(GuestVm):
                 "KVM makes guest accesses there MMIO, not RAM",
             )
 
-    def _workload_store(self, gfns: np.ndarray, stamp: int, path: WritePath) -> None:
+    def _workload_store(self, gfns: np.ndarray, stamp: int, path: WritePath) -> int | None:
         """The simulated guest simply never touches the APIC page."""
-        super()._workload_store(gfns[~np.isin(gfns, RESERVED_GFNS)], stamp, path)
+        return super()._workload_store(gfns[~np.isin(gfns, RESERVED_GFNS)], stamp, path)
 
     def _need_guest_program(self, what: str) -> None:
         if not self.x86:

@@ -18,6 +18,7 @@ host memory, which is where the inclusive bound matters.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 from collections.abc import Callable
 
@@ -46,6 +47,7 @@ class SoftMmuBackend(GuestVm):
     """One simulated s390 VM (ESOP or not) of one kernel generation."""
 
     kind = "softmmu"
+    has_dirty_ring = True  # guest_store counts the pages each store newly dirtied
 
     def __init__(
         self,
@@ -70,6 +72,10 @@ class SoftMmuBackend(GuestVm):
         # slot's harvest (the slot's own pages go straight from the PGSTEs into the result);
         # at most one page (3.16) or one segment (4.19) per other slot, so a set per slot.
         self._marks: dict[int, set[int]] = {}
+        # Bytes 8-15 of a page stored by write_pages: a sequence number per batch, so every
+        # store changes its page as a real guest's data would, even when the stamp (the
+        # generation) is the one already there. Page sampling (calc-dirty-rate) sees it.
+        self._store_seq = itertools.count(1)
 
     def options(self) -> dict[str, object]:
         return {"esop": self.esop, "kernel": self.kernel.name, "hugepages": self.hugepages}
@@ -209,18 +215,26 @@ class SoftMmuBackend(GuestVm):
             self.memslots.for_clear_dirty_log(slot, first_page, num_pages)
 
     # --- accesses ---------------------------------------------------------------------------
-    def write_pages(self, gfns: np.ndarray, value: int, path: WritePath) -> None:
-        """Store ``value`` (LE u64) into the first 8 bytes of every page in ``gfns``."""
+    def write_pages(self, gfns: np.ndarray, value: int, path: WritePath) -> int:
+        """Store ``value`` (LE u64) into the first 8 bytes of every page in ``gfns``.
+
+        Returns the pages these stores newly dirtied (:meth:`S390Mmu.guest_store`): what the
+        workload's per-vCPU dirty ring counts. DMA and kernel-mapping stores set no UC (the
+        seed's gap), so they newly dirty nothing here: 0.
+        """
         gfns = np.asarray(gfns, dtype=np.int64)
         stamp = np.uint64(value)
+        newly = 0
         for slot, pages in list(self._locate(gfns)):
             words, at = self._regions[slot].words, pages * WORDS_PER_PAGE
 
             def commit(words: np.ndarray = words, at: np.ndarray = at) -> None:
                 words[at] = stamp
+                words[at + 1] = np.uint64(next(self._store_seq))
 
-            self._access(self._mmus[slot], pages, path, commit)
+            newly += self._access(self._mmus[slot], pages, path, commit)
         self._writes[path] += gfns.size
+        return newly
 
     def write(self, gpa: int, data: bytes, path: WritePath) -> np.ndarray:
         """Store ``data`` at ``gpa`` (may span pages and slots); returns the gfns touched."""
@@ -319,11 +333,12 @@ class SoftMmuBackend(GuestVm):
 
     def _access(
         self, mmu: S390Mmu, pages: np.ndarray, path: WritePath, commit: Callable[[], None]
-    ) -> None:
+    ) -> int:
+        """One slot's stores by ``path``; the pages they newly dirtied (0 off the guest path)."""
         if path is WritePath.GUEST:
-            mmu.guest_store(pages, commit)
-        else:
-            mmu.io_store(pages, commit)
+            return mmu.guest_store(pages, commit)
+        mmu.io_store(pages, commit)
+        return 0
 
     # --- bookkeeping ------------------------------------------------------------------------
     def stats(self) -> BackendStats:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvmshim.backends.base import IoReporter, Pattern, WorkloadSpec, WritePath
+from kvmshim.backends.vcpu_control import VcpuBrake, VcpuControls
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,9 @@ BATCHES_PER_SECOND = 100  # per vCPU; sets the batch size from the target rate
 MAX_BATCH = 8192
 HOT_SHARE = 0.9  # hot-set: this share of stores goes to the hot pages
 
-StoreBatch = Callable[[np.ndarray, int, WritePath], None]
+# (gfns, stamp, path) → the pages the stores newly dirtied, or None where the backend cannot
+# tell (KVM's bitmap).
+StoreBatch = Callable[[np.ndarray, int, WritePath], int | None]
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,7 @@ class Workload:
         report: IoReporter | None = None,
         name: str = "vm",
         on_failure: Callable[[int, BaseException], None] | None = None,
+        controls: VcpuControls | None = None,
     ) -> None:
         if spec.pages_per_second <= 0 or spec.vcpus <= 0:
             raise ValueError("pages-per-second and vcpus must be positive")
@@ -113,6 +117,9 @@ class Workload:
         self._gate = gate
         self._report = report
         self._on_failure = on_failure
+        # The VM's convergence controls (throttle, dirty limits, per-vCPU counters).
+        self.controls = controls if controls is not None else VcpuControls(name)
+        self.controls.attach(spec.vcpus)
         self._stopping = threading.Event()
         self.pages_stored = 0
         self.failure: BaseException | None = None
@@ -152,16 +159,23 @@ class Workload:
         batch = int(min(MAX_BATCH, max(1, rate // BATCHES_PER_SECOND)))
         cursor = 0
         deadline = time.monotonic()
+        brake = VcpuBrake(self.controls, vcpu)
         while self._gate.enter(self._stopping):
+            started, dirtied = time.monotonic(), 0
             try:
                 layout = self._layout()
                 if layout.total:
                     index = self._draw(rng, layout, vcpu, cursor, batch)
                     cursor += batch
-                    self._store_batch(rng, layout.gfns(index))
+                    dirtied = self._store_batch(rng, layout.gfns(index), vcpu)
             finally:
                 self._gate.leave()
+            self.controls.tick()
             deadline += batch / rate
+            hold = brake.hold(deadline, batch / rate, started, dirtied)
+            if hold > deadline:  # throttled or limited: no catch-up burst after the sleep
+                deadline = brake.sleep_until(hold, self._stopping)
+                continue
             delay = deadline - time.monotonic()
             if delay > 0:
                 self._stopping.wait(delay)
@@ -186,21 +200,25 @@ class Workload:
             return np.where(pick_hot, hot_index, index)
         return rng.integers(0, layout.total, n, dtype=np.int64)
 
-    def _store_batch(self, rng: np.random.Generator, gfns: np.ndarray) -> None:
+    def _store_batch(self, rng: np.random.Generator, gfns: np.ndarray, vcpu: int) -> int:
+        """Store one batch; the pages it newly dirtied (0 where the backend cannot tell)."""
         stamp = self._generation()
         spec = self.spec
         total = gfns.size
+        dirtied = 0
         if spec.dma_share > 0:
             device = rng.random(gfns.size) < spec.dma_share
             dma = gfns[device]
             gfns = gfns[~device]
             if dma.size:
-                self._store(dma, stamp, WritePath.DMA)
+                dirtied += self._store(dma, stamp, WritePath.DMA) or 0
                 if spec.dma_report and self._report is not None:
                     self._report(dma)
         if gfns.size:
-            self._store(gfns, stamp, WritePath.GUEST)
+            dirtied += self._store(gfns, stamp, WritePath.GUEST) or 0
         self.pages_stored += total
+        self.controls.record(vcpu, total, dirtied)
+        return dirtied
 
 
 def _coprime_step(total: int, seed: int) -> int:

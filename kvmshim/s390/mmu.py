@@ -301,10 +301,16 @@ class S390Mmu:
         return np.flatnonzero(seen)
 
     # --- accesses ---------------------------------------------------------------------------
-    def guest_store(self, pages: np.ndarray, commit: Callable[[], None] | None = None) -> None:
-        """Guest stores to ``pages``: fault each in writable, run ``commit`` (the data), set R|C."""
+    def guest_store(self, pages: np.ndarray, commit: Callable[[], None] | None = None) -> int:
+        """Guest stores to ``pages``: fault each in writable, run ``commit`` (the data), set R|C.
+
+        Returns how many pages these stores newly dirtied: the pages the next harvest reports
+        because of them (the model's per-vCPU dirty ring entries), each counted once. See
+        :meth:`_harvest_indicator` for what "dirty" means per generation.
+        """
         pages = np.asarray(pages, dtype=np.int64)
         with self._locked(pages):
+            before = self._harvest_indicator(pages)
             if self.hugepages:
                 self._gmap_fault(pages, write=True)
             else:
@@ -314,6 +320,34 @@ class S390Mmu:
                 commit()
             self.skey[pages] |= np.uint8(_KEY_RC)
             self.stats.guest_stores += pages.size
+            return self._newly_dirtied(pages, before)
+
+    def _harvest_indicator(self, pages: np.ndarray) -> np.ndarray:
+        """Per entry of ``pages`` (under the locks): is it dirty for the next harvest now?
+
+        3.16/4.19 (4 KiB): PGSTE_UC. 4.19 (1 MiB): the segment's GMAP_UC. 3.15: PGSTE_HC, or
+        the real key's C bit behind a valid pte (the harvest folds C into HC first; the model
+        keys frames by page index, as :meth:`guest_store` sets them).
+        """
+        dirty: np.ndarray
+        if self.hugepages:
+            dirty = (self.segment[pages // _SEG_PAGES] & _SEG_UC) != 0
+            return dirty
+        dirty = (self.pgste[pages] & self._dirty_bit) != 0
+        if self.kernel.harvest_folds_key:
+            valid = (self.pte[pages] & _INVALID) == 0
+            dirty |= valid & ((self.skey[pages] & np.uint8(b._PAGE_CHANGED)) != 0)
+        return dirty
+
+    def _newly_dirtied(self, pages: np.ndarray, before: np.ndarray) -> int:
+        """Pages whose harvest indicator went clean → dirty since ``before``; a 1 MiB segment
+        counts as its 256 pages (the harvest reports all of them)."""
+        went = pages[~before & self._harvest_indicator(pages)]
+        if not went.size:
+            return 0
+        if self.hugepages:
+            return int(np.unique(went // _SEG_PAGES).size) * _SEG_PAGES
+        return int(np.unique(went).size)
 
     def guest_load(self, pages: np.ndarray, commit: Callable[[], None] | None = None) -> None:
         """Guest loads: only invalid ptes fault; the key gets R."""

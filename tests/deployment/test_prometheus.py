@@ -269,6 +269,7 @@ def rig(prometheus_program: str, installed_wheel: InstalledWheel, tmp_path: Path
         daemon.ctl("consumer", "add", VM, "tap", "--not-initially-set")
         daemon.ctl("consumer", "add", VM, "copy", "--manual-protect")
         daemon.ctl("workload", "start", VM, "--pps", "2000", "--vcpus", "2", "--dma-share", "0.1")
+        daemon.ctl("dirty-limit", VM, "4", "--cpu-index", "0")  # the vCPU panel's limit series
         clients = Clients(daemon, f"http://127.0.0.1:{metrics_port}/metrics")
         clients.round()  # every series the clients make exists before the first scrape
         clients.start()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -83,8 +84,37 @@ def test_get_clear_io_and_get_out_file(ctl, tmp_path):
     assert DirtyBitmap.from_bytes(256, out.read_bytes()).count() == 0
     assert "5-6" in ctl("get", "cli2", "0").stdout  # the I/O marked pages 5 and 6
     rate = json.loads(ctl("--json", "rate", "cli2").stdout)
-    assert rate["status"] == "measured"
+    assert rate["status"] == "unstarted" and [s["slot"] for s in rate["slots"]] == [0]
+    assert "no calc-dirty-rate yet" in ctl("rate", "cli2").stdout
     ctl("vm", "remove", "cli2")
+
+
+def test_calc_dirty_rate_and_dirty_limit(ctl):
+    ctl("vm", "create", "cli4", "--slot", "0:0:64M", "--backend", "softmmu")
+    ctl("workload", "start", "cli4", "--pps", "5000", "--vcpus", "2", "--seed", "1")
+    out = ctl("calc-dirty-rate", "cli4", "--calc-time", "200", "--unit", "ms").stdout
+    assert re.match(r"cli4: calc-dirty-rate \d+ MiB/s \(page-sampling, 2\d\d millisecond", out)
+    assert "samples changed, standard error" in out
+    out = ctl(
+        "calc-dirty-rate", "cli4", "--calc-time", "100", "--unit", "ms", "--mode", "dirty-ring"
+    ).stdout
+    assert "vCPU 0:" in out and "vCPU 1:" in out
+    bad = ctl(
+        "calc-dirty-rate", "cli4", "--mode", "dirty-bitmap", "--sample-pages", "256", check=False
+    )
+    assert bad.returncode == 3 and "sample-pages is used only in page-sampling mode" in bad.stderr
+    assert ctl("calc-dirty-rate", "cli4", "--mode", "fast", check=False).returncode == 2
+    assert "no vCPU is limited" in ctl("dirty-limit", "cli4").stdout
+    assert (
+        "vCPU 1: limited to 3 MiB/s" in ctl("dirty-limit", "cli4", "3", "--cpu-index", "1").stdout
+    )
+    (row,) = json.loads(ctl("--json", "dirty-limit", "cli4").stdout)
+    assert row["cpu-index"] == 1 and row["limit-rate"] == 3
+    assert "CPU-INDEX" in ctl("dirty-limit", "cli4").stdout
+    ctl("dirty-limit", "cli4", "--cancel")
+    assert json.loads(ctl("--json", "dirty-limit", "cli4").stdout) == []
+    assert "calc-dirty-rate" in ctl("rate", "cli4").stdout
+    ctl("vm", "remove", "cli4")
 
 
 def test_get_out_to_a_full_file_system_fails_before_the_pages_are_taken(ctl, tmp_path):

@@ -8,6 +8,7 @@ member to the types the daemon's own introspection declares (tests/integration/s
 
 import json
 import os
+import time
 
 import pytest
 from qemu.qmp import QMPClient
@@ -95,7 +96,7 @@ def test_every_return_and_event_has_exactly_the_declared_members(daemon_with_una
         qmp("consumer-add", vm="vm", name="mig", manual_protect=True)
         qmp("consumer-add", vm="vm", name="brief")
         qmp("consumer-remove", vm="vm", name="brief")
-        assert qmp("query-dirty-rate", vm="vm")["status"] == "unstarted"
+        assert qmp("query-dirty-rate", vm="vm")["slots"] == []
 
         qmp("sim-write", vm="vm", guest_phys_addr=4096, data="aGVsbG8=")
         qmp("sim-write-pages", vm="vm", gfns=[0, 5, 1025], value=7)
@@ -106,6 +107,24 @@ def test_every_return_and_event_has_exactly_the_declared_members(daemon_with_una
         assert qmp("io-dirty-mark", vm="vm", ranges=ranges) == {"pages": 1}
 
         qmp("sim-workload-start", vm="vm", pages_per_second=2000, vcpus=2, seed=1)
+        qmp("calc-dirty-rate", vm="vm", calc_time=50, calc_time_unit="millisecond")
+        qmp("set-vcpu-dirty-limit", vm="vm", cpu_index=1, dirty_rate=4)
+        qmp("cpu-throttle-set", vm="vm", percentage=10)
+        qmp("vcpu-dirty-limit-period-set", vm="vm", period=500)
+        assert [i["cpu-index"] for i in qmp("query-vcpu-dirty-limit", vm="vm")] == [1]
+        qmp("cancel-vcpu-dirty-limit", vm="vm")
+        qmp("cpu-throttle-set", vm="vm", percentage=0)
+        time.sleep(0.1)
+        assert qmp("query-dirty-rate", vm="vm")["status"] == "measured"  # with sample-count
+        qmp(
+            "calc-dirty-rate",
+            vm="vm",
+            calc_time=50,
+            calc_time_unit="millisecond",
+            mode="dirty-ring",
+        )
+        time.sleep(0.1)
+        assert "vcpu-dirty-rate" in qmp("query-dirty-rate", vm="vm")
         qmp("stop", vm="vm")
         qmp("cont", vm="vm")
         listed = {v["name"]: v for v in qmp("query-vms")}
@@ -133,7 +152,7 @@ def test_every_return_and_event_has_exactly_the_declared_members(daemon_with_una
             os.close(fd)
         clear = {"first-page": 0, "num-pages": 64, "bitmap": "AQAAAAAAAAA="}
         qmp("dirty-log-clear", vm="vm", slot=1, consumer="mig", **clear)
-        assert qmp("query-dirty-rate", vm="vm")["status"] == "measured"
+        assert qmp("query-dirty-rate", vm="vm")["slots"] != []
         qmp("vm-remove", vm="vm")
 
         events = q.pull_events(0.5)

@@ -3,6 +3,7 @@
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 
 from tests.conftest import need_tool
@@ -44,6 +45,10 @@ def _metric_names(text: str) -> set[str]:
 def test_dashboard_and_rules_only_use_exported_metrics(daemon, qmp):
     qmp("vm-create", name="mon", memslots=[{"slot": 0, "guest-phys-addr": 0, "size": MiB}])
     qmp("dirty-log-get", vm="mon", slot=0)
+    # The vCPU panel's series: a running workload, one vCPU limited, a period measured.
+    qmp("sim-workload-start", vm="mon", pages_per_second=1000, vcpus=1)
+    qmp("set-vcpu-dirty-limit", vm="mon", dirty_rate=1)
+    time.sleep(1.2)
     exported = daemon.metrics()
     exported_names = _metric_names(exported)
     dashboard = json.loads((MON / "dirtylogd-dashboard.json").read_text())

@@ -9,24 +9,27 @@ Kept apart from the table (:mod:`dirtylogd.api.schema`) and the handlers
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dirtylogd.api.argtypes import Arg, ArgType, check_members
 from dirtylogd.qmp.fds import FdRegistry
+from dirtylogd.qmp.scope import ConnectionScope
 from dirtylogd.service.registry import Service
 
 
 @dataclass
 class Context:
-    """What a handler may touch: the service, its connection's descriptors, the table itself
-    (commands and events, which query-commands and query-qmp-schema render)."""
+    """What a handler may touch: the service, its connection's descriptors and close hooks
+    (``until-disconnect``), the table itself (commands and events, which query-commands and
+    query-qmp-schema render)."""
 
     service: Service
     fds: FdRegistry
     max_reply_bytes: int
     commands: Sequence[Command]
     events: Sequence[Event]
+    scope: ConnectionScope = field(default_factory=ConnectionScope)
 
 
 Handler = Callable[[Context, dict[str, Any]], Awaitable[Any]]

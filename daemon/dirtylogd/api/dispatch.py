@@ -7,14 +7,23 @@ from typing import Any
 from dirtylogd.api.command import Context
 from dirtylogd.api.schema import BY_NAME, COMMANDS, EVENTS
 from dirtylogd.qmp.fds import FdRegistry
+from dirtylogd.qmp.scope import ConnectionScope
 from dirtylogd.service.registry import Service
 
 
 class BoundCommands:
     """:class:`dirtylogd.qmp.session.Commands` over :data:`COMMANDS`, for one connection."""
 
-    def __init__(self, service: Service, fds: FdRegistry, max_reply_bytes: int) -> None:
-        self.context = Context(service, fds, max_reply_bytes, COMMANDS, EVENTS)
+    def __init__(
+        self,
+        service: Service,
+        fds: FdRegistry,
+        max_reply_bytes: int,
+        scope: ConnectionScope | None = None,
+    ) -> None:
+        self.context = Context(
+            service, fds, max_reply_bytes, COMMANDS, EVENTS, scope or ConnectionScope()
+        )
 
     def known(self, name: str) -> bool:
         return name in BY_NAME

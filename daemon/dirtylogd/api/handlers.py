@@ -296,7 +296,8 @@ async def io_dirty_mark(ctx: Context, a: dict[str, Any]) -> Any:
 
 
 async def query_dirty_rate(ctx: Context, a: dict[str, Any]) -> Any:
-    return await ctx.service.dirty_rate(ctx.service.vm(a["vm"]))
+    vm = ctx.service.vm(a["vm"])
+    return {**vm.calc.info(a["calc_time_unit"]), **await ctx.service.dirty_rate(vm)}
 
 
 async def sim_write(ctx: Context, a: dict[str, Any]) -> Any:

@@ -282,6 +282,16 @@ VM_INFO = Union(
                         "from sim-workload-start until sim-workload-stop",
                         None,
                     ),
+                    Arg(
+                        "cpu-throttle-percentage",
+                        Int(0, 99),
+                        "cpu-throttle-set's: share of time every vCPU sleeps (0: none)",
+                    ),
+                    Arg(
+                        "vcpu-dirty-limit-period",
+                        Int(),
+                        "ms each current-rate of a vCPU spans (vcpu-dirty-limit-period-set)",
+                    ),
                 ),
             ),
         ),
@@ -317,18 +327,61 @@ IO_MARK_INFO = Object(
         ),
     ),
 )
+TIME_UNIT = Enum("TimeUnit", ("second", "millisecond"))
+MEASURE_MODE = Enum("DirtyRateMeasureMode", ("page-sampling", "dirty-ring", "dirty-bitmap"))
+DIRTY_RATE_VCPU = Object(
+    "DirtyRateVcpu",
+    (
+        Arg("id", Int(), "the vCPU's index"),
+        Arg("dirty-rate", Int(), "MiB/s it newly dirtied"),
+    ),
+)
 DIRTY_RATE_INFO = Object(
     "DirtyRateInfo",
     (
         Arg(
             "status",
-            Enum("DirtyRateStatus", ("unstarted", "measured")),
-            "'unstarted' until a slot has been harvested",
+            Enum("DirtyRateStatus", ("unstarted", "measuring", "measured")),
+            "of the last calc-dirty-rate: 'unstarted' before any",
         ),
-        Arg("mode", Enum("DirtyRateMeasureMode", ("dirty-bitmap",)), "how it is measured"),
-        Arg("dirty-rate", Int(), "MiB/s, all slots"),
-        Arg("dirty-pages-rate", NON_NEGATIVE, "pages/s, all slots"),
-        Arg("calc-time-ms", NON_NEGATIVE, "the longest interval of those slots"),
+        Arg(
+            "mode",
+            MEASURE_MODE,
+            "of the last calc ('page-sampling' before any, as QEMU)",
+        ),
+        Arg("start-time", Int(), "when the last calc began, seconds of the monotonic clock"),
+        Arg(
+            "calc-time",
+            Int(),
+            "the window asked for while measuring, then the one measured, floored to "
+            "calc-time-unit; 0 before any calc",
+        ),
+        Arg("calc-time-unit", TIME_UNIT, "as queried"),
+        Arg("sample-pages", Int(), "page-sampling: pages per GiB; 0 in the other modes"),
+        Arg("dirty-rate", Int(), "MiB/s, only once measured (-1: nothing could be sampled)", None),
+        Arg(
+            "vcpu-dirty-rate",
+            List(DIRTY_RATE_VCPU),
+            "dirty-ring mode, once measured: each vCPU's rate (dirty-rate is their sum)",
+            None,
+        ),
+        Arg("sample-count", Int(), "page-sampling, once measured: pages sampled", None),
+        Arg(
+            "dirty-samples",
+            Int(),
+            "page-sampling, once measured: sampled pages that changed (the estimate's "
+            "standard error is dirty-rate * sqrt((1 - p) / (p * sample-count)), p = "
+            "dirty-samples / sample-count)",
+            None,
+        ),
+        Arg(
+            "harvest-dirty-rate",
+            Int(),
+            "MiB/s from the latest harvests of every slot, exact (what dirty-rate meant before "
+            "calc-dirty-rate existed)",
+        ),
+        Arg("dirty-pages-rate", NON_NEGATIVE, "pages/s from the latest harvests, all slots"),
+        Arg("calc-time-ms", NON_NEGATIVE, "the longest harvest interval of those slots"),
         Arg(
             "slots",
             List(
@@ -345,6 +398,14 @@ DIRTY_RATE_INFO = Object(
             ),
             "each slot harvested so far, by address space, then slot id",
         ),
+    ),
+)
+DIRTY_LIMIT_INFO = Object(
+    "DirtyLimitInfo",
+    (
+        Arg("cpu-index", Int(), "the vCPU's index"),
+        Arg("limit-rate", Int(), "its limit, MiB/s"),
+        Arg("current-rate", Int(), "MiB/s it newly dirtied over the last period"),
     ),
 )
 SIM_READ_INFO = Object("SimReadInfo", (Arg("data", Base64(), "the bytes read"),))

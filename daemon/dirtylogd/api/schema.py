@@ -10,6 +10,7 @@ base64 arguments arrive already decoded. What commands return and events carry i
 
 from __future__ import annotations
 
+from dirtylogd.api import convergence as hc
 from dirtylogd.api import handlers as h
 from dirtylogd.api import replies as r
 from dirtylogd.api.argtypes import (
@@ -43,6 +44,8 @@ READ_PATH = Enum("ReadPath", ("host", "guest"))
 ENCODING = Enum("Encoding", ("bitmap", "ranges", "fd"))
 KEY_ENCODING = Enum("KeyEncoding", ("base64", "fd"))
 PATTERN = Enum("Pattern", ("random", "sequential", "hot-set"))
+INT64 = Int(-(1 << 63), (1 << 63) - 1)  # QEMU's int: its own checks give its own errors
+CPU_INDEX = Arg("cpu-index", INT64, "the vCPU; every vCPU if omitted", None)
 
 VM = Arg("vm", NAME, "the VM's name")
 SLOT = Arg("slot", SLOT_ID, "memslot id (bits 0-15 of KVM's slot field)")
@@ -260,12 +263,131 @@ COMMANDS: tuple[Command, ...] = (
         errors=(*NOT_FOUND, "GenericError (EFAULT) if a range leaves every memslot"),
     ),
     Command(
+        "calc-dirty-rate",
+        hc.calc_dirty_rate,
+        "Measure the VM's dirty rate over calc-time, in the background (QEMU 8.2's "
+        "calc-dirty-rate; query-dirty-rate answers). page-sampling: CRC-32 of sample-pages "
+        "random pages per GiB of every memslot, read through the RAM file at start and end; "
+        "rate = changed share x RAM MiB / seconds, an estimate whose standard error is "
+        "rate x sqrt((1 - p) / (p x samples)), p the changed share. dirty-bitmap: a harvest "
+        "at start (discarded) and at end by an internal consumer that takes no other "
+        "consumer's bits and is never listed or saved; each dirty page counts once. "
+        "dirty-ring: the workload vCPUs' newly dirtied pages (softmmu only), per vCPU.",
+        (
+            VM,
+            Arg("calc-time", INT64, "the window, 50 ms to 60 s"),
+            Arg("calc-time-unit", r.TIME_UNIT, "calc-time's unit", "second"),
+            Arg(
+                "sample-pages",
+                INT64,
+                "page-sampling only: pages sampled per GiB, 128-16384 (default 512)",
+                None,
+            ),
+            Arg("mode", r.MEASURE_MODE, "how to measure (default page-sampling)", None),
+        ),
+        errors=(
+            *NOT_FOUND,
+            "GenericError 'the dirty rate is already being measured.'",
+            "GenericError 'Calculation time is out of range [50ms, 60000ms].'",
+            "GenericError 'sample-pages is used only in page-sampling mode'",
+            "GenericError 'sample-pages is out of range[128, 16384].'",
+            "GenericError 'mode dirty-ring is not enabled, use other method instead.' on the "
+            "kvm backend",
+        ),
+    ),
+    Command(
         "query-dirty-rate",
         h.query_dirty_rate,
-        "Dirty rate from the latest harvests of each slot (QEMU DirtyRateInfo names).",
-        (VM,),
+        "QEMU's DirtyRateInfo of the last calc-dirty-rate (before any: status 'unstarted', "
+        "mode 'page-sampling', times 0), and always beside it the exact rate of the latest "
+        "harvests of each slot (harvest-dirty-rate, dirty-pages-rate, calc-time-ms, slots). "
+        "Since calc-dirty-rate exists, status, mode and dirty-rate are QEMU's: the harvest "
+        "rate is harvest-dirty-rate.",
+        (VM, Arg("calc-time-unit", r.TIME_UNIT, "the unit of calc-time in the answer", "second")),
         returns=r.DIRTY_RATE_INFO,
         errors=NOT_FOUND,
+    ),
+    Command(
+        "set-vcpu-dirty-limit",
+        hc.set_vcpu_dirty_limit,
+        "Limit the rate at which a vCPU (or every vCPU of the running workload) newly dirties "
+        "pages (QEMU 7.1). The simulated vCPU sleeps as long as its newly dirtied pages "
+        "allow; stores to pages already dirty cost nothing, as in KVM.",
+        (
+            VM,
+            CPU_INDEX,
+            Arg("dirty-rate", Int(0, U64_MAX), "MiB/s (QEMU's MB/s); 0 cancels"),
+            Arg(
+                "until-disconnect",
+                Bool(),
+                "lift it when this connection closes; until then no other connection may "
+                "set or cancel limits",
+                False,
+            ),
+        ),
+        errors=(
+            *NOT_FOUND,
+            "GenericError 'dirty page limit feature requires KVM with accelerator property "
+            "'dirty-ring-size' set: ...' on the kvm backend",
+            "GenericError 'incorrect cpu index specified (VM ... runs N vCPUs)'",
+            "GenericError 'can't set dirty page rate limit while migration is running (...)' "
+            "when another connection holds the limits",
+        ),
+    ),
+    Command(
+        "cancel-vcpu-dirty-limit",
+        hc.cancel_vcpu_dirty_limit,
+        "Lift a vCPU's dirty limit (every vCPU's if cpu-index is omitted). Without a dirty "
+        "ring it succeeds and does nothing, as QEMU's.",
+        (VM, CPU_INDEX),
+        errors=(
+            *NOT_FOUND,
+            "GenericError 'incorrect cpu index specified (...)'",
+            "GenericError 'can't cancel dirty page rate limit while migration is running "
+            "(...)' when another connection holds the limits",
+        ),
+    ),
+    Command(
+        "query-vcpu-dirty-limit",
+        hc.query_vcpu_dirty_limit,
+        "The limited vCPUs with their limit and the rate they newly dirtied over the last "
+        "period; [] when none is limited.",
+        (VM,),
+        returns=List(r.DIRTY_LIMIT_INFO),
+        errors=NOT_FOUND,
+    ),
+    Command(
+        "cpu-throttle-set",
+        hc.cpu_throttle_set,
+        "Throttle every vCPU: it sleeps this share of the time (QEMU's cpu_throttle_set, "
+        "which auto-converge calls inside QEMU; here the migration is another process). "
+        "Works on every backend.",
+        (
+            VM,
+            Arg("percentage", Int(0, 99), "share of time asleep; 0 lifts the throttle"),
+            Arg(
+                "until-disconnect",
+                Bool(),
+                "lift it when this connection closes; until then no other connection may change it",
+                False,
+            ),
+        ),
+        errors=(
+            *NOT_FOUND,
+            "GenericError 'can't set cpu throttle while migration is running (...)' when "
+            "another connection holds it",
+        ),
+    ),
+    Command(
+        "vcpu-dirty-limit-period-set",
+        hc.vcpu_dirty_limit_period_set,
+        "How long each measured current-rate of a vCPU spans, which is also how often a "
+        "limit is checked against it (QEMU's x-vcpu-dirty-limit-period).",
+        (VM, Arg("period", Int(1, 1000), "ms")),
+        errors=(
+            *NOT_FOUND,
+            "GenericError below 100 ms: the model's vCPUs measure no shorter period",
+        ),
     ),
     Command(
         "sim-write",
@@ -284,7 +406,9 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "sim-write-pages",
         h.sim_write_pages,
-        "Batched store of a little-endian u64 into the first 8 bytes of each page.",
+        "Batched store of a little-endian u64 into the first 8 bytes of each page. On "
+        "softmmu bytes 8-15 get the VM's store sequence number, so every store changes its "
+        "page, as a real guest's data would (page-sampling sees it).",
         (
             VM,
             Arg("gfns", List(Int(0, (1 << 52) - 1), max_items=1 << 17), "guest frame numbers"),

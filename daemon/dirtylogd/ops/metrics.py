@@ -25,6 +25,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from dirtylogd import __version__
+from dirtylogd.ops.vcpu_metrics import vcpu_metrics
 from dirtylogd.qmp.telemetry import DROP_REASONS, ServerTelemetry
 from dirtylogd.service.registry import Service
 from kvmshim.s390.harvest_pool import THREAD_PREFIX
@@ -45,6 +46,7 @@ class DirtylogdCollector(Collector):
         build.add_metric([__version__, platform.python_version()], 1)
         yield build
         yield from self._vm_metrics()
+        yield from vcpu_metrics(list(self.service.vms.values()))
         yield from self._server_metrics()
         yield from self._thread_metrics()
 
@@ -114,6 +116,7 @@ class DirtylogdCollector(Collector):
                 consumers = [
                     (c.name, c.pending_pages(), c.reads, c.delivered_pages)
                     for c in vm.consumers.values()
+                    if not c.internal
                 ]
             for name, n, read, given in consumers:
                 pending.add_metric([vm.name, name], n)

@@ -36,6 +36,7 @@ from dirtylogd.qmp.events import EventHub
 from dirtylogd.qmp.fds import MAX_HELD_FDS, FdRegistry
 from dirtylogd.qmp.framing import JsonStreamDecoder, MessageTooLarge, encode
 from dirtylogd.qmp.peers import Peer, PeerPolicy, peer_of
+from dirtylogd.qmp.scope import ConnectionScope
 from dirtylogd.qmp.session import Phase, Session, error, event, greeting
 from dirtylogd.qmp.telemetry import ServerTelemetry
 
@@ -91,7 +92,7 @@ class Connection:
 
 
 # Makes the session of a new connection, given the descriptors that connection holds.
-SessionFactory = Callable[[FdRegistry], Session]
+SessionFactory = Callable[[FdRegistry, ConnectionScope], Session]
 
 
 class QmpServer:
@@ -208,7 +209,8 @@ class QmpServer:
             return
         # From here to the add below nothing waits, so no other peer can take the slot between.
         fds = FdRegistry(self.limits.max_held_fds)
-        session = self.new_session(fds)
+        scope = ConnectionScope()
+        session = self.new_session(fds, scope)
         conn = Connection(sock, session, fds, peer, task=asyncio.current_task())
         self._connections.add(conn)
         self.telemetry.clients += 1
@@ -220,6 +222,7 @@ class QmpServer:
             self.telemetry.clients -= 1
             self._connections.discard(conn)
             fds.close_all()
+            scope.close()
             for task in conn.events:
                 task.cancel()
             # Let cancelled writes unregister from the loop before their socket closes.

@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 from dirtylogd.service.slotlog import SlotLog
 from kvmshim.bitmap import DirtyBitmap
 
+# Names the daemon gives its own consumers (a dirty-bitmap calc-dirty-rate): no client name
+# can start with it (the schema's names start with a letter or digit), and such a consumer is
+# never listed, counted against --max-consumers, exported as a metric or saved.
+INTERNAL_PREFIX = "."
+
 
 @dataclass
 class Consumer:
@@ -35,6 +40,11 @@ class Consumer:
     delivered_pages: int = 0
     logs: dict[int, SlotLog] = field(default_factory=dict, repr=False)
     positions: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def internal(self) -> bool:
+        """The daemon's own reader, not a client's (see INTERNAL_PREFIX)."""
+        return self.name.startswith(INTERNAL_PREFIX)
 
     def attach(self, slot: int, log: SlotLog) -> None:
         """A slot starts logging: KVM allocates its bitmap, all ones with INITIALLY_SET."""

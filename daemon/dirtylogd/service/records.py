@@ -75,7 +75,7 @@ def vm_record(
         "consumers": [
             {"name": c.name, "manual-protect": c.manual_protect, "initially-set": c.initially_set}
             for c in vm.consumers.values()
-            if c.name != DEFAULT_CONSUMER
+            if c.name != DEFAULT_CONSUMER and not c.internal
         ],
         "paused": vm.user_paused,
         "workload": workload,

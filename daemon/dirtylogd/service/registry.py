@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from dirtylogd.errors import DeviceNotFound, GenericError, QmpError, oserror_text
+from dirtylogd.service import limits
 from dirtylogd.service.records import (
     RecordError,
     UnavailableVm,
@@ -253,6 +254,7 @@ class Service:
     async def save_all(self, store: StateStore) -> None:
         """Graceful stop: pause, harvest into every consumer, save their bits, keep the RAM."""
         for vm in list(self.vms.values()):
+            await vm.calc.stop()  # never saved: its consumer goes before the bits are taken
             record = await save_stopped(vm, clean=not vm.record_stale)
             pending = await asyncio.to_thread(vm.pending_snapshot)
             keys = await asyncio.to_thread(vm.backend.saved_storage_keys)
@@ -392,6 +394,7 @@ class Service:
         vm = self.vm(name)
         vm.removed = True
         try:
+            await vm.calc.stop()  # its harvests and page reads are done; its consumer gone
             await self._drain(vm)
             await self._delete_record(name)
         except BaseException:
@@ -430,6 +433,7 @@ class Service:
             entry["paused"] = backend.paused
             entry["generation"] = backend.generation
             entry["ram-path"] = backend.ram_path
+            entry.update(limits.describe(vm))
             workload = backend.workload_status()
             if workload is not None:
                 entry["workload"] = {

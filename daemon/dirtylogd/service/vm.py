@@ -47,6 +47,8 @@ import numpy as np
 
 from dirtylogd.errors import DeviceNotFound, GenericError
 from dirtylogd.service.consumers import Consumer
+from dirtylogd.service.dirtyrate import DirtyRateCalc
+from dirtylogd.service.limits import Holds
 from dirtylogd.service.slotlog import MAX_ENTRIES, SlotLog
 from dirtylogd.service.telemetry import VmTelemetry
 from kvmshim.abi import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT, PAGE_SIZE, make_slot_id
@@ -120,6 +122,8 @@ class VmState:
         self.removed = False  # set (on the loop) once vm-remove began: later calls are refused
         self.record_stale = False  # a record write failed: the next start is all dirty
         self._incarnations = itertools.count(1)
+        self.calc = DirtyRateCalc()  # the last calc-dirty-rate (service/dirtyrate.py)
+        self.holds = Holds()  # until-disconnect limits and throttle (service/limits.py)
 
     # --- memslots and consumers --------------------------------------------------------------
     def apply_memslot_change(self, change: MemslotChange) -> None:
@@ -162,7 +166,8 @@ class VmState:
         with self.lock:
             if name in self.consumers:
                 raise GenericError(f"vm '{self.name}' already has a consumer named '{name}'")
-            named = len(self.consumers) - 1  # 'default' belongs to the VM and is not counted
+            # 'default' belongs to the VM and the daemon's own consumers to it: not counted
+            named = sum(not c.internal for c in self.consumers.values()) - 1
             if limit is not None and named >= limit:
                 raise GenericError(
                     f"vm '{self.name}' has {named} consumers besides 'default', the most "
@@ -344,6 +349,7 @@ class VmState:
             return {
                 (c.name, slot): bm.to_bytes()
                 for c in self.consumers.values()
+                if not c.internal  # never saved: a calc does not outlive the daemon
                 for slot, bm in c.pending.items()
             }
 
@@ -505,7 +511,8 @@ class VmState:
 
     # --- reporting ------------------------------------------------------------------------------
     def dirty_rate(self) -> dict[str, object]:
-        """Rates from the latest harvest of each logging slot (QEMU DirtyRateInfo names)."""
+        """Exact rates from the latest harvest of each logging slot (beside QEMU's
+        DirtyRateInfo in query-dirty-rate, which says what the last calc-dirty-rate found)."""
         with self.lock:
             rows, pages_per_second, widest = [], 0.0, 0.0
             for state in sorted(self.slots.values(), key=lambda s: s.memslot.slot):
@@ -524,9 +531,7 @@ class VmState:
                     }
                 )
         return {
-            "status": "measured" if rows else "unstarted",
-            "mode": "dirty-bitmap",
-            "dirty-rate": int(pages_per_second * PAGE_SIZE / (1 << 20)),
+            "harvest-dirty-rate": int(pages_per_second * PAGE_SIZE / (1 << 20)),
             "dirty-pages-rate": round(pages_per_second, 3),
             "calc-time-ms": round(widest * 1e3, 3),
             "slots": rows,
@@ -542,6 +547,7 @@ class VmState:
                     "pending-pages": c.pending_pages(),
                 }
                 for c in self.consumers.values()
+                if not c.internal
             ]
             slots = [s.memslot for s in self.slots.values()]
         memslots = []

@@ -65,8 +65,8 @@ def test_the_bash_script_loads_and_registers_its_function(program):
     [
         (
             [""],
-            "version vm memslot consumer get clear io-mark rate stop cont workload migrate "
-            "migrate-receive qmp",
+            "version vm memslot consumer get clear io-mark rate calc-dirty-rate dirty-limit "
+            "stop cont workload migrate migrate-receive qmp",
         ),
         (["v"], "version vm"),
         (["vm", ""], "list show create remove"),

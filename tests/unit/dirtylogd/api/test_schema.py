@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dirtylogd.api import handlers
+from dirtylogd.api import convergence, handlers
 from dirtylogd.api.argtypes import Arg, Enum, Int, List, Null, Object, Str, Union
 from dirtylogd.api.command import Command, Event
 from dirtylogd.api.introspect import EMPTY, qmp_schema, render_markdown
@@ -23,10 +23,11 @@ def test_every_command_has_a_handler_and_every_handler_a_command():
     assert set(bound) == set(BY_NAME) - {"qmp_capabilities"}  # the session answers that one
     defined = {
         name
-        for name, fn in vars(handlers).items()
+        for module in (handlers, convergence)
+        for name, fn in vars(module).items()
         if callable(fn)
         and not name.startswith("_")
-        and fn.__module__ == handlers.__name__
+        and fn.__module__ == module.__name__
         and asyncio.iscoroutinefunction(fn)
     }
     assert {fn.__name__ for fn in bound.values()} == defined
