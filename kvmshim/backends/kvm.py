@@ -121,6 +121,7 @@ class KvmBackend(GuestVm):
             "arch": self.arch,
             "manual-protect": self.manual_protect,
             "initially-set": self.initially_set,
+            "vcpu-dirty-ring": self.has_dirty_ring,
             "guest-program": "x86-64 long mode" if self.x86 else None,
         }
 

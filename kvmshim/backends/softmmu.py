@@ -93,6 +93,7 @@ class SoftMmuBackend(GuestVm):
             "nr-memslots": self.memslots.max_slots,
             "manual-dirty-log-protect2": 0,
             "dirty-log-ring": 0,
+            "vcpu-dirty-ring": self.has_dirty_ring,
         }
 
     # --- memslots ---------------------------------------------------------------------------

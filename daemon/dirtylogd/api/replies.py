@@ -205,6 +205,13 @@ BACKEND_CAPABILITIES = Object(
         Arg("manual-dirty-log-protect2", Int(), "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"),
         Arg("dirty-log-ring", Int(), "KVM_CAP_DIRTY_LOG_RING"),
         Arg(
+            "vcpu-dirty-ring",
+            Bool(),
+            "the daemon attributes each newly dirtied page to the vCPU that stored it (softmmu: "
+            "true; kvm: false, it reads KVM's bitmap): set-vcpu-dirty-limit and calc-dirty-rate "
+            "mode dirty-ring need it",
+        ),
+        Arg(
             "s390-skeys",
             Int(),
             "KVM_CAP_S390_SKEYS: storage-keys-get reads the guest's storage keys (softmmu: 1; "
