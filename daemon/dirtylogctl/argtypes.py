@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 
 
 def finite_float(text: str) -> float:
@@ -47,6 +48,18 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, not {text!r}")
     return value
+
+
+def int_in(lo: int, hi: int) -> Callable[[str], int]:
+    """A whole number from lo to hi (QEMU's percentages and periods)."""
+
+    def parse(text: str) -> int:
+        value = non_negative_int(text)
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected {lo} to {hi}, not {text!r}")
+        return value
+
+    return parse
 
 
 def channel_count(text: str) -> int:

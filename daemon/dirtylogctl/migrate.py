@@ -37,6 +37,7 @@ from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from dirtylogctl.skeys import KeyPass, KeyStats, Range, why_not_carried
 from dirtylogctl.stream import FileSink, Run, Sink, TcpSink
+from dirtylogctl.throttling import Brake, Params
 from dirtylogctl.wireformat import (
     MAX_PAGES_PER_FRAME,
     MAX_VERIFY_PAGES,
@@ -60,6 +61,7 @@ class Options:
     resume: bool = False  # cont the source after a successful migration
     reconnect_timeout: float = 30.0  # seconds to wait for a restarted daemon
     channels: int = 1  # TCP connections offered to a migrate-receive (a file has none)
+    convergence: Params = field(default_factory=Params)  # auto-converge or dirty-limit
 
 
 @dataclass
@@ -97,6 +99,7 @@ class Stats:
     differing_pages: list[int] | None = None
     storage_keys: KeyStats = field(default_factory=KeyStats)
     channels: int = 1  # TCP connections the destination accepted
+    convergence: dict[str, Any] | None = None  # what slowing the guest did and cost
 
     @property
     def dirty_sync_count(self) -> int:
@@ -138,6 +141,7 @@ class Stats:
                 for r in self.rounds
             ],
             "storage-keys": self.storage_keys.to_json(),
+            **({"convergence": self.convergence} if self.convergence is not None else {}),
         }
         if self.differing_pages is not None:
             out["verify"] = {
@@ -229,6 +233,7 @@ class Migration:
         # seconds a page of a run and a scattered page last took to send: they differ (a RUN
         # frame is one copy of contiguous memory; PAGES a gather, and a fault each at a file)
         self._page_seconds: dict[str, float] = {}
+        self.brake = Brake(options.convergence, options.vm, self._execute, progress.note)
 
     @property
     def source_stopped(self) -> bool:
@@ -241,6 +246,7 @@ class Migration:
         ram_map = None
         try:
             vm = await self._find_vm()  # before the destination hears of it
+            await self.brake.setup(vm, 0, time.monotonic())
             sink = open_sink(self.o.destination, self.o.channels)
             slots, ram_map = await self._setup(vm, sink)
             self.stats.setup_time = time.monotonic() - started
@@ -254,14 +260,19 @@ class Migration:
             self.stats.status = "completed"
             if self.o.resume:
                 await self._cont()
+                await self.brake.resumed()
         except BaseException:
             self.stats.status = "failed"
+            await self.brake.lift()  # before the guest runs again, as cpu_throttle_stop
             if self._stopped_by_us:
                 await self._cont()
             raise
         finally:
             self.stats.total_time = time.monotonic() - started
             await self._cleanup(sink, ram_map)
+            if self.brake.active:
+                self.brake.finish()
+                self.stats.convergence = self.brake.to_json()
         return self.stats
 
     # --- talking to the daemon, across its restarts -----------------------------------------------
@@ -300,6 +311,7 @@ class Migration:
         if self._fd >= 0:  # our bitmap memfd is named per connection
             self.qmp.send_fd_scm(self._fd)
             await self.qmp.execute("getfd", {"fdname": self.consumer})
+        self.brake.lost()  # the old connection's slow-down went with it
         self.progress.note("reconnected to the daemon")
 
     # --- setup ----------------------------------------------------------------------------------
@@ -359,6 +371,8 @@ class Migration:
             got = time.monotonic() - t0
             pending = sum(b.count() for b in dirty.values())
             self.stats.remaining = pending * PAGE_SIZE
+            if number > 0:  # round 0's pages are the initially-set bitmap, none newly dirty
+                await self.brake.sync(number, time.monotonic(), pending, self.stats.transferred)
             if number > 0 and bandwidth > 0:
                 by_bandwidth = pending * PAGE_SIZE / bandwidth
                 copy = self._copy_seconds(dirty, by_bandwidth)
@@ -406,6 +420,7 @@ class Migration:
         return pages + self._key_seconds
 
     async def _switch_over(self, slots: list[_Slot], sink: Sink) -> None:
+        await self.brake.stopped()  # the guest's last stores before the stop
         stopped = time.monotonic()
         self._stopped_by_us = True  # before asking: a stop cancelled in flight may have happened
         await self._execute("stop", {"vm": self.o.vm})
@@ -428,6 +443,7 @@ class Migration:
         sink.settle()  # the destination's flush, after the ACK: the guest could run by now
         self.stats.settle_time = time.monotonic() - settle
         self.progress.round_done(self.stats, last)
+        await self.brake.lift()  # the source is stopped; lifted before anything resumes it
 
     async def _get(self, slots: list[_Slot]) -> dict[int, DirtyBitmap]:
         """The consumer's dirty bitmap per logged slot (it travels through a memfd)."""
@@ -554,6 +570,7 @@ class Migration:
         self._stopped_by_us = False
 
     async def _cleanup(self, sink: Sink | None, ram_map: np.memmap | None) -> None:
+        await self.brake.lift()  # a no-op unless something above left it on
         try:
             if self._consumer_added:
                 await self._execute("consumer-remove", {"vm": self.o.vm, "name": self.consumer})

@@ -23,6 +23,7 @@ from rich.table import Table
 from dirtylogctl import output
 from dirtylogctl.argtypes import (
     channel_count,
+    int_in,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -40,9 +41,10 @@ from dirtylogctl.migrate import (
 )
 from dirtylogctl.receive import DEFAULT_MAX_CHANNELS, IDLE_TIMEOUT, serve_once
 from dirtylogctl.skeys import KeyStats
+from dirtylogctl.throttling import ConvergenceError, Mode, Params
 from dirtylogctl.wireformat import PAGE_SIZE, StreamError
 
-EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_DIFFERENT = 0, 1, 3, 5
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_DIFFERENT = 0, 1, 2, 3, 5
 EXIT_INTERRUPTED = 128 + 2  # 128 + SIGINT, what a shell reports for a tool Ctrl-C killed
 MiB = 1 << 20
 
@@ -132,6 +134,8 @@ def summary(vm: str, stats: Stats, limit: float) -> str:
         + ("converged" if stats.converged else "did not converge: switched over at --max-rounds"),
         _keys_line(stats.storage_keys),
     ]
+    if stats.convergence is not None:
+        lines.append(_convergence_line(stats.convergence))
     if stats.differing_pages is not None:
         if stats.differing_pages:
             first = ", ".join(hex(g) for g in stats.differing_pages[:8])
@@ -146,6 +150,26 @@ def summary(vm: str, stats: Stats, limit: float) -> str:
             )
         lines.append(_verify_keys_line(stats.storage_keys))
     return "\n".join(lines)
+
+
+def _convergence_line(c: dict[str, Any]) -> str:
+    """What slowing the guest did, and what it cost it in stores per second."""
+    if c["mode"] == Mode.AUTO_CONVERGE:
+        steps = c["cpu-throttle-steps"]
+        did = f"cpu throttle {' → '.join(f'{p} %' for p in steps)}" if steps else "never fired"
+    elif c["dirty-limit-round"] is not None:
+        limit, since = c["vcpu-dirty-limit"], c["dirty-limit-round"]
+        did = f"every vCPU limited to {limit} MiB/s from round {since}"
+    else:
+        did = "never fired"
+    rates = c["guest-stores-per-second"]
+    shown = [f"{k} {_per_second(v)}" for k, v in rates.items() if v is not None]
+    cost = f"; guest stores/s: {', '.join(shown)}" if shown else ""
+    return f"{c['mode']}: {did}{cost}"
+
+
+def _per_second(rate: float) -> str:
+    return f"{rate:,.0f}"
 
 
 def _kib(n: int) -> str:
@@ -177,7 +201,35 @@ def _verify_keys_line(keys: KeyStats) -> str:
     return f"verify: the destination's storage keys equal the paused source's ({keys.keys})"
 
 
+def convergence_params(args: argparse.Namespace) -> Params:
+    """QEMU's capabilities and parameters from the flags; ConvergenceError in QEMU's words."""
+    if args.auto_converge and args.dirty_limit is not None:
+        raise ConvergenceError(  # migrate_caps_check's text, "then" included
+            "dirty-limit conflicts with auto-converge either of then available currently"
+        )
+    mode = Mode.OFF
+    if args.auto_converge:
+        mode = Mode.AUTO_CONVERGE
+    elif args.dirty_limit is not None:
+        mode = Mode.DIRTY_LIMIT
+    return Params(
+        mode=mode,
+        throttle_trigger_threshold=args.throttle_trigger_threshold,
+        cpu_throttle_initial=args.cpu_throttle_initial,
+        cpu_throttle_increment=args.cpu_throttle_increment,
+        cpu_throttle_tailslow=args.cpu_throttle_tailslow,
+        max_cpu_throttle=args.max_cpu_throttle,
+        vcpu_dirty_limit=1 if args.dirty_limit is None else args.dirty_limit,
+        vcpu_dirty_limit_period=args.vcpu_dirty_limit_period,
+    )
+
+
 async def run_migrate(client: QMPClient, args: argparse.Namespace) -> int:
+    try:
+        convergence = convergence_params(args)
+    except ConvergenceError as exc:
+        print(f"dirtylogctl migrate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     options = Options(
         vm=args.vm,
         destination=args.destination,
@@ -188,6 +240,7 @@ async def run_migrate(client: QMPClient, args: argparse.Namespace) -> int:
         resume=args.resume,
         reconnect_timeout=args.reconnect_timeout,
         channels=args.channels,
+        convergence=convergence,
     )
 
     async def connect() -> QMPClient:
@@ -205,7 +258,7 @@ async def run_migrate(client: QMPClient, args: argparse.Namespace) -> int:
     migration = Migration(client, options, progress, connect)
     try:
         stats = await migration.run()
-    except VmUnavailable as exc:  # refused before anything happened, like any other command
+    except (VmUnavailable, ConvergenceError) as exc:  # refused before anything happened
         print(f"dirtylogctl: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     except (MigrationError, StreamError) as exc:
@@ -345,6 +398,7 @@ def add_parsers(sub: Any, cmd: Any, size: Any) -> None:
         "fewer; the JSON report's 'channels' says how many were used. A file destination "
         "ignores this",
     )
+    add_convergence_flags(q)
     q.add_argument(
         "--reconnect-timeout",
         type=non_negative_float,
@@ -386,4 +440,71 @@ def add_parsers(sub: Any, cmd: Any, size: Any) -> None:
         metavar="N",
         help=f"accept at most this many TCP connections per migration, 1-16 "
         f"(default {DEFAULT_MAX_CHANNELS}); a sender offering more gets this many",
+    )
+
+
+def add_convergence_flags(q: argparse.ArgumentParser) -> None:
+    """QEMU's auto-converge and dirty-limit capabilities with its parameters and defaults."""
+    d = Params()
+    g = q.add_argument_group(
+        "convergence",
+        "QEMU's auto-converge and dirty-limit: the second period (a round or more, over 1 s) "
+        "that dirties more than --throttle-trigger-threshold % of what it sent slows the "
+        "guest, and each second one after that slows it more; the guest is sped up again "
+        "when the migration ends, also when it fails or this client dies",
+    )
+    g.add_argument(
+        "--auto-converge",
+        action="store_true",
+        help="throttle every vCPU: --cpu-throttle-initial %%, then more each time it fires",
+    )
+    g.add_argument(
+        "--dirty-limit",
+        type=int_in(1, 1 << 32),
+        metavar="MIB/S",
+        help="limit every vCPU to newly dirtying this many MiB/s (QEMU's vcpu-dirty-limit; "
+        "needs the vcpu-dirty-ring capability: softmmu, not kvm)",
+    )
+    g.add_argument(
+        "--throttle-trigger-threshold",
+        type=int_in(1, 100),
+        default=d.throttle_trigger_threshold,
+        metavar="PCT",
+        help=f"a round is too dirty above this share of its sent bytes "
+        f"(default {d.throttle_trigger_threshold})",
+    )
+    g.add_argument(
+        "--cpu-throttle-initial",
+        type=int_in(1, 99),
+        default=d.cpu_throttle_initial,
+        metavar="PCT",
+        help=f"the first throttle (default {d.cpu_throttle_initial})",
+    )
+    g.add_argument(
+        "--cpu-throttle-increment",
+        type=int_in(1, 99),
+        default=d.cpu_throttle_increment,
+        metavar="PCT",
+        help=f"added each later time (default {d.cpu_throttle_increment})",
+    )
+    g.add_argument(
+        "--cpu-throttle-tailslow",
+        action="store_true",
+        help="late steps no larger than the dirty share asks (default off)",
+    )
+    g.add_argument(
+        "--max-cpu-throttle",
+        type=int_in(1, 99),
+        default=d.max_cpu_throttle,
+        metavar="PCT",
+        help=f"never throttle more (default {d.max_cpu_throttle})",
+    )
+    g.add_argument(
+        "--vcpu-dirty-limit-period",
+        type=int_in(1, 1000),
+        default=d.vcpu_dirty_limit_period,
+        metavar="MS",
+        help=f"the window a vCPU's dirty rate is measured over (QEMU's "
+        f"x-vcpu-dirty-limit-period; default {d.vcpu_dirty_limit_period}; the model measures "
+        "no shorter than 100)",
     )

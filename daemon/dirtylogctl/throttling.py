@@ -22,8 +22,14 @@ decides with the same rules and asks the daemon to act (``cpu-throttle-set``,
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
+
+from dirtylogctl.wireformat import PAGE_SIZE
 
 PERIOD_SECONDS = 1.0  # migration_bitmap_sync: a period is judged once it is longer than 1000 ms
 TRIGGER_COUNT = 2  # migration_trigger_throttle: ++dirty_rate_high_cnt >= 2
@@ -141,3 +147,170 @@ def next_throttle(params: Params, now: int, dirty: float, threshold: float) -> i
             step = min(cpu_now - cpu_ideal, step)
         wanted = min(now + step, params.max_cpu_throttle)
     return max(THROTTLE_MIN, min(THROTTLE_MAX, wanted))
+
+
+Execute = Callable[[str, dict[str, Any]], Awaitable[Any]]
+AFTER_SECONDS = 1.0  # how long a resumed guest's stores are counted after the migration
+
+
+@dataclass
+class StoreRates:
+    """The guest's stores per second around the slow-down (its workload's counter): before the
+    first firing, while slowed, and after it was lifted (only if the source was resumed)."""
+
+    before: float | None = None
+    during: float | None = None
+    after: float | None = None
+
+    def to_json(self) -> dict[str, float | None]:
+        return {k: None if v is None else round(v, 1) for k, v in vars(self).items()}
+
+
+class Brake:
+    """Applies the Trigger's actions to one VM through the daemon, lifts them whatever happens,
+    and counts what they cost the guest.
+
+    Every action is set with until-disconnect, so a driver that dies (kill -9 included) never
+    leaves its guest slowed: the daemon lifts it when the connection closes. A daemon that
+    restarts forgets it too; ``lost()`` makes the next sync set it again.
+    """
+
+    def __init__(
+        self, params: Params, vm: str, execute: Execute, note: Callable[[str], None]
+    ) -> None:
+        self.params = params
+        self.vm = vm
+        self._execute = execute
+        self._note = note
+        self.trigger: Trigger | None = None
+        self.throttle_steps: list[int] = []
+        self.limited_at: int | None = None  # the round the dirty limit came in
+        self.rates = StoreRates()
+        self._samples: dict[str, tuple[float, int]] = {}
+        self._applied: Action | None = None
+        self._reapply = False
+
+    @property
+    def active(self) -> bool:
+        return self.params.mode is not Mode.OFF
+
+    async def setup(self, vm_info: dict[str, Any], transferred: int, now: float) -> None:
+        """QEMU's capability checks (migrate_caps_check), then the first store sample."""
+        if not self.active:
+            return
+        caps = vm_info.get("capabilities", {})
+        if self.params.mode is Mode.DIRTY_LIMIT:
+            if not caps.get("vcpu-dirty-ring"):
+                raise ConvergenceError(
+                    "dirty-limit requires KVM with accelerator property 'dirty-ring-size' set: "
+                    f"vm '{self.vm}' ({vm_info.get('backend')} backend) attributes no page to a "
+                    "vCPU; use --auto-converge"
+                )
+            await self._execute(
+                "vcpu-dirty-limit-period-set",
+                {"vm": self.vm, "period": max(100, self.params.vcpu_dirty_limit_period)},
+            )
+        self.trigger = Trigger(self.params, now, transferred)
+        await self._sample("start")
+
+    def lost(self) -> None:
+        """The daemon connection was replaced: whatever was set went with it."""
+        self._reapply = self._applied is not None
+
+    async def sync(self, number: int, now: float, dirty_pages: int, transferred: int) -> None:
+        """One round's harvest: judge it as QEMU's bitmap sync does, act if it fires."""
+        if self.trigger is None:
+            return
+        if self._reapply and self._applied is not None:
+            self._reapply = False
+            await self._apply(self._applied)
+        action = self.trigger.sync(now, dirty_pages, transferred, PAGE_SIZE)
+        if action is None:
+            return
+        if self._applied is None:
+            await self._sample("on")
+        await self._apply(action)
+        if action.throttle is not None:
+            self.throttle_steps.append(action.throttle)
+            self._note(
+                f"round {number}: dirtying outpaces the copy; cpu throttle {action.throttle} %"
+            )
+        else:
+            self.limited_at = number
+            self._note(
+                f"round {number}: dirtying outpaces the copy; every vCPU limited to "
+                f"{action.dirty_limit} MiB/s"
+            )
+
+    async def stopped(self) -> None:
+        """The source was stopped for the switch-over: the slowed span ends here."""
+        if self.trigger is not None:
+            await self._sample("stop")
+
+    async def lift(self) -> None:
+        """Take the slow-down off (cpu_throttle_stop / qmp_cancel_vcpu_dirty_limit); errors only
+        noted — the daemon lifts it anyway when this connection closes."""
+        applied, self._applied = self._applied, None
+        if applied is None:
+            return
+        try:
+            if applied.throttle is not None:
+                await self._execute("cpu-throttle-set", {"vm": self.vm, "percentage": 0})
+            else:
+                await self._execute("cancel-vcpu-dirty-limit", {"vm": self.vm})
+        except Exception as exc:  # the migration's outcome matters more
+            self._note(f"could not lift the slow-down ({exc}); it ends when this client exits")
+
+    async def resumed(self) -> None:
+        """The source runs again after the migration: count its stores for AFTER_SECONDS."""
+        if self.trigger is None or "on" not in self._samples:
+            return
+        await self._sample("resumed")
+        await asyncio.sleep(AFTER_SECONDS)
+        await self._sample("after")
+        self.rates.after = self._rate("resumed", "after")
+
+    def finish(self) -> None:
+        """Rates from the samples taken: before the first firing and while slowed."""
+        slowed = "on" in self._samples
+        self.rates.before = self._rate("start", "on" if slowed else "stop")
+        if slowed:
+            self.rates.during = self._rate("on", "stop")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mode": self.params.mode.value,
+            "cpu-throttle-percentage": self.throttle_steps[-1] if self.throttle_steps else 0,
+            "cpu-throttle-steps": self.throttle_steps,
+            "vcpu-dirty-limit": self.params.vcpu_dirty_limit
+            if self.params.mode is Mode.DIRTY_LIMIT
+            else None,
+            "dirty-limit-round": self.limited_at,
+            "guest-stores-per-second": self.rates.to_json(),
+        }
+
+    async def _apply(self, action: Action) -> None:
+        if action.throttle is not None:
+            await self._execute(
+                "cpu-throttle-set",
+                {"vm": self.vm, "percentage": action.throttle, "until-disconnect": True},
+            )
+        else:
+            await self._execute(
+                "set-vcpu-dirty-limit",
+                {"vm": self.vm, "dirty-rate": action.dirty_limit, "until-disconnect": True},
+            )
+        self._applied = action
+
+    async def _sample(self, name: str) -> None:
+        """The workload's store counter now (none: a VM without a simulated workload)."""
+        vms = await self._execute("query-vms", {})
+        for vm in vms:
+            if vm.get("name") == self.vm and vm.get("workload"):
+                self._samples[name] = (time.monotonic(), int(vm["workload"]["pages-stored"]))
+
+    def _rate(self, a: str, b: str) -> float | None:
+        if a not in self._samples or b not in self._samples:
+            return None
+        (t0, n0), (t1, n1) = self._samples[a], self._samples[b]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else None

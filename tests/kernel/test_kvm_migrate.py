@@ -96,3 +96,54 @@ def test_running_kvm_guest_migrates_over_two_channels_without_keys(kvm_daemon, k
         assert sorted(p.name for p in tmp_path.iterdir()) == ["image"]
     finally:
         kqmp("vm-remove", vm="kmig2")
+
+
+CTL = [sys.executable, "-m", "dirtylogctl.cli"]
+
+
+def _kvm_migrate(kvm_daemon, image, *extra):
+    return subprocess.run(
+        [*CTL, "-s", kvm_daemon.socket, "--json", "migrate", "kconv", str(image), *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_kvm_guest_auto_converges_and_dirty_limit_is_refused(kvm_daemon, kqmp, tmp_path):
+    """The cpu throttle needs no ring: the daemon's vCPU threads sleep between KVM_RUN calls.
+    The dirty limit needs one (QEMU's rule), and this backend reads KVM's bitmap."""
+    kqmp(
+        "vm-create",
+        name="kconv",
+        backend="kvm",
+        memslots=[{"slot": 0, "guest-phys-addr": 4 << 30, "size": 64 * MiB}],
+    )
+    try:
+        kqmp("sim-workload-start", vm="kconv", pages_per_second=50_000, vcpus=2, seed=3)
+        time.sleep(0.3)
+        out = _kvm_migrate(kvm_daemon, tmp_path / "refused", "--dirty-limit", "1")
+        assert out.returncode == 3, out.stderr
+        assert "dirty-limit requires KVM with accelerator property 'dirty-ring-size'" in out.stderr
+        assert not (tmp_path / "refused").exists()
+        out = _kvm_migrate(
+            kvm_daemon,
+            tmp_path / "image",
+            "--verify",
+            "--resume",
+            "--auto-converge",
+            "--cpu-throttle-initial",
+            "99",
+            "--max-bandwidth",
+            "100M",
+            "--max-rounds",
+            "12",
+        )
+        assert out.returncode == 0, out.stderr
+        doc = json.loads(out.stdout)
+        assert doc["converged"] is True and doc["verify"]["differing-pages"] == 0
+        assert doc["convergence"]["cpu-throttle-steps"] == [99]
+        vm = next(v for v in kqmp("query-vms") if v["name"] == "kconv")
+        assert vm["cpu-throttle-percentage"] == 0
+    finally:
+        kqmp("vm-remove", vm="kconv")
