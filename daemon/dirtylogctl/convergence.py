@@ -14,6 +14,8 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
+from dirtylogctl.argtypes import non_negative_int
+
 Shown = tuple[Any, str]
 
 
@@ -103,13 +105,6 @@ async def dirty_limit(client: QMPClient, a: argparse.Namespace) -> Shown:
     return rows, _table(rows, ["cpu-index", "limit-rate", "current-rate"]) + "\n(MiB/s)"
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
-    return value
-
-
 MODES = ("page-sampling", "dirty-bitmap", "dirty-ring")
 
 
@@ -172,9 +167,11 @@ def add_parsers(sub: Any, cmd: Callable[..., argparse.ArgumentParser]) -> None:
     q.add_argument(
         "rate",
         nargs="?",
-        type=_non_negative,
+        type=non_negative_int,
         metavar="RATE",
         help="MiB/s per vCPU; 0 lifts the limit (default: show the limited vCPUs)",
     )
-    q.add_argument("--cpu-index", type=int, metavar="N", help="one vCPU (default: every vCPU)")
+    q.add_argument(
+        "--cpu-index", type=non_negative_int, metavar="N", help="one vCPU (default: every vCPU)"
+    )
     q.add_argument("--cancel", action="store_true", help="lift the limit")

@@ -233,7 +233,10 @@ class Migration:
         # seconds a page of a run and a scattered page last took to send: they differ (a RUN
         # frame is one copy of contiguous memory; PAGES a gather, and a fault each at a file)
         self._page_seconds: dict[str, float] = {}
-        self.brake = Brake(options.convergence, options.vm, self._execute, progress.note)
+        self.brake = Brake(options.convergence, options.vm, self._execute, self._note)
+
+    def _note(self, text: str) -> None:
+        self.progress.note(text)
 
     @property
     def source_stopped(self) -> bool:

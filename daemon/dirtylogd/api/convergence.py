@@ -13,6 +13,7 @@ from typing import Any
 from dirtylogd.api.command import Context
 from dirtylogd.service import dirtyrate, limits
 from dirtylogd.service.vm import VmState
+from dirtylogd.service.vmstate import LIMIT, THROTTLE
 
 
 async def calc_dirty_rate(ctx: Context, a: dict[str, Any]) -> Any:
@@ -34,13 +35,13 @@ async def set_vcpu_dirty_limit(ctx: Context, a: dict[str, Any]) -> Any:
     held = limits.set_dirty_limit(
         vm, ctx.scope.id, a["cpu_index"], a["dirty_rate"], a["until_disconnect"]
     )
-    _hold(ctx, vm, limits.LIMIT, held)
+    _hold(ctx, vm, LIMIT, held)
     return {}
 
 
 async def cancel_vcpu_dirty_limit(ctx: Context, a: dict[str, Any]) -> Any:
     vm = ctx.service.vm(a["vm"])
-    _hold(ctx, vm, limits.LIMIT, limits.cancel_dirty_limit(vm, ctx.scope.id, a["cpu_index"]))
+    _hold(ctx, vm, LIMIT, limits.cancel_dirty_limit(vm, ctx.scope.id, a["cpu_index"]))
     return {}
 
 
@@ -51,7 +52,7 @@ async def query_vcpu_dirty_limit(ctx: Context, a: dict[str, Any]) -> Any:
 async def cpu_throttle_set(ctx: Context, a: dict[str, Any]) -> Any:
     vm = ctx.service.vm(a["vm"])
     held = limits.set_throttle(vm, ctx.scope.id, a["percentage"], a["until_disconnect"])
-    _hold(ctx, vm, limits.THROTTLE, held)
+    _hold(ctx, vm, THROTTLE, held)
     return {}
 
 

@@ -12,10 +12,10 @@ Rates: QEMU's "MB/s" is MiB/s (pages x 4096 / 2^20 per second); the backend coun
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dirtylogd.errors import GenericError
+from dirtylogd.service.vmstate import LIMIT, THROTTLE
 from kvmshim.abi import PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -29,21 +29,6 @@ NO_RING = (
     "the kvm backend reads KVM's dirty bitmap and attributes no page to a vCPU "
     "(auto-converge's cpu throttle works there)"
 )
-HELD = "{verb} while migration is running (another QMP connection holds it until it disconnects)"
-LIMIT, THROTTLE = "limit", "throttle"
-
-
-@dataclass
-class Holds:
-    """Which connection (its scope id) holds the VM's dirty limits and its cpu throttle."""
-
-    limit: int | None = None
-    throttle: int | None = None
-
-    def check(self, what: str, owner: int, verb: str) -> None:
-        held = getattr(self, what)
-        if held is not None and held != owner:
-            raise GenericError(HELD.format(verb=verb))
 
 
 def vcpus_running(vm: VmState) -> int:

@@ -47,10 +47,9 @@ import numpy as np
 
 from dirtylogd.errors import DeviceNotFound, GenericError
 from dirtylogd.service.consumers import Consumer
-from dirtylogd.service.dirtyrate import DirtyRateCalc
-from dirtylogd.service.limits import Holds
 from dirtylogd.service.slotlog import MAX_ENTRIES, SlotLog
 from dirtylogd.service.telemetry import VmTelemetry
+from dirtylogd.service.vmstate import DirtyRateCalc, Holds
 from kvmshim.abi import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT, PAGE_SIZE, make_slot_id
 from kvmshim.backends.base import Backend
 from kvmshim.bitmap import DirtyBitmap
@@ -122,7 +121,7 @@ class VmState:
         self.removed = False  # set (on the loop) once vm-remove began: later calls are refused
         self.record_stale = False  # a record write failed: the next start is all dirty
         self._incarnations = itertools.count(1)
-        self.calc = DirtyRateCalc()  # the last calc-dirty-rate (service/dirtyrate.py)
+        self.calc = DirtyRateCalc()  # the last calc-dirty-rate (filled by service/dirtyrate.py)
         self.holds = Holds()  # until-disconnect limits and throttle (service/limits.py)
 
     # --- memslots and consumers --------------------------------------------------------------

@@ -3,7 +3,8 @@
 import pytest
 
 from dirtylogd.errors import GenericError
-from dirtylogd.service.dirtyrate import CalcRequest, DirtyRateCalc, Result, check_request
+from dirtylogd.service.dirtyrate import check_request
+from dirtylogd.service.vmstate import CalcRequest, DirtyRateCalc, Result
 
 
 def refused(*args):
