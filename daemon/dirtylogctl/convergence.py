@@ -57,6 +57,8 @@ def describe_calc(vm: str, r: dict[str, Any]) -> str:
     if n and k:  # the binomial standard error of the changed share, as a rate
         error = r["dirty-rate"] * math.sqrt((1 - k / n) / k)
         line += f", {k} of {n} samples changed, standard error {error:.1f} MiB/s"
+    elif n is not None:  # nothing to scale an error from: say what the sample can see
+        line += f", 0 of {n} samples changed (too few to see a lower rate: raise --sample-pages)"
     for v in r.get("vcpu-dirty-rate", []):
         line += f"\n  vCPU {v['id']}: {v['dirty-rate']} MiB/s"
     return line

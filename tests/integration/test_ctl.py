@@ -92,9 +92,16 @@ def test_get_clear_io_and_get_out_file(ctl, tmp_path):
 def test_calc_dirty_rate_and_dirty_limit(ctl):
     ctl("vm", "create", "cli4", "--slot", "0:0:64M", "--backend", "softmmu")
     ctl("workload", "start", "cli4", "--pps", "5000", "--vcpus", "2", "--seed", "1")
-    out = ctl("calc-dirty-rate", "cli4", "--calc-time", "200", "--unit", "ms").stdout
+    # 4096 per GiB: 256 samples of 64 MiB, of which ~6 % change in 200 ms (P(none) ~ 1e-7)
+    out = ctl(
+        "calc-dirty-rate", "cli4", "--calc-time", "200", "--unit", "ms", "--sample-pages", "4096"
+    ).stdout
     assert re.match(r"cli4: calc-dirty-rate \d+ MiB/s \(page-sampling, 2\d\d millisecond", out)
-    assert "samples changed, standard error" in out
+    assert re.search(r"\d+ of 256 samples changed, standard error", out), out
+    ctl("workload", "stop", "cli4")
+    out = ctl("calc-dirty-rate", "cli4", "--calc-time", "100", "--unit", "ms").stdout
+    assert "0 of 32 samples changed (too few to see a lower rate" in out  # a still guest
+    ctl("workload", "start", "cli4", "--pps", "5000", "--vcpus", "2", "--seed", "1")
     out = ctl(
         "calc-dirty-rate", "cli4", "--calc-time", "100", "--unit", "ms", "--mode", "dirty-ring"
     ).stdout
