@@ -34,6 +34,7 @@ from dirtylogctl.wireformat import PAGE_SIZE
 PERIOD_SECONDS = 1.0  # migration_bitmap_sync: a period is judged once it is longer than 1000 ms
 TRIGGER_COUNT = 2  # migration_trigger_throttle: ++dirty_rate_high_cnt >= 2
 THROTTLE_MIN, THROTTLE_MAX = 1, 99  # cpu-throttle.c CPU_THROTTLE_PCT_MIN/MAX
+MODEL_MIN_PERIOD_MS = 100  # the model's vCPUs measure no shorter window (QEMU's floor is 1)
 
 
 class ConvergenceError(ValueError):
@@ -189,6 +190,7 @@ class Brake:
         self._samples: dict[str, tuple[float, int]] = {}
         self._applied: Action | None = None
         self._reapply = False
+        self._period_before: int | None = None  # the VM's own period, put back by lift()
 
     @property
     def active(self) -> bool:
@@ -206,10 +208,12 @@ class Brake:
                     f"vm '{self.vm}' ({vm_info.get('backend')} backend) attributes no page to a "
                     "vCPU; use --auto-converge"
                 )
-            await self._execute(
-                "vcpu-dirty-limit-period-set",
-                {"vm": self.vm, "period": max(100, self.params.vcpu_dirty_limit_period)},
-            )
+            period = max(MODEL_MIN_PERIOD_MS, self.params.vcpu_dirty_limit_period)
+            if period != vm_info.get("vcpu-dirty-limit-period", period):
+                self._period_before = vm_info["vcpu-dirty-limit-period"]
+                await self._execute(
+                    "vcpu-dirty-limit-period-set", {"vm": self.vm, "period": period}
+                )
         self.trigger = Trigger(self.params, now, transferred)
         await self._sample("start")
 
@@ -251,9 +255,14 @@ class Brake:
         """Take the slow-down off (cpu_throttle_stop / qmp_cancel_vcpu_dirty_limit); errors only
         noted — the daemon lifts it anyway when this connection closes."""
         applied, self._applied = self._applied, None
-        if applied is None:
-            return
+        period, self._period_before = self._period_before, None
         try:
+            if period is not None:  # the migration's period was its own, like its limit
+                await self._execute(
+                    "vcpu-dirty-limit-period-set", {"vm": self.vm, "period": period}
+                )
+            if applied is None:
+                return
             if applied.throttle is not None:
                 await self._execute("cpu-throttle-set", {"vm": self.vm, "percentage": 0})
             else:
@@ -286,6 +295,9 @@ class Brake:
             if self.params.mode is Mode.DIRTY_LIMIT
             else None,
             "dirty-limit-round": self.limited_at,
+            "vcpu-dirty-limit-period": max(MODEL_MIN_PERIOD_MS, self.params.vcpu_dirty_limit_period)
+            if self.params.mode is Mode.DIRTY_LIMIT
+            else None,
             "guest-stores-per-second": self.rates.to_json(),
         }
 

@@ -61,6 +61,7 @@ class RunGate:
         self._cond = threading.Condition()
         self._paused = False
         self._busy = 0
+        self.resumes = 0  # a vCPU that sees it change was stopped: it makes up no lost time
 
     @property
     def paused(self) -> bool:
@@ -89,6 +90,8 @@ class RunGate:
 
     def resume(self) -> None:
         with self._cond:
+            if self._paused:
+                self.resumes += 1
             self._paused = False
             self._cond.notify_all()
 
@@ -160,8 +163,11 @@ class Workload:
         cursor = 0
         deadline = time.monotonic()
         brake = VcpuBrake(self.controls, vcpu)
+        resumes = self._gate.resumes
         while self._gate.enter(self._stopping):
             started, dirtied = time.monotonic(), 0
+            if self._gate.resumes != resumes:  # stopped and continued: a real vCPU
+                resumes, deadline = self._gate.resumes, started  # does not catch up on stores
             try:
                 layout = self._layout()
                 if layout.total:

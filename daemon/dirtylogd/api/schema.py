@@ -316,7 +316,12 @@ COMMANDS: tuple[Command, ...] = (
         (
             VM,
             CPU_INDEX,
-            Arg("dirty-rate", Int(0, U64_MAX), "MiB/s (QEMU's MB/s); 0 cancels"),
+            Arg(
+                "dirty-rate",
+                Int(0, 1 << 32),
+                "MiB/s (QEMU's MB/s; its uint64, held to 2^32 here so that every limit reads "
+                "back exactly); 0 cancels",
+            ),
             Arg(
                 "until-disconnect",
                 Bool(),
