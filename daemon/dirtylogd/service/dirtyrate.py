@@ -70,7 +70,10 @@ def check_request(
     if sample_pages is not None and not MIN_SAMPLE_PAGES <= sample_pages <= MAX_SAMPLE_PAGES:
         raise GenericError("sample-pages is out of range[128, 16384].")
     if mode == "dirty-ring" and not has_ring:
-        raise GenericError("mode dirty-ring is not enabled, use other method instead.")
+        raise GenericError(
+            "mode dirty-ring is not enabled, use other method instead. (The kvm backend reads "
+            "KVM's dirty bitmap and attributes no page to a vCPU.)"
+        )
     return CalcRequest(
         calc_ms, mode, DEFAULT_SAMPLE_PAGES if sample_pages is None else sample_pages
     )

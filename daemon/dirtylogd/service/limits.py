@@ -40,7 +40,11 @@ def vcpus_running(vm: VmState) -> int:
 def _check_index(vm: VmState, cpu_index: int | None) -> None:
     """QEMU's "incorrect cpu index specified", with the vCPUs the VM runs."""
     n = vcpus_running(vm)
-    if n == 0 or (cpu_index is not None and not 0 <= cpu_index < n):
+    if n == 0 and cpu_index is None:  # nothing to limit: say so, not "incorrect cpu index"
+        raise GenericError(
+            f"VM '{vm.name}' runs no vCPUs: a dirty limit applies to a running workload"
+        )
+    if cpu_index is not None and not 0 <= cpu_index < n:
         runs = "runs no vCPUs" if n == 0 else f"runs {n} vCPUs"
         raise GenericError(f"incorrect cpu index specified (VM '{vm.name}' {runs})")
 
